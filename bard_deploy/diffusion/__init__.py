@@ -1,0 +1,1 @@
+"""Block diffusion: the attention layout (mask), noise and losses."""

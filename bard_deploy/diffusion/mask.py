@@ -1,0 +1,118 @@
+"""Block-diffusion attention, built from per-token (kind, block, index) vectors.
+
+Every token carries a kind (prompt, clean = committed response, noisy = being denoised, or pad), a block id
+and its sequence index. Training and inference use the same rule (DESIGN.md section 4):
+
+    query \\ key     prompt           clean block c          noisy block n
+    ------------+----------------+----------------------+------------------------
+    prompt      |  causal (*)    |  never               |  never
+    clean  b    |  all           |  c <= b              |  never
+    noisy  b    |  all           |  c <  b              |  n == b (bidirectional)
+    pad         |  never         |  never               |  never     (and no query sees a pad key)
+
+    (*) "causal": key index <= query index, token by token (models we convert: the prompt K/V then
+        equal the source AR model's); "block": key block <= query block over prompt blocks of the decode
+        block size cut from index 0 (official Bard-VL checkpoints).
+
+Clean queries never see noisy keys (the reference code lets them: a train/inference mismatch we do not
+copy). Prompt and response block ids are never compared with each other, so each may start at 0.
+
+Training packs `[prompt | clean response | noisy response]` and uses the same vectors for queries and
+keys; the runtime uses the cache's vectors for the keys and the current canvas's for the queries.
+An AR model is the special case "every token is prompt, causal".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD, PROMPT, CLEAN, NOISY = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per-token vectors of a (batch of) sequence(s), each (B, L) int64."""
+
+    kind: torch.Tensor
+    block: torch.Tensor
+    index: torch.Tensor
+
+    def __getitem__(self, cols: slice) -> Layout:
+        return Layout(self.kind[:, cols], self.block[:, cols], self.index[:, cols])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.kind.shape
+
+    @staticmethod
+    def cat(parts: list[Layout]) -> Layout:
+        return Layout(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("kind", "block", "index")))
+
+
+def visibility(q: Layout, k: Layout, prompt_attention: str = "causal") -> torch.Tensor:
+    """Bool (B, Tq, Tk): True where query token i may attend to key token j (the table above)."""
+    qk, qb, qi = q.kind[:, :, None], q.block[:, :, None], q.index[:, :, None]   # (B, Tq, 1)
+    kk, kb, ki = k.kind[:, None, :], k.block[:, None, :], k.index[:, None, :]   # (B, 1, Tk)
+    if prompt_attention == "causal":
+        prompt_order = ki <= qi
+    elif prompt_attention == "block":
+        prompt_order = kb <= qb
+    else:
+        raise ValueError(f"prompt_attention must be 'causal' or 'block', got {prompt_attention!r}")
+    q_resp = (qk == CLEAN) | (qk == NOISY)
+    return (
+        ((qk == PROMPT) & (kk == PROMPT) & prompt_order)      # prompt -> prompt
+        | (q_resp & (kk == PROMPT))                           # response -> whole prompt
+        | ((qk == CLEAN) & (kk == CLEAN) & (kb <= qb))        # clean -> clean, block-causal
+        | ((qk == NOISY) & (kk == CLEAN) & (kb < qb))         # noisy -> earlier clean blocks
+        | ((qk == NOISY) & (kk == NOISY) & (kb == qb))        # noisy -> own block, bidirectional
+    )
+
+
+def attention_bias(q: Layout, k: Layout, prompt_attention: str = "causal",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive (B, 1, Tq, Tk) bias: 0 where visible, finfo(dtype).min where hidden.
+
+    finfo.min rather than -inf: a fully hidden row (a pad query) then softmaxes to a uniform row instead
+    of NaN, and exporters and calibrators do not meet infinities.
+    """
+    vis = visibility(q, k, prompt_attention)
+    return torch.zeros(vis.shape, dtype=dtype).masked_fill(~vis, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def prompt_layout(attention_mask: torch.Tensor, block_size: int | None = None) -> Layout:
+    """Layout of a left-padded prompt batch (attention_mask (B, L), 1 = real token).
+
+    Indices count real tokens from 0 per row; prompt blocks are index // block_size (used only under
+    "block" prompt attention); pads get kind PAD.
+    """
+    real = attention_mask.bool()
+    index = (real.long().cumsum(1) - 1).clamp(min=0)
+    kind = torch.where(real, PROMPT, PAD)
+    block = index // block_size if block_size else torch.zeros_like(index)
+    return Layout(kind, block, index)
+
+
+def response_layout(batch: int, start: torch.Tensor, first_block: int, n_tokens: int, block_size: int,
+                    kind: int) -> Layout:
+    """Layout of `n_tokens` response tokens of one kind, starting at response block `first_block`;
+    `start` (B,) is each row's sequence index of the first of them."""
+    off = torch.arange(n_tokens)
+    block = (first_block + off // block_size).expand(batch, -1)
+    return Layout(torch.full((batch, n_tokens), kind), block, start[:, None] + off)
+
+
+def training_layout(prompt_len: int, response_len: int, block_size: int) -> Layout:
+    """The packed training layout `[prompt | clean response | noisy response]` of one sample (B = 1).
+
+    `response_len` must be a whole number of blocks (the collate pads with EOS). The noisy copy carries the
+    same block ids and indices as its clean twin (it sits at the same positions).
+    """
+    assert response_len % block_size == 0, (response_len, block_size)
+    prompt = prompt_layout(torch.ones(1, prompt_len, dtype=torch.long), block_size)
+    start = torch.tensor([prompt_len])
+    clean = response_layout(1, start, 0, response_len, block_size, CLEAN)
+    noisy = response_layout(1, start, 0, response_len, block_size, NOISY)
+    return Layout.cat([prompt, clean, noisy])

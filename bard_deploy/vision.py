@@ -1,0 +1,86 @@
+"""The Qwen3-VL vision tower (transformers' implementation: it runs once per image) and MRoPE positions.
+
+`encode_images` turns pixel patches into the merged image embeddings and the DeepStack features;
+`rope_index` gives the 3-row MRoPE position ids of a prompt with images, exactly as Qwen3-VL does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bard_deploy.errors import RuntimeInputError
+
+
+def build_vision_tower(vision: dict) -> nn.Module:
+    """transformers' Qwen3VLVisionModel from an HF `vision_config` dict (no download, no remote code)."""
+    from transformers import Qwen3VLVisionConfig, Qwen3VLVisionModel
+
+    cfg = Qwen3VLVisionConfig(**vision)
+    cfg._attn_implementation = "sdpa"
+    return Qwen3VLVisionModel(cfg)
+
+
+def encode_images(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values (patches, C*tps*ps*ps), grid_thw (images, 3) ->
+    image embeds (tokens, hidden) and DeepStack features (n_ds, tokens, hidden)."""
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, return_dict=True)
+    embeds = out.pooler_output                                                   # (tokens, hidden)
+    ds = out.deepstack_features
+    deepstack = torch.stack(ds) if ds else embeds.new_zeros(0, *embeds.shape)     # (n_ds, tokens, hidden)
+    return embeds, deepstack
+
+
+def image_token_count(grid_thw: torch.Tensor, merge: int) -> list[int]:
+    """LM tokens per image: t * h * w / merge^2."""
+    return [int(t * h * w) // merge**2 for t, h, w in grid_thw.tolist()]
+
+
+def rope_index(input_ids: torch.Tensor, image_token_id: int | None, grid_thw: torch.Tensor | None,
+               merge: int, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MRoPE position ids (3, B, L) and rope deltas (B,) for a (left-padded) batch of prompts.
+
+    Text tokens advance all three rows together. An image of merged grid (t, h, w) gets rows
+    (start + t_idx, start + h_idx, start + w_idx) and advances the position by max(h, w). Padding gets 0.
+    The delta (max position + 1 - real length) shifts every later text position: position = index + delta.
+    """
+    B, L = input_ids.shape
+    pos = torch.zeros(3, B, L, dtype=torch.long)
+    deltas = torch.zeros(B, dtype=torch.long)
+    grids = [] if grid_thw is None else grid_thw.tolist()
+    g = 0  # next image in the batch (images are numbered row-major, as HF's masked_scatter does)
+    for b in range(B):
+        keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool()
+        ids = input_ids[b][keep].tolist()
+        rows: list[torch.Tensor] = []
+        cur, i = 0, 0
+        while i < len(ids):
+            if image_token_id is not None and ids[i] == image_token_id:
+                if g >= len(grids):
+                    raise RuntimeInputError(f"row {b} has more image token runs than images given ({len(grids)})",
+                                            len(grids))
+                t, h, w = grids[g][0], grids[g][1] // merge, grids[g][2] // merge
+                n = t * h * w
+                if ids[i:i + n] != [image_token_id] * n:
+                    raise RuntimeInputError(
+                        f"row {b}: image {g} needs {n} consecutive image tokens at index {i}", n)
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                rows.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+                cur += max(h, w)
+                i += n
+                g += 1
+            else:
+                j = i
+                while j < len(ids) and not (image_token_id is not None and ids[j] == image_token_id):
+                    j += 1
+                rows.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                cur += j - i
+                i = j
+        if rows:
+            row = torch.cat(rows, dim=1)
+            pos[:, b, keep] = row
+            deltas[b] = int(row.max()) + 1 - len(ids)
+    if g != len(grids):
+        raise RuntimeInputError(f"{len(grids)} images given but the prompts hold {g} image token runs", len(grids))
+    return pos, deltas

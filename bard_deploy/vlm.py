@@ -1,0 +1,83 @@
+"""The whole model as checkpoints name it: `model.language_model` (our decoder), `model.visual`
+(Qwen3-VL's vision tower, absent for a text-only Qwen3) and `lm_head` (absent when tied).
+
+A thin wrapper, like mlx-lm's qwen3_vl.py: it turns token ids and images into decoder inputs
+(`embed`, `positions`), and runs the pure decoder step (`step`) followed by the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bard_deploy.config import ModelConfig
+from bard_deploy.errors import RuntimeInputError
+from bard_deploy.model import KV, TextModel
+from bard_deploy.vision import build_vision_tower, encode_images, rope_index
+
+
+class BardVLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        modules: dict[str, nn.Module] = {"language_model": TextModel(config.text)}
+        if config.has_vision:
+            modules["visual"] = build_vision_tower(config.vision)
+        self.model = nn.ModuleDict(modules)
+        c = config.text
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    # ---- parts -------------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> TextModel:
+        return self.model["language_model"]
+
+    @property
+    def visual(self) -> nn.Module | None:
+        return self.model["visual"] if "visual" in self.model else None
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states (..., hidden) -> (..., vocab); callers select rows first."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.language_model.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    # ---- inputs ------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, L) [+ images] -> inputs_embeds (B, L, hidden) and deepstack_embeds
+        (n_ds, B, L, hidden) (None without images): image features replace the image-pad embeddings."""
+        x = self.language_model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return x, None
+        if self.visual is None:
+            raise RuntimeInputError("this model has no vision tower but an image was given", "image")
+        feats, deepstack = encode_images(self.visual, pixel_values, image_grid_thw)
+        where = input_ids == self.config.image_token_id                            # (B, L)
+        n = int(where.sum())
+        if n != feats.shape[0]:
+            raise RuntimeInputError(f"prompt has {n} image tokens but the images give {feats.shape[0]} features", n)
+        x = x.masked_scatter(where.unsqueeze(-1), feats.to(x.dtype))
+        ds = x.new_zeros(deepstack.shape[0], *x.shape)
+        ds[:, where] = deepstack.to(x.dtype)
+        return x, ds
+
+    def positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MRoPE position ids (3, B, L) and per-row rope deltas (B,) for a prompt batch."""
+        return rope_index(input_ids, self.config.image_token_id, image_grid_thw,
+                          self.config.spatial_merge_size, attention_mask)
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_bias: torch.Tensor,
+             past_key_values: list[KV] | tuple[KV, ...] | None = None,
+             deepstack_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """The decoder step: logits (B, T, vocab) and the new tokens' K/V per layer (B, Hkv, T, D)."""
+        h, new_kv = self.language_model(inputs_embeds, position_ids, attention_bias, past_key_values,
+                                        deepstack_embeds)
+        return self.head(h), new_kv
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

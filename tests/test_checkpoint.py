@@ -1,0 +1,155 @@
+"""Checkpoints: exact round trip (single file and sharded), Bard-VL import, and one-line errors naming
+the culprit for every broken-checkpoint case."""
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bard_deploy.config import BARD_VL_MASK_TOKEN_ID, ModelConfig, load_config
+from bard_deploy.converters.checkpoint import INDEX, WEIGHTS, load_model, save_model
+from bard_deploy.errors import CheckpointError, ConfigError
+from tiny import MASK_ID, hf_qwen3, hf_qwen3_vl, qwen3_vl_config
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vl")
+    hf_qwen3_vl().save_pretrained(d)
+    (d / "tokenizer.json").write_text("{}")  # a side file that must travel with the checkpoint
+    return d
+
+
+def copy(src, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("shard_bytes", [2 * 1024**3, 64 * 1024], ids=["single", "sharded"])
+def test_round_trip_is_exact(vl_dir, tmp_path, shard_bytes):
+    m = load_model(vl_dir)
+    cfg = m.config.with_bard(mask_token_id=MASK_ID, block_size=8, stage="b8", parent="b4")
+    out = save_model(m, tmp_path / "out", config=cfg, side_files_from=vl_dir, max_shard_bytes=shard_bytes)
+    assert ((out / INDEX).is_file()) == (shard_bytes < 1024**2)
+    assert (out / "tokenizer.json").is_file()
+    back = load_model(out)
+    assert_same(m, back)
+    assert back.config == cfg and back.config.bard.block_size == 8
+    # what we write stays loadable by transformers
+    from transformers import Qwen3VLForConditionalGeneration
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(out)
+    assert torch.equal(hf.lm_head.weight, m.lm_head.weight)
+
+
+def test_text_only_round_trip_keeps_qwen3_layout(tmp_path):
+    hf_qwen3().save_pretrained(tmp_path / "src")
+    m = load_model(tmp_path / "src")
+    save_model(m, tmp_path / "out")
+    with safe_open(tmp_path / "out" / WEIGHTS, "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys()
+    assert_same(m, load_model(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen3"
+
+
+def test_save_replaces_existing_checkpoint_atomically(vl_dir, tmp_path):
+    m = load_model(vl_dir)
+    save_model(m, tmp_path / "out")
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    save_model(m, tmp_path / "out")
+    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or .old directory left behind
+
+
+def test_bard_vl_import(vl_dir, tmp_path):
+    d = copy(vl_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "bard_vl"
+    cfg["architectures"] = ["BardVLForConditionalGeneration"]
+    cfg["text_config"]["vocab_size"] = 151936  # the real vocabulary, so the mask id fits
+    (d / "config.json").write_text(json.dumps(cfg))
+    c = load_config(d, block_size=4)
+    assert c.arch == "qwen3_vl" and c.bard.mask_token_id == BARD_VL_MASK_TOKEN_ID
+    assert c.bard.prompt_attention == "block" and c.bard.block_size == 4
+    out = c.to_dict()
+    assert out["model_type"] == "qwen3_vl" and out["architectures"] == ["Qwen3VLForConditionalGeneration"]
+
+
+# ---- broken checkpoints: the error class, and the message names the culprit ----------------------
+
+def corrupt(vl_dir, tmp_path, edit):
+    d = copy(vl_dir, tmp_path)
+    edit(d)
+    return d
+
+
+def rewrite_weights(d, fn):
+    with safe_open(d / WEIGHTS, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(fn(tensors), d / WEIGHTS)
+
+
+CASES = {
+    "unknown key": (lambda d: rewrite_weights(d, lambda t: {**t, "model.language_model.extra.weight": torch.ones(2)}),
+                    CheckpointError, "model.language_model.extra.weight"),
+    "missing key": (lambda d: rewrite_weights(d, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up" not in k}),
+                    CheckpointError, "model.language_model.layers.1.mlp.up_proj.weight"),
+    "wrong shape": (lambda d: rewrite_weights(d, lambda t: {**t, "lm_head.weight": torch.zeros(3, 64)}),
+                    CheckpointError, "lm_head.weight"),
+    "missing config": (lambda d: (d / "config.json").unlink(), ConfigError, "config.json"),
+    "config not json": (lambda d: (d / "config.json").write_text("{oops"), ConfigError, "config.json"),
+    "config missing field": (lambda d: _edit_cfg(d, lambda c: c["text_config"].pop("hidden_size")),
+                             ConfigError, "hidden_size"),
+    "config wrong type": (lambda d: _edit_cfg(d, lambda c: c["text_config"].update(num_hidden_layers="4")),
+                          ConfigError, "num_hidden_layers"),
+    "mrope section sum": (lambda d: _edit_cfg(d, lambda c: c["text_config"]["rope_parameters"].update(
+        mrope_section=[24, 20, 20])), ConfigError, "mrope_section"),
+    "unknown model type": (lambda d: _edit_cfg(d, lambda c: c.update(model_type="llama")), ConfigError, "llama"),
+    "missing weights": (lambda d: (d / WEIGHTS).unlink(), CheckpointError, WEIGHTS),
+    "empty weights": (lambda d: (d / WEIGHTS).write_bytes(b""), CheckpointError, WEIGHTS),
+    "truncated weights": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:5000]),
+                          CheckpointError, WEIGHTS),
+    "pickle renamed": (lambda d: (d / WEIGHTS).write_bytes(pickle.dumps({"a": 1})), CheckpointError, WEIGHTS),
+    "pickle only": (lambda d: ((d / WEIGHTS).unlink(), (d / "pytorch_model.bin").write_bytes(b"x")),
+                    CheckpointError, "pytorch_model.bin"),
+    "missing shard": (lambda d: (d / INDEX).write_text(json.dumps({"weight_map": {"a": "model-2.safetensors"}})),
+                      CheckpointError, "model-2.safetensors"),
+}
+
+
+def _edit_cfg(d, fn):
+    c = json.loads((d / "config.json").read_text())
+    fn(c)
+    (d / "config.json").write_text(json.dumps(c))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_broken_checkpoint_is_a_one_line_error(vl_dir, tmp_path, case):
+    edit, error, culprit = CASES[case]
+    d = corrupt(vl_dir, tmp_path, edit)
+    with pytest.raises(error) as e:
+        load_model(d)
+    msg = str(e.value)
+    assert culprit in msg and "\n" not in msg
+
+
+def test_tied_head_must_equal_embedding(tmp_path):
+    cfg = ModelConfig.from_dict(qwen3_vl_config(tie=True).to_dict())
+    from bard_deploy.vlm import BardVLM
+    m = BardVLM(cfg)
+    save_model(m, tmp_path / "c")
+    rewrite_weights(tmp_path / "c", lambda t: {**t, "lm_head.weight": torch.zeros_like(
+        t["model.language_model.embed_tokens.weight"])})
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_model(tmp_path / "c")

@@ -1,0 +1,86 @@
+"""Our decoder, loaded through the production converter, reproduces transformers' logits (fp32, 1e-4)."""
+
+import pytest
+import torch
+
+from bard_deploy.converters.checkpoint import load_model
+from bard_deploy.diffusion.mask import attention_bias, prompt_layout
+from tiny import IMG, hf_qwen3, hf_qwen3_vl, image_inputs, image_prompt
+
+TOL = 1e-4
+
+
+def ours_logits(model, ids, attention_mask, pixel_values=None, grid=None):
+    x, ds = model.embed(ids, pixel_values, grid)
+    pos, _ = model.positions(ids, grid, attention_mask)
+    lay = prompt_layout(attention_mask)
+    logits, _ = model.step(x, pos, attention_bias(lay, lay, "causal"), None, ds)
+    return logits
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def vl_pair(request, tmp_path_factory):
+    hf = hf_qwen3_vl(tie=request.param)
+    d = tmp_path_factory.mktemp("vl")
+    hf.save_pretrained(d)
+    return hf, load_model(d)
+
+
+@torch.no_grad()
+def test_qwen3_vl_image_prompt(vl_pair):
+    hf, ours = vl_pair
+    pv, grid, n = image_inputs()
+    ids = torch.tensor([image_prompt(n, [5, 6, 7], [8, 9, 10, 11, 12])])
+    am = torch.ones_like(ids)
+    ref = hf(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=grid,
+             mm_token_type_ids=(ids == IMG).int()).logits
+    got = ours_logits(ours, ids, am, pv, grid)
+    assert (ref - got).abs().max().item() <= TOL
+    # The test is not vacuous: MRoPE gives the image 2-D positions, DeepStack features are non-zero,
+    # and another image changes the logits.
+    pos, delta = ours.positions(ids, grid, am)
+    assert not torch.equal(pos[1], pos[2]) and delta.item() < 0
+    _, ds = ours.embed(ids, pv, grid)
+    assert ds.shape[0] == 2 and ds.abs().sum() > 0
+    pv2, _, _ = image_inputs(seed=1)
+    assert (ours_logits(ours, ids, am, pv2, grid) - got).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_qwen3_vl_text_only(vl_pair):
+    hf, ours = vl_pair
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    am = torch.ones_like(ids)
+    ref = hf(input_ids=ids, attention_mask=am).logits
+    assert (ref - ours_logits(ours, ids, am)).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_qwen3_vl_left_padded_batch(vl_pair):
+    """Batch of two prompts of different lengths, left padded, image in both rows."""
+    hf, ours = vl_pair
+    pv, grid, n = image_inputs()
+    rows = [image_prompt(n, [5, 6, 7, 8, 9], [10, 11]), image_prompt(n, [5], [12])]
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    pv2 = torch.cat([pv, image_inputs(seed=3)[0]])
+    grid2 = grid.repeat(2, 1)
+    ref = hf(input_ids=ids, attention_mask=am, pixel_values=pv2, image_grid_thw=grid2,
+             mm_token_type_ids=(ids == IMG).int()).logits
+    got = ours_logits(ours, ids, am, pv2, grid2)
+    real = am.bool()
+    assert (ref[real] - got[real]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@torch.no_grad()
+def test_qwen3_text_source(tmp_path, tie):
+    hf = hf_qwen3(tie=tie)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.config.arch == "qwen3" and ours.visual is None
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    am = torch.ones_like(ids)
+    ref = hf(input_ids=ids, attention_mask=am).logits
+    assert (ref - ours_logits(ours, ids, am)).abs().max().item() <= TOL
