@@ -32,6 +32,23 @@ def encode_images(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch
     return embeds, deepstack
 
 
+def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                         feats: torch.Tensor, deepstack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put image features where the image-pad tokens are (row-major over the batch, as HF does).
+
+    inputs_embeds (B, L, hidden), feats (tokens, hidden), deepstack (n_ds, tokens, hidden) ->
+    inputs_embeds with the image rows replaced, and deepstack_embeds (n_ds, B, L, hidden), zero off the image.
+    """
+    where = input_ids == image_token_id                                          # (B, L)
+    n = int(where.sum())
+    if n != feats.shape[0]:
+        raise RuntimeInputError(f"prompt has {n} image tokens but the images give {feats.shape[0]} features", n)
+    x = inputs_embeds.masked_scatter(where.unsqueeze(-1), feats.to(inputs_embeds.dtype))
+    ds = x.new_zeros(deepstack.shape[0], *x.shape)
+    ds[:, where] = deepstack.to(x.dtype)
+    return x, ds
+
+
 def image_token_count(grid_thw: torch.Tensor, merge: int) -> list[int]:
     """LM tokens per image: t * h * w / merge^2."""
     return [int(t * h * w) // merge**2 for t, h, w in grid_thw.tolist()]

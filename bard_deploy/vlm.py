@@ -14,7 +14,7 @@ from torch import nn
 from bard_deploy.config import ModelConfig
 from bard_deploy.errors import RuntimeInputError
 from bard_deploy.model import KV, TextModel
-from bard_deploy.vision import build_vision_tower, encode_images, rope_index
+from bard_deploy.vision import build_vision_tower, encode_images, merge_image_features, rope_index
 
 
 class BardVLM(nn.Module):
@@ -54,14 +54,7 @@ class BardVLM(nn.Module):
         if self.visual is None:
             raise RuntimeInputError("this model has no vision tower but an image was given", "image")
         feats, deepstack = encode_images(self.visual, pixel_values, image_grid_thw)
-        where = input_ids == self.config.image_token_id                            # (B, L)
-        n = int(where.sum())
-        if n != feats.shape[0]:
-            raise RuntimeInputError(f"prompt has {n} image tokens but the images give {feats.shape[0]} features", n)
-        x = x.masked_scatter(where.unsqueeze(-1), feats.to(x.dtype))
-        ds = x.new_zeros(deepstack.shape[0], *x.shape)
-        ds[:, where] = deepstack.to(x.dtype)
-        return x, ds
+        return merge_image_features(x, input_ids, self.config.image_token_id, feats, deepstack)
 
     def positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

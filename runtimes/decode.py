@@ -1,0 +1,390 @@
+"""The decoding loops: block-parallel denoising (BARD) and the AR baseline, over one KV buffer.
+
+Both share the prompt batch, the prefill, the cached step and the statistics, so an AR vs BARD comparison
+differs only in the per-step rule. The denoising loop is written once (`bard_blocks`, a generator of
+finished blocks); `generate_bard` and the streaming API consume it. Backends are passed in, never imported.
+
+BARD predicts token i at position i (no shift); the AR baseline reads the last position's logits as the next
+token's distribution (the source model's habit).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from bard_deploy import iospec
+from bard_deploy.config import ModelConfig
+from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, attention_bias, prompt_layout, response_layout
+from bard_deploy.errors import RuntimeInputError
+from bard_deploy.runtimes.kv import KVCache
+from bard_deploy.vision import merge_image_features, rope_index
+
+# ---------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode. Defaults exist here once; the CLI and the API take them from this class.
+
+    threshold: commit every masked token whose confidence is >= threshold, in (0, 1]; None = static
+      (exactly `min_commit` tokens per step, the most confident).
+    max_steps: the most denoising steps per block (None = block_size); at the last one every remaining
+      masked token is committed.
+    edit_threshold: token revision for mix-noise models: a token committed earlier in the current block whose
+      prediction changed with probability >= edit_threshold is replaced, at most `max_edits` per block and row.
+    """
+
+    block_size: int | None = None          # None = the checkpoint's trained block size
+    threshold: float | None = 0.9
+    min_commit: int = 1
+    max_steps: int | None = None
+    max_new_tokens: int = 256
+    edit_threshold: float | None = None
+    max_edits: int = 4
+    temperature: float = 0.0               # 0 = greedy
+    top_k: int = 0                         # 0 = off
+    top_p: float = 1.0                     # 1 = off
+    seed: int | None = None
+    allow_block_size_mismatch: bool = False
+
+    def resolved(self, config: ModelConfig | None, ar: bool = False) -> DecodeOptions:
+        """A validated copy with block_size and max_steps filled; a bad option raises RuntimeInputError."""
+        def bad(name: str, value: object, why: str) -> RuntimeInputError:
+            return RuntimeInputError(f"decode option {name}={value!r}: {why}", value)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise bad("max_new_tokens", self.max_new_tokens, "must be a positive integer")
+        if not self.temperature >= 0:
+            raise bad("temperature", self.temperature, "must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "must be an integer >= 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if ar:
+            return self
+        trained = config.bard.block_size if config is not None and config.bard is not None else None
+        block = self.block_size if self.block_size is not None else trained
+        if block is None:
+            raise bad("block_size", None, "the checkpoint records no trained block size; pass one")
+        if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+            raise bad("block_size", block, "must be a positive integer")
+        if trained is not None and block != trained and not self.allow_block_size_mismatch:
+            raise bad("block_size", block, f"the checkpoint was trained with block size {trained}; decoding with "
+                                           "another one needs allow_block_size_mismatch (--allow-block-size-mismatch)")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise bad("threshold", self.threshold, "must be in (0, 1] (or None for a static schedule)")
+        if not isinstance(self.min_commit, int) or self.min_commit < 1:
+            raise bad("min_commit", self.min_commit, "must be an integer >= 1")
+        steps = self.max_steps if self.max_steps is not None else block
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise bad("max_steps", steps, "must be an integer >= 1")
+        if self.edit_threshold is not None and not 0 < self.edit_threshold <= 1:
+            raise bad("edit_threshold", self.edit_threshold, "must be in (0, 1]")
+        if not isinstance(self.max_edits, int) or self.max_edits < 0:
+            raise bad("max_edits", self.max_edits, "must be an integer >= 0")
+        return replace(self, block_size=block, max_steps=steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs and statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt ids (B, L), their mask (1 = real) and the images of all rows (row-major)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
+                  image_grid_thw: torch.Tensor | None = None, pad_id: int = 0) -> PromptBatch:
+        if not rows or any(len(r) == 0 for r in rows):
+            raise RuntimeInputError("every prompt needs at least one token", [len(r) for r in rows])
+        L = max(len(r) for r in rows)
+        ids = torch.tensor([[pad_id] * (L - len(r)) + list(r) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return cls(ids, mask, pixel_values, image_grid_thw)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+
+@dataclass
+class Stats:
+    """Counted per generate call. tokens are counted up to and including each row's first EOS."""
+
+    nfe: int = 0                                             # forwards, prefill included
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    vision_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)        # wall time of every decode forward
+    steps_per_block: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)          # per row
+    edits: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per forward of the batch, prefill included (the AR baseline gets exactly 1.0:
+        its prefill yields the first token)."""
+        return self.total_tokens / len(self.tokens) / self.nfe if self.nfe and self.tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {"nfe": self.nfe, "tokens": self.tokens, "tokens_per_forward": round(self.tokens_per_forward, 4),
+                "steps_per_block": self.steps_per_block, "mean_steps_per_block":
+                    round(sum(self.steps_per_block) / len(self.steps_per_block), 3) if self.steps_per_block else 0.0,
+                "edits": self.edits, "prefill_s": round(self.prefill_s, 6), "vision_s": round(self.vision_s, 6),
+                "decode_s": round(self.decode_s, 6)}
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]   # per row, up to and including the first EOS, at most max_new_tokens
+    stats: Stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces: prefill, one cached step, the commit rule
+# ---------------------------------------------------------------------------------------------------
+
+
+class Session:
+    """One request's state: the backend, the KV buffer and the per-row rope deltas and response starts."""
+
+    def __init__(self, backend, batch: PromptBatch, max_new: int, prompt_attention: str,
+                 prompt_block: int | None, stats: Stats):
+        self.backend, self.stats, self.prompt_attention = backend, stats, prompt_attention
+        cfg: ModelConfig = backend.config
+        self.io: iospec.DecoderIO = backend.io
+        B, P = batch.input_ids.shape
+        if P + max_new > cfg.text.max_position_embeddings:
+            raise RuntimeInputError(f"prompt of {P} tokens + {max_new} new tokens exceeds the model's context of "
+                                    f"{cfg.text.max_position_embeddings}", P + max_new)
+        self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim)
+        self.start = batch.lengths                                       # (B,) index of the first new token
+        t0 = time.perf_counter()
+        x = backend.embed(batch.input_ids)
+        ds = None
+        if batch.pixel_values is not None:
+            tv = time.perf_counter()
+            feats, deepstack = backend.encode_images(batch.pixel_values, batch.image_grid_thw)
+            stats.vision_s += time.perf_counter() - tv
+            x, ds = merge_image_features(x, batch.input_ids, cfg.image_token_id, feats, deepstack)
+        pos, self.delta = rope_index(batch.input_ids, cfg.image_token_id, batch.image_grid_thw,
+                                     cfg.spatial_merge_size, batch.attention_mask)
+        layout = prompt_layout(batch.attention_mask, prompt_block)
+        self.last_logits = self._forward(x, pos, layout, ds)[iospec.LOGITS][:, -1]   # (B, V)
+        self.cache.commit(self._new_kv, layout)
+        stats.prefill_s += time.perf_counter() - t0
+
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, layout: Layout, ds: torch.Tensor | None) -> dict:
+        io, cache = self.io, self.cache
+        feeds = {iospec.INPUTS_EMBEDS: x, iospec.POSITION_IDS: pos,
+                 iospec.ATTENTION_BIAS: attention_bias(layout, cache.keys_layout(layout), self.prompt_attention)}
+        for i, (k, v) in enumerate(cache.past()):
+            feeds[iospec.past_key(i)], feeds[iospec.past_value(i)] = k, v
+        if io.num_deepstack:
+            feeds[iospec.DEEPSTACK_EMBEDS] = ds if ds is not None else x.new_zeros(io.num_deepstack, *x.shape)
+        out = self.backend.step(feeds)
+        self.stats.nfe += 1
+        self._new_kv = [(out[iospec.new_key(i)], out[iospec.new_value(i)]) for i in range(io.num_layers)]
+        return out
+
+    def step(self, tokens: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """One cached decode forward over `tokens` (B, T) -> logits (B, T, V). Response tokens are text, so
+        all three MRoPE rows are index + delta. The new K/V wait in `_new_kv` until `commit`."""
+        t0 = time.perf_counter()
+        pos = (layout.index + self.delta[:, None]).unsqueeze(0).expand(3, -1, -1)
+        logits = self._forward(self.backend.embed(tokens), pos, layout, None)[iospec.LOGITS]
+        self.stats.step_s.append(time.perf_counter() - t0)
+        return logits
+
+    def commit(self, layout: Layout, n: int) -> None:
+        """Write the first n tokens of the last step into the cache."""
+        self.cache.commit(self._new_kv, layout, n)
+
+
+def _sample(logits: torch.Tensor, opts: DecodeOptions, gen: torch.Generator | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits -> (token, its probability), greedy unless temperature > 0."""
+    if opts.temperature == 0:
+        probs = torch.softmax(logits.float(), dim=-1)
+        conf, pred = probs.max(-1)
+        return pred, conf
+    logits = logits.float() / opts.temperature
+    if opts.top_k:
+        kth = logits.topk(min(opts.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= opts.top_p         # keep the smallest prefix >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    pred = torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
+    return pred, probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+
+
+def denoise_step(logits: torch.Tensor, canvas: torch.Tensor, masked: torch.Tensor, edits_left: torch.Tensor,
+                 last: bool, opts: DecodeOptions, mask_id: int, gen: torch.Generator | None
+                 ) -> tuple[torch.Tensor, int]:
+    """The per-step rule, shared by the cached runtime and the slow reference decoder.
+
+    logits (B, T, V) of the canvas, canvas (B, T), masked (B, T) = canvas == MASK. Returns the new canvas
+    and the number of edits made (edits_left (B,) is decremented in place).
+    """
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")                    # (1) the MASK token is never a prediction
+    pred, conf = _sample(logits, opts, gen)                 # (2) prediction and confidence per position
+    live = masked.any(1, keepdim=True)                      # rows still denoising this block
+    # (3) commit: every masked token with conf >= threshold, at least min_commit per row (most confident),
+    #     everything at the last allowed step.
+    if last:
+        commit = masked.clone()
+    else:
+        commit = masked & (conf >= opts.threshold) if opts.threshold is not None else torch.zeros_like(masked)
+        ranked = conf.masked_fill(~masked, -1.0).argsort(dim=1, descending=True, stable=True)
+        k = masked.sum(1).clamp(max=opts.min_commit)                               # (B,)
+        top = torch.arange(masked.shape[1])[None, :] < k[:, None]                  # first k of the ranking
+        commit |= torch.zeros_like(masked).scatter(1, ranked, top)
+    new = torch.where(commit, pred, canvas)
+    # (4) revision: tokens committed at earlier steps of this block whose prediction changed confidently
+    n_edits = 0
+    if opts.edit_threshold is not None:
+        cand = live & ~masked & (pred != canvas) & (conf >= opts.edit_threshold)
+        ranked = conf.masked_fill(~cand, -1.0).argsort(dim=1, descending=True, stable=True)
+        k = torch.minimum(cand.sum(1), edits_left)
+        edit = torch.zeros_like(cand).scatter(1, ranked, torch.arange(cand.shape[1])[None, :] < k[:, None])
+        new = torch.where(edit, pred, new)
+        edits_left -= edit.sum(1)
+        n_edits = int(edit.sum())
+    return new, n_edits
+
+
+def truncate_at_eos(rows: list[list[int]], eos_ids: set[int], max_new: int) -> list[list[int]]:
+    out = []
+    for r in rows:
+        r = r[:max_new]
+        cut = next((i for i, t in enumerate(r) if t in eos_ids), None)
+        out.append(r if cut is None else r[:cut + 1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# BARD: block-parallel denoising
+# ---------------------------------------------------------------------------------------------------
+
+
+def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int],
+                stats: Stats) -> Iterator[torch.Tensor]:
+    """Yield each finished block (B, block_size) until every row has emitted EOS or max_new_tokens.
+
+    Per block:
+      1. the canvas starts as [MASK] * B (rows that already emitted EOS get EOS instead and take no part);
+      2. up to max_steps forwards; the first also carries the previous, finished block as clean tokens, so
+         its K/V come out of the same forward and are committed then (no extra clean pass);
+      3. each step applies `denoise_step` (commit by confidence, optional revision);
+      4. the block ends when no row has a MASK left.
+    """
+    cfg: ModelConfig = backend.config
+    opts = opts.resolved(cfg)
+    if cfg.bard is None:
+        raise RuntimeInputError("this checkpoint has no 'bard' section (an AR model): decode it with ar=True",
+                                "bard")
+    B_sz, mask_id = opts.block_size, cfg.bard.mask_token_id
+    n_blocks = -(-opts.max_new_tokens // B_sz)
+    prompt_block = B_sz if cfg.bard.prompt_attention == "block" else None
+    session = Session(backend, batch, n_blocks * B_sz, cfg.bard.prompt_attention, prompt_block, stats)
+    gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    rows = batch.input_ids.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool)
+    pending: tuple[torch.Tensor, Layout] | None = None    # the finished block whose K/V are not cached yet
+    t0 = time.perf_counter()
+    for b in range(n_blocks):
+        canvas = torch.full((rows, B_sz), mask_id, dtype=torch.long)
+        canvas[done] = int(eos[0]) if len(eos) else mask_id
+        noisy = response_layout(rows, session.start + b * B_sz, b, B_sz, B_sz, NOISY)
+        edits_left = torch.full((rows,), opts.max_edits, dtype=torch.long)
+        steps = 0
+        for s in range(opts.max_steps):
+            masked = canvas == mask_id
+            if not masked.any():
+                break
+            if pending is not None:
+                tokens, layout = torch.cat([pending[0], canvas], 1), Layout.cat([pending[1], noisy])
+            else:
+                tokens, layout = canvas, noisy
+            logits = session.step(tokens, layout)[:, -B_sz:]
+            if pending is not None:
+                session.commit(layout, B_sz)
+                pending = None
+            canvas, n_edits = denoise_step(logits, canvas, masked, edits_left, s == opts.max_steps - 1, opts,
+                                           mask_id, gen)
+            stats.edits += n_edits
+            steps += 1
+        stats.steps_per_block.append(steps)
+        yield canvas
+        done |= torch.isin(canvas, eos).any(1)
+        if bool(done.all()):
+            break
+        pending = (canvas, response_layout(rows, session.start + b * B_sz, b, B_sz, B_sz, CLEAN))
+    stats.decode_s += time.perf_counter() - t0
+
+
+def generate_bard(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
+    """Block-diffusion decoding of a prompt batch; token ids per row and statistics."""
+    stats = Stats()
+    blocks = list(bard_blocks(backend, batch, opts, eos_ids, stats))
+    rows = torch.cat(blocks, 1).tolist() if blocks else [[] for _ in range(batch.input_ids.shape[0])]
+    out = truncate_at_eos(rows, set(eos_ids), opts.max_new_tokens)
+    stats.tokens = [len(r) for r in out]
+    return Generation(out, stats)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The AR baseline: the source model, one token per forward
+# ---------------------------------------------------------------------------------------------------
+
+
+def generate_ar(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
+    """Greedy (or sampled) next-token decoding through the same session, cache and statistics."""
+    opts = opts.resolved(backend.config, ar=True)
+    stats = Stats()
+    session = Session(backend, batch, opts.max_new_tokens, "causal", None, stats)
+    gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    rows = batch.input_ids.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool)
+    logits = session.last_logits                                              # (B, V): predicts token 0
+    out: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    for j in range(opts.max_new_tokens):
+        token, _ = _sample(logits, opts, gen)                                 # (B,)
+        out.append(token)
+        done |= torch.isin(token, eos)
+        if bool(done.all()) or j == opts.max_new_tokens - 1:
+            break
+        layout = Layout(torch.full((rows, 1), PROMPT), torch.zeros(rows, 1, dtype=torch.long),
+                        (session.start + j)[:, None])
+        logits = session.step(token[:, None], layout)[:, -1]
+        session.commit(layout, 1)
+    stats.decode_s += time.perf_counter() - t0
+    result = truncate_at_eos(torch.stack(out, 1).tolist(), set(eos_ids), opts.max_new_tokens)
+    stats.tokens = [len(r) for r in result]
+    return Generation(result, stats)

@@ -1,0 +1,204 @@
+"""The runtime: cached block decoding == the slow reference decoder; AR == transformers' generate;
+NFE accounting; per-row EOS; batch == rows alone; invariants under random options (hypothesis)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bard_deploy.config import ModelConfig
+from bard_deploy.converters.checkpoint import load_model
+from bard_deploy.errors import RuntimeInputError
+from bard_deploy.runtimes.backend import TorchBackend
+from bard_deploy.runtimes.decode import DecodeOptions, PromptBatch, generate_ar, generate_bard
+from bard_deploy.runtimes.reference import reference_generate
+from bard_deploy.vlm import BardVLM
+from tiny import IMG, MASK_ID, hf_qwen3_vl, image_inputs, image_prompt, qwen3_vl_config
+
+TRAINED_B = 4
+SCALE = 40.0  # head scale of the peaked model: confidences spread over (0, 1)
+
+
+def peaked_model(prompt_attention="causal", seed=0):
+    """A random tiny BARD model whose head is scaled up, so confidences spread over (0, 1) and thresholds
+    matter (a plain random model is uniformly unsure)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_dict(qwen3_vl_config().to_dict()).with_bard(
+        mask_token_id=MASK_ID, block_size=TRAINED_B, prompt_attention=prompt_attention)
+    m = BardVLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        m.lm_head.weight.mul_(SCALE)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return peaked_model()
+
+
+def prompts(with_image: bool, batch: int = 1):
+    pv, grid, n = image_inputs()
+    texts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]][:batch]
+    if not with_image:
+        return PromptBatch.from_rows(texts)
+    rows = [image_prompt(n, t[:2], t[2:]) for t in texts]
+    pvs = torch.cat([image_inputs(seed=i)[0] for i in range(batch)])
+    return PromptBatch.from_rows(rows, pvs, grid.repeat(batch, 1))
+
+
+def opts(**kw):
+    return DecodeOptions(allow_block_size_mismatch=True, **{"max_new_tokens": 16, **kw})
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 8])
+@pytest.mark.parametrize("threshold", [None, 0.6, 0.9], ids=["static", "t0.6", "t0.9"])
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_cached_equals_reference(model, block_size, threshold, with_image):
+    batch = prompts(with_image, batch=2)
+    o = opts(block_size=block_size, threshold=threshold)
+    got = generate_bard(TorchBackend(model), batch, o, eos_ids=[])
+    want = reference_generate(model, batch, o, eos_ids=[])
+    assert got.token_ids == want
+    assert all(len(r) == 16 for r in got.token_ids)
+
+
+@pytest.mark.parametrize("prompt_attention", ["causal", "block"])
+def test_cached_equals_reference_with_eos_and_revision(prompt_attention):
+    m = peaked_model(prompt_attention)
+    batch = prompts(True, batch=2)
+    o = opts(threshold=0.5, edit_threshold=0.6, max_new_tokens=24)
+    # pick as EOS a token row 0 emits in its 2nd block, so rows stop at different blocks
+    free = generate_bard(TorchBackend(m), batch, o, eos_ids=[])
+    eos = [free.token_ids[0][5]]
+    got = generate_bard(TorchBackend(m), batch, o, eos_ids=eos)
+    assert got.token_ids == reference_generate(m, batch, o, eos_ids=eos)
+    assert got.token_ids[0][-1] == eos[0] and len(got.token_ids[0]) <= 6
+
+
+def test_static_schedule_is_one_token_per_step(model):
+    """threshold=None: exactly min_commit tokens per step, so a block of B takes B steps."""
+    g = generate_bard(TorchBackend(model), prompts(False), opts(threshold=None, block_size=4), eos_ids=[])
+    assert g.stats.steps_per_block == [4, 4, 4, 4]
+    g2 = generate_bard(TorchBackend(model), prompts(False), opts(threshold=None, block_size=4, min_commit=2),
+                       eos_ids=[])
+    assert g2.stats.steps_per_block == [2, 2, 2, 2]
+
+
+def test_threshold_commits_several_tokens_per_step(model):
+    """Not vacuous: on the peaked model a threshold finishes blocks in fewer steps than the static schedule."""
+    static = generate_bard(TorchBackend(model), prompts(True), opts(threshold=None), eos_ids=[])
+    fast = generate_bard(TorchBackend(model), prompts(True), opts(threshold=0.6), eos_ids=[])
+    assert sum(fast.stats.steps_per_block) < sum(static.stats.steps_per_block)
+    assert fast.stats.tokens_per_forward > 1.5
+
+
+def test_nfe_is_steps_plus_one_prefill(model):
+    for threshold in (None, 0.2, 0.6):
+        g = generate_bard(TorchBackend(model), prompts(True), opts(threshold=threshold), eos_ids=[])
+        assert g.stats.nfe == 1 + sum(g.stats.steps_per_block)
+        assert len(g.stats.step_s) == sum(g.stats.steps_per_block)
+        assert g.stats.tokens_per_forward == pytest.approx(16 / g.stats.nfe)
+
+
+def test_max_steps_bounds_steps_per_block(model):
+    g = generate_bard(TorchBackend(model), prompts(False), opts(threshold=None, block_size=8, max_steps=3),
+                      eos_ids=[])
+    assert g.stats.steps_per_block == [3, 3]
+    assert MASK_ID not in sum(g.token_ids, [])
+
+
+def test_batch_rows_equal_rows_alone(model):
+    batch = prompts(True, batch=2)
+    o = opts(threshold=0.4)
+    free = generate_bard(TorchBackend(model), batch, o, eos_ids=[])
+    eos = [free.token_ids[1][3]]
+    together = generate_bard(TorchBackend(model), batch, o, eos_ids=eos).token_ids
+    pv, grid, n = image_inputs()
+    for i, text in enumerate([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]):
+        alone = PromptBatch.from_rows([image_prompt(n, text[:2], text[2:])], image_inputs(seed=i)[0], grid)
+        assert generate_bard(TorchBackend(model), alone, o, eos_ids=eos).token_ids[0] == together[i]
+
+
+def test_block_size_other_than_trained_needs_the_flag(model):
+    with pytest.raises(RuntimeInputError, match="block_size=8"):
+        generate_bard(TorchBackend(model), prompts(False), DecodeOptions(block_size=8), eos_ids=[])
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=1.5), dict(max_new_tokens=0),
+                                 dict(block_size=0), dict(block_size=-4), dict(min_commit=0), dict(max_steps=0),
+                                 dict(edit_threshold=2.0), dict(top_p=0.0), dict(temperature=-1.0)])
+def test_bad_options_are_typed_errors(model, bad):
+    name = next(iter(bad))
+    with pytest.raises(RuntimeInputError, match=name):
+        generate_bard(TorchBackend(model), prompts(False), opts(**bad), eos_ids=[])
+
+
+def test_prompt_longer_than_context_is_refused(model):
+    long = PromptBatch.from_rows([[5] * 4090])
+    with pytest.raises(RuntimeInputError, match="context"):
+        generate_bard(TorchBackend(model), long, opts(), eos_ids=[])
+
+
+# ---- the AR baseline against transformers ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ar_pair(tmp_path_factory):
+    hf = hf_qwen3_vl()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)
+    d = tmp_path_factory.mktemp("ar")
+    hf.save_pretrained(d)
+    return hf, load_model(d)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_ar_equals_transformers_generate(ar_pair, with_image):
+    hf, ours = ar_pair
+    batch = prompts(with_image)
+    g = generate_ar(TorchBackend(ours), batch, DecodeOptions(max_new_tokens=20), eos_ids=[])
+    kw = {}
+    if with_image:
+        kw = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                  mm_token_type_ids=(batch.input_ids == IMG).int())
+    with torch.no_grad():
+        ref = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=20,
+                          do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+    assert g.token_ids[0] == ref[0, batch.input_ids.shape[1]:].tolist()
+    assert g.stats.nfe == 20 and g.stats.tokens_per_forward == 1.0
+
+
+def test_ar_stops_at_eos(ar_pair):
+    _, ours = ar_pair
+    batch = prompts(False)
+    free = generate_ar(TorchBackend(ours), batch, DecodeOptions(max_new_tokens=12), eos_ids=[])
+    eos = free.token_ids[0][4]
+    first = free.token_ids[0].index(eos)
+    g = generate_ar(TorchBackend(ours), batch, DecodeOptions(max_new_tokens=12), eos_ids=[eos])
+    assert g.token_ids[0] == free.token_ids[0][:first + 1] and g.stats.nfe == first + 1
+
+
+# ---- invariants under random options --------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(block_size=st.sampled_from([1, 2, 3, 4, 8]), threshold=st.one_of(st.none(), st.floats(0.05, 1.0)),
+       min_commit=st.integers(1, 3), max_steps=st.one_of(st.none(), st.integers(1, 6)),
+       max_new=st.integers(1, 13), edit=st.one_of(st.none(), st.floats(0.3, 1.0)),
+       temperature=st.sampled_from([0.0, 0.7]), eos_pick=st.integers(0, 12),
+       prompt=st.lists(st.integers(10, 900), min_size=1, max_size=9))
+def test_invariants(model, block_size, threshold, min_commit, max_steps, max_new, edit, temperature, eos_pick,
+                    prompt):
+    o = opts(block_size=block_size, threshold=threshold, min_commit=min_commit, max_steps=max_steps,
+             max_new_tokens=max_new, edit_threshold=edit, temperature=temperature, seed=1)
+    batch = PromptBatch.from_rows([prompt])
+    eos = [10 + eos_pick * 70]
+    g = generate_bard(TorchBackend(model), batch, o, eos_ids=eos)
+    toks = g.token_ids[0]
+    assert MASK_ID not in toks                               # no MASK ever emitted
+    assert 1 <= len(toks) <= max_new                         # max_new_tokens respected
+    assert eos[0] not in toks[:-1]                           # nothing after the first EOS
+    assert g.stats.nfe == 1 + sum(g.stats.steps_per_block)
+    assert all(s <= (max_steps or block_size) for s in g.stats.steps_per_block)
+    if temperature:                                          # sampling is reproducible with a seed
+        assert generate_bard(TorchBackend(model), batch, o, eos_ids=eos).token_ids == g.token_ids
