@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bard_deploy.errors import BardError, NotBuiltError
+from bard_deploy.errors import BardError, NotBuiltError, RuntimeInputError
+from bard_deploy.runtimes.decode import DecodeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert Qwen3-VL models into BARD block-diffusion models, export and run them.")
@@ -41,10 +42,58 @@ def export(ctx: typer.Context):
     _not_built("export", "ONNX export lands with the 'bard-deploy export --int8' issue")
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def generate(ctx: typer.Context):
-    """Decode with the block-diffusion runtime (or the AR baseline). Not built yet."""
-    _not_built("generate", "the runtime lands with the runtime issue")
+@app.command()
+def generate(
+    model: Path = typer.Option(..., "--model", help="A checkpoint directory."),
+    prompt: str = typer.Option(..., "--prompt", help="The user's question."),
+    image: list[Path] = typer.Option([], "--image", help="An image file (repeatable)."),
+    block_size: int | None = typer.Option(None, help="Tokens per block [default: the trained block size]."),
+    threshold: float | None = typer.Option(None, help="Commit masked tokens with confidence >= this, in (0, 1] "
+                                           f"[default: {DecodeOptions.threshold}]."),
+    static: bool = typer.Option(False, "--static", help="No threshold: exactly --min-commit tokens per step."),
+    min_commit: int | None = typer.Option(None, help=f"Tokens committed per step at least [default: "
+                                                     f"{DecodeOptions.min_commit}]."),
+    max_steps: int | None = typer.Option(None, help="Denoising steps per block at most [default: block size]."),
+    max_new_tokens: int | None = typer.Option(None, help=f"[default: {DecodeOptions.max_new_tokens}]"),
+    edit_threshold: float | None = typer.Option(None, help="Token revision threshold (mix-noise models)."),
+    temperature: float | None = typer.Option(None, help="0 = greedy [default]."),
+    top_k: int | None = typer.Option(None, help="Sample from the top k (with --temperature)."),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling mass (with --temperature)."),
+    seed: int | None = typer.Option(None, help="Sampling seed."),
+    ar: bool = typer.Option(False, "--ar", help="Decode an AR source model, one token per forward."),
+    allow_block_size_mismatch: bool = typer.Option(False, help="Allow a block size other than the trained one."),
+    stream: bool = typer.Option(False, "--stream", help="Print the answer block by block as it is decoded."),
+    stats: bool = typer.Option(False, "--stats", help="Print decoding statistics."),
+):
+    """Decode with the block-diffusion runtime (or, with --ar, the AR baseline)."""
+    from bard_deploy.runtimes.api import Pipeline
+    from bard_deploy.runtimes.decode import Stats
+
+    given = dict(block_size=block_size, threshold=threshold, min_commit=min_commit, max_steps=max_steps,
+                 max_new_tokens=max_new_tokens, edit_threshold=edit_threshold, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed)
+    options = {k: v for k, v in given.items() if v is not None}  # the rest: DecodeOptions' own defaults
+    if static:
+        if threshold is not None:
+            raise RuntimeInputError("--static and --threshold exclude each other", threshold)
+        options["threshold"] = None
+    options["allow_block_size_mismatch"] = allow_block_size_mismatch
+    pipe = Pipeline.load(model)
+    images = [str(p) for p in image]
+    if stream:
+        st = Stats()
+        for piece in pipe.stream(prompt, images=images, ar=ar, stats=st, **options):
+            console.print(piece, end="", soft_wrap=True, highlight=False)
+        console.print()
+    else:
+        result = pipe.generate(prompt, images=images, ar=ar, **options)
+        console.print(result.text, highlight=False, soft_wrap=True)
+        st = result.stats
+    if stats:
+        table = Table(title="decoding statistics", show_header=False)
+        for key, value in st.as_dict().items():
+            table.add_row(key, str(value))
+        console.print(table)
 
 
 @app.command(context_settings=_PASS_THROUGH)

@@ -347,36 +347,26 @@ def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
     stats.decode_s += time.perf_counter() - t0
 
 
-def generate_bard(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
-    """Block-diffusion decoding of a prompt batch; token ids per row and statistics."""
-    stats = Stats()
-    blocks = list(bard_blocks(backend, batch, opts, eos_ids, stats))
-    rows = torch.cat(blocks, 1).tolist() if blocks else [[] for _ in range(batch.input_ids.shape[0])]
-    out = truncate_at_eos(rows, set(eos_ids), opts.max_new_tokens)
-    stats.tokens = [len(r) for r in out]
-    return Generation(out, stats)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The AR baseline: the source model, one token per forward
 # ---------------------------------------------------------------------------------------------------
 
 
-def generate_ar(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
-    """Greedy (or sampled) next-token decoding through the same session, cache and statistics."""
+def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int],
+              stats: Stats) -> Iterator[torch.Tensor]:
+    """Greedy (or sampled) next-token decoding through the same session, cache and statistics:
+    yields each step's tokens (B, 1) until every row has emitted EOS or max_new_tokens."""
     opts = opts.resolved(backend.config, ar=True)
-    stats = Stats()
     session = Session(backend, batch, opts.max_new_tokens, "causal", None, stats)
     gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
     rows = batch.input_ids.shape[0]
     done = torch.zeros(rows, dtype=torch.bool)
     logits = session.last_logits                                              # (B, V): predicts token 0
-    out: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for j in range(opts.max_new_tokens):
         token, _ = _sample(logits, opts, gen)                                 # (B,)
-        out.append(token)
+        yield token[:, None]
         done |= torch.isin(token, eos)
         if bool(done.all()) or j == opts.max_new_tokens - 1:
             break
@@ -385,6 +375,22 @@ def generate_ar(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
         logits = session.step(token[:, None], layout)[:, -1]
         session.commit(layout, 1)
     stats.decode_s += time.perf_counter() - t0
-    result = truncate_at_eos(torch.stack(out, 1).tolist(), set(eos_ids), opts.max_new_tokens)
-    stats.tokens = [len(r) for r in result]
-    return Generation(result, stats)
+
+
+def generate(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int], ar: bool = False
+             ) -> Generation:
+    """Decode a prompt batch with BARD (default) or the AR baseline; token ids per row and statistics."""
+    stats = Stats()
+    chunks = list((ar_tokens if ar else bard_blocks)(backend, batch, opts, eos_ids, stats))
+    rows = torch.cat(chunks, 1).tolist() if chunks else [[] for _ in range(batch.input_ids.shape[0])]
+    out = truncate_at_eos(rows, set(eos_ids), opts.max_new_tokens)
+    stats.tokens = [len(r) for r in out]
+    return Generation(out, stats)
+
+
+def generate_bard(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
+    return generate(backend, batch, opts, eos_ids, ar=False)
+
+
+def generate_ar(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
+    return generate(backend, batch, opts, eos_ids, ar=True)

@@ -1,0 +1,141 @@
+"""Chat messages -> model inputs: the chat template, images (checked), the processor, image-pad expansion.
+
+Shared by the data pipeline (training rows) and the runtime API (prompts), so both encode a conversation
+the same way. Images come as a path (confined to a root directory), a `data:` base64 URI, or a PIL image.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from bard_deploy.errors import DataError
+
+MAX_IMAGE_PIXELS = 8192 * 8192     # a larger image is refused before decoding (decompression bombs)
+MIN_IMAGE_SIDE = 1
+
+
+def resolve_image_path(source: str, root: str | Path | None) -> Path:
+    """The real path of an image reference, refusing `..`, absolute paths and symlinks that leave `root`."""
+    path = Path(source)
+    if root is None:
+        return path
+    root_real = Path(os.path.realpath(root))
+    if path.is_absolute():
+        raise DataError(f"image path {source!r} is absolute; image paths must be relative to the data root", source)
+    real = Path(os.path.realpath(root_real / path))
+    if real != root_real and root_real not in real.parents:
+        raise DataError(f"image path {source!r} escapes the data root {root}", source)
+    return real
+
+
+def load_image(source: object, root: str | Path | None = None) -> Image.Image:
+    """An RGB PIL image from a path, a data URI or a PIL image; every failure is a DataError naming it."""
+    if isinstance(source, Image.Image):
+        img, name = source, "<PIL image>"
+    elif isinstance(source, str) and source.startswith("data:"):
+        name = source[:40] + "..."
+        try:
+            payload = base64.b64decode(source.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError) as e:
+            raise DataError(f"image {name}: invalid base64 data URI ({e})", name) from e
+        img = _open(io.BytesIO(payload), name)
+    elif isinstance(source, (str, Path)):
+        path = resolve_image_path(str(source), root)
+        name = str(source)
+        if not path.is_file():
+            raise DataError(f"image {name} not found", name)
+        img = _open(path, name)
+    else:
+        raise DataError(f"image must be a path, a data URI or a PIL image, got {type(source).__name__}", source)
+    w, h = img.size
+    if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+        raise DataError(f"image {name} has zero size ({w}x{h})", name)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(f"image {name} has {w * h} pixels, more than the limit {MAX_IMAGE_PIXELS}", name)
+    return _to_rgb(img)
+
+
+def _open(fp, name: str) -> Image.Image:
+    try:
+        img = Image.open(fp)
+        if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
+            raise DataError(f"image {name} has {img.size[0] * img.size[1]} pixels, more than the limit "
+                            f"{MAX_IMAGE_PIXELS}", name)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"image {name} cannot be decoded ({type(e).__name__}: {e})", name) from e
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for every mode: alpha composited on white, 16-bit and float greyscale rescaled to 8 bits."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        t = torch.tensor(list(img.getdata()), dtype=torch.float64).reshape(img.size[1], img.size[0])
+        lo, hi = float(t.min()), float(t.max())
+        t = ((t - lo) / (hi - lo) * 255 if hi > lo else torch.zeros_like(t)).round().to(torch.uint8)
+        return Image.fromarray(t.numpy(), mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def message_images(messages: list[dict]) -> list[object]:
+    """The image parts of a conversation, in order."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            out += [p.get("image") for p in content if isinstance(p, dict) and p.get("type") == "image"]
+    return out
+
+
+@dataclass
+class EncodedPrompt:
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None      # (patches, C * tps * ps * ps)
+    image_grid_thw: torch.Tensor | None    # (images, 3)
+
+
+class PromptEncoder:
+    """Tokenizer + image processor + the model's image token facts."""
+
+    def __init__(self, tokenizer, processor, image_token_id: int | None, merge: int):
+        self.tokenizer, self.processor = tokenizer, processor
+        self.image_token_id, self.merge = image_token_id, merge
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True,
+               image_root: str | Path | None = None) -> EncodedPrompt:
+        """Token ids of the templated conversation with each image pad expanded to its token count."""
+        images = [load_image(src, image_root) for src in message_images(messages)]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not images:
+            return EncodedPrompt(ids, None, None)
+        if self.processor is None or self.image_token_id is None:
+            raise DataError("an image was given but this model has no vision tower / image processor", "image")
+        out = self.processor(images=images, return_tensors="pt")
+        grid = out["image_grid_thw"]
+        counts = [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
+        pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(pads) != len(counts):
+            raise DataError(f"the chat template produced {len(pads)} image pads for {len(counts)} images",
+                            len(pads))
+        expanded: list[int] = []
+        prev = 0
+        for pos, n in zip(pads, counts, strict=True):
+            expanded += ids[prev:pos] + [self.image_token_id] * n
+            prev = pos + 1
+        expanded += ids[prev:]
+        return EncodedPrompt(expanded, out["pixel_values"], grid)

@@ -1,0 +1,151 @@
+"""The Python API products embed: load once, then `generate` / `stream` from any number of threads.
+
+    from bard_deploy.runtimes.api import Pipeline
+    pipe = Pipeline.load("runs/default/b16")
+    result = pipe.generate("Describe the picture.", images=["cat.png"], threshold=0.9)
+    print(result.text, result.stats.tokens_per_forward)
+    for piece in pipe.stream("Describe the picture.", images=["cat.png"]):
+        print(piece, end="", flush=True)
+
+Thread safety: the loaded weights are read-only (inference mode) and every call allocates its own KV buffer
+and statistics, so concurrent calls on one Pipeline are safe and give the same outputs as sequential calls.
+The tokenizer (a Rust object that refuses concurrent mutable borrows) is behind a lock; torch's intra-op
+threads are shared, so N concurrent calls each run about N times slower on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bard_deploy.errors import CheckpointError, RuntimeInputError
+from bard_deploy.prompting import PromptEncoder
+from bard_deploy.runtimes.backend import TorchBackend
+from bard_deploy.runtimes.decode import (
+    DecodeOptions,
+    PromptBatch,
+    Stats,
+    ar_tokens,
+    bard_blocks,
+    generate,
+    truncate_at_eos,
+)
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+
+
+def _eos_ids(directory: Path, tokenizer) -> list[int]:
+    """EOS ids from generation_config.json (Qwen3-VL lists several) and the tokenizer."""
+    ids = set()
+    gen = directory / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise CheckpointError(f"{directory}: no EOS token id in generation_config.json or the tokenizer",
+                              str(directory))
+    return sorted(ids)
+
+
+class Pipeline:
+    """A loaded model with its tokenizer and image processor, ready to decode."""
+
+    def __init__(self, backend, tokenizer, processor, eos_ids: Sequence[int]):
+        cfg = backend.config
+        self.backend, self.tokenizer, self.eos_ids = backend, tokenizer, list(eos_ids)
+        self.config = cfg
+        self.encoder = PromptEncoder(tokenizer, processor, cfg.image_token_id, cfg.spatial_merge_size)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Pipeline:
+        """Load a checkpoint directory (weights, tokenizer, processor) once."""
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        from bard_deploy.converters.checkpoint import load_model
+
+        directory = Path(directory)
+        model = load_model(directory)
+        if not (directory / "tokenizer_config.json").is_file() and not (directory / "tokenizer.json").is_file():
+            raise CheckpointError(f"{directory}: no tokenizer files", str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        if len(tokenizer) > model.config.text.vocab_size:
+            raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                                  f"{model.config.text.vocab_size}", len(tokenizer))
+        processor = None
+        if model.config.has_vision and (directory / "preprocessor_config.json").is_file():
+            processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
+        return cls(TorchBackend(model), tokenizer, processor, _eos_ids(directory, tokenizer))
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def _messages(self, prompt: str | None, messages: list[dict] | None, images: Sequence[object]) -> list[dict]:
+        if (prompt is None) == (messages is None):
+            raise RuntimeInputError("give exactly one of prompt and messages", None)
+        if messages is not None:
+            if images:
+                raise RuntimeInputError("with messages, put the images in the messages' image parts", len(images))
+            return messages
+        content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": prompt}]
+        return [{"role": "user", "content": content}]
+
+    def _batch(self, conversations: list[list[dict]]) -> PromptBatch:
+        with self._lock:
+            encoded = [self.encoder.encode(m) for m in conversations]
+        pv = [e.pixel_values for e in encoded if e.pixel_values is not None]
+        grids = [e.image_grid_thw for e in encoded if e.image_grid_thw is not None]
+        return PromptBatch.from_rows([e.input_ids for e in encoded], torch.cat(pv) if pv else None,
+                                     torch.cat(grids) if grids else None, pad_id=self.tokenizer.pad_token_id or 0)
+
+    def _ar(self, ar: bool) -> bool:
+        if ar and self.config.bard is not None:
+            raise RuntimeInputError("this is a BARD checkpoint; the AR mode decodes an AR source model", "ar")
+        if not ar and self.config.bard is None:
+            raise RuntimeInputError("this checkpoint is an AR model (no 'bard' section): decode it with ar=True",
+                                    "ar")
+        return ar
+
+    def decode_text(self, ids: list[int]) -> str:
+        with self._lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 images: Sequence[object] = (), ar: bool = False, **options) -> Result:
+        """Decode one request; `options` are DecodeOptions fields (block_size, threshold, max_new_tokens...)."""
+        return self.generate_batch([self._messages(prompt, messages, images)], ar=ar, **options)[0]
+
+    def generate_batch(self, conversations: list[list[dict]], *, ar: bool = False, **options) -> list[Result]:
+        """Decode several conversations as one left-padded batch (each row gives what it gives alone)."""
+        opts = DecodeOptions(**options)
+        g = generate(self.backend, self._batch(conversations), opts, self.eos_ids, ar=self._ar(ar))
+        return [Result(self.decode_text(ids), ids, g.stats) for ids in g.token_ids]
+
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+               images: Sequence[object] = (), ar: bool = False, stats: Stats | None = None,
+               **options) -> Iterator[str]:
+        """Yield the answer's text as it is decoded: one piece per block (BARD) or per token (AR)."""
+        opts = DecodeOptions(**options)
+        batch = self._batch([self._messages(prompt, messages, images)])
+        stats = stats if stats is not None else Stats()
+        tokens: list[int] = []
+        shown = ""
+        chunks = (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats)
+        for chunk in chunks:
+            tokens += chunk[0].tolist()
+            kept = truncate_at_eos([tokens], set(self.eos_ids), opts.max_new_tokens)[0]
+            text = self.decode_text(kept)
+            if text != shown:
+                yield text[len(shown):] if text.startswith(shown) else text
+                shown = text
+        stats.tokens = [len(truncate_at_eos([tokens], set(self.eos_ids), opts.max_new_tokens)[0])]

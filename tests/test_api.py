@@ -1,0 +1,102 @@
+"""The Python API and `bard-deploy generate` on a complete tiny checkpoint (tokenizer and processor included)."""
+
+import threading
+
+import pytest
+
+from bard_deploy.cli import main
+from bard_deploy.data.synthetic import make_sample
+from bard_deploy.embedded import new_checkpoint
+from bard_deploy.errors import CheckpointError, RuntimeInputError
+from bard_deploy.runtimes.api import Pipeline
+
+SIZES = dict(hidden=64, layers=2)
+
+
+@pytest.fixture(scope="module")
+def bard_dir(tmp_path_factory):
+    return new_checkpoint(tmp_path_factory.mktemp("ck") / "b4", bard={"block_size": 4}, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def pipe(bard_dir):
+    return Pipeline.load(bard_dir)
+
+
+def test_generate_and_stream_agree(pipe):
+    s = make_sample(7)
+    r = pipe.generate(s.question, images=[s.image()], max_new_tokens=12)
+    assert len(r.token_ids) == 12 and r.stats.nfe == 1 + sum(r.stats.steps_per_block)
+    pieces = list(pipe.stream(s.question, images=[s.image()], max_new_tokens=12))
+    assert len(pieces) >= 2 and "".join(pieces) == r.text
+
+
+def test_messages_equal_prompt_plus_images(pipe):
+    s = make_sample(11)
+    a = pipe.generate(s.question, images=[s.image()], max_new_tokens=8)
+    b = pipe.generate(messages=s.messages()[:1], max_new_tokens=8)
+    assert a.token_ids == b.token_ids
+
+
+def test_concurrent_calls_equal_sequential(pipe):
+    samples = [make_sample(i) for i in range(6)]
+    sequential = [pipe.generate(s.question, images=[s.image()], max_new_tokens=8, threshold=0.5).token_ids
+                  for s in samples]
+    results = [None] * len(samples)
+
+    def work(i):
+        results[i] = pipe.generate(samples[i].question, images=[samples[i].image()], max_new_tokens=8,
+                                   threshold=0.5).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(samples))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == sequential
+
+
+def test_batch_rows_equal_single_calls(pipe):
+    samples = [make_sample(i) for i in (1, 2, 3)]
+    single = [pipe.generate(s.question, images=[s.image()], max_new_tokens=8).token_ids for s in samples]
+    batch = pipe.generate_batch([s.messages()[:1] for s in samples], max_new_tokens=8)
+    assert [r.token_ids for r in batch] == single
+
+
+def test_mode_must_match_the_checkpoint(pipe, tmp_path):
+    with pytest.raises(RuntimeInputError, match="BARD checkpoint"):
+        pipe.generate("Describe the picture.", ar=True)
+    ar = Pipeline.load(new_checkpoint(tmp_path / "ar", **SIZES))
+    with pytest.raises(RuntimeInputError, match="ar=True"):
+        ar.generate("Describe the picture.")
+    assert len(ar.generate("Describe the picture.", ar=True, max_new_tokens=5).token_ids) == 5
+
+
+def test_tokenizer_larger_than_vocabulary_is_refused(tmp_path):
+    import json
+    d = new_checkpoint(tmp_path / "c", **SIZES)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["vocab_size"] = 100
+    (d / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+    w = load_file(d / "model.safetensors")
+    w["model.language_model.embed_tokens.weight"] = w["model.language_model.embed_tokens.weight"][:100]
+    save_file(w, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="tokenizer has 163 tokens"):
+        Pipeline.load(d)
+
+
+def test_cli_generate_with_stats(bard_dir, tmp_path, capsys):
+    s = make_sample(3)
+    s.image().save(tmp_path / "x.png")
+    rc = main(["generate", "--model", str(bard_dir), "--prompt", s.question, "--image", str(tmp_path / "x.png"),
+               "--max-new-tokens", "8", "--threshold", "0.5", "--stats"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "decoding statistics" in out and "tokens_per_forward" in out
+
+
+def test_cli_generate_refuses_other_block_size(bard_dir, capsys):
+    assert main(["generate", "--model", str(bard_dir), "--prompt", "hi", "--block-size", "8"]) == 2
+    assert "allow-block-size-mismatch" in capsys.readouterr().err
+    assert main(["generate", "--model", str(bard_dir), "--prompt", "hi", "--block-size", "8",
+                 "--allow-block-size-mismatch", "--max-new-tokens", "8"]) == 0
