@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bard_deploy.errors import BardError, NotBuiltError, RuntimeInputError
+from bard_deploy.errors import BardError, ConfigError, NotBuiltError, RuntimeInputError
 from bard_deploy.runtimes.decode import DecodeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,10 +30,64 @@ def _not_built(command: str, issue: str) -> None:
     raise NotBuiltError(f"'bard-deploy {command}' is not built yet ({issue})", command)
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def train(ctx: typer.Context):
-    """Convert an AR VLM into BARD checkpoints (B4 -> B8 -> B16 -> B32). Not built yet."""
-    _not_built("train", "the training recipe lands with the 'bard-deploy train' issue")
+PRESETS = {
+    # name: (stages spec, synthetic train samples)
+    "default": ("b4:4:300,b8:8:120:80,b16:16:120:80", 8000),
+    "quality": ("b4:4:800,b8:8:400:200,b16:16:400:200,b32:32:300:200", 16000),
+    "smoke": ("b4:4:4,b8:8:2:2", 64),
+}
+
+
+@app.command()
+def train(
+    recipe: Path | None = typer.Option(None, "--recipe", help="A TOML recipe (top-level keys + [[stages]])."),
+    preset: str = typer.Option("default", help=f"Stage and data sizes: {', '.join(PRESETS)}."),
+    name: str | None = typer.Option(None, help="Run name: checkpoints go to OUT/NAME/<stage>."),
+    out: str | None = typer.Option(None, help="Output root [default: runs]."),
+    source: str | None = typer.Option(None, help="AR source checkpoint [default: the embedded default]."),
+    data: str | None = typer.Option(None, help="Chat JSONL file or directory [default: the synthetic task]."),
+    image_root: str | None = typer.Option(None, help="Root of relative image paths [default: the JSONL's folder]."),
+    stages: str | None = typer.Option(None, help="name:block:steps[:distill_steps],... overriding the preset."),
+    train_samples: int | None = typer.Option(None, help="Synthetic training samples."),
+    prompt_attention: str | None = typer.Option(None, help="causal (default) or block."),
+    t_min: float | None = typer.Option(None, help="Smallest noise level."),
+    weight_cap: float | None = typer.Option(None, help="Cap of the 1/t loss weight."),
+    distill_lambda: float | None = typer.Option(None, help="Weight of the distillation KL."),
+    distill_topk: int | None = typer.Option(None, help="Teacher top-k."),
+    ar_teacher: bool = typer.Option(False, "--ar-teacher", help="Ablation: distil from the AR source."),
+    no_distill: bool = typer.Option(False, "--no-distill", help="Ablation: no distillation pass."),
+    micro_batch: int | None = typer.Option(None, help="Samples per forward (gradient accumulation)."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
+    seed: int | None = typer.Option(None),
+    eval_samples: int | None = typer.Option(None, help="Test samples in the results table."),
+    eval_threshold: float | None = typer.Option(None, help="Decode threshold of the results table."),
+    on_error: str | None = typer.Option(None, help="Bad data rows: skip (default) or fail."),
+    resume: bool = typer.Option(True, "--resume/--fresh", help="Reuse finished stages and continue a killed one."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Convert an AR VLM into BARD checkpoints (B4 -> B8 -> B16 [-> B32]) and print the results table."""
+    from bard_deploy.train.recipe import load_recipe, parse_stages
+    from bard_deploy.train.run import train as run_train
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})", preset)
+    spec, samples = PRESETS[preset]
+    overrides = dict(name=name, out=out, source=source, data=data, image_root=image_root, train_samples=train_samples,
+                     prompt_attention=prompt_attention, t_min=t_min, weight_cap=weight_cap,
+                     distill_lambda=distill_lambda, distill_topk=distill_topk, ar_teacher=ar_teacher or None,
+                     no_distill=no_distill or None, micro_batch=micro_batch,
+                     activation_checkpointing=activation_checkpointing or None, seed=seed, eval_samples=eval_samples,
+                     eval_threshold=eval_threshold, on_error=on_error)
+    if recipe is None:
+        overrides.setdefault("name", None)
+        overrides["stages"] = parse_stages(stages or spec)
+        overrides["train_samples"] = train_samples or samples
+    elif stages:
+        overrides["stages"] = parse_stages(stages)
+    r = load_recipe(recipe, **overrides)
+    results = run_train(r, resume=resume, progress=progress)
+    console.print(f"checkpoints: {r.run_dir}  results: {r.run_dir / 'results.json'}  "
+                  f"({results['train_seconds']} s)")
 
 
 @app.command(context_settings=_PASS_THROUGH)

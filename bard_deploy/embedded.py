@@ -7,6 +7,8 @@ trainer (and for tests that need a complete checkpoint directory).
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,10 +50,24 @@ def embedded_config(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 
     return ModelConfig.from_dict(hf)
 
 
-def new_checkpoint(directory: str | Path, seed: int = 0, bard: dict | None = None, **sizes) -> Path:
-    """Write a randomly initialised embedded-default checkpoint (weights, config, tokenizer, processor)."""
+def save_checkpoint(model, directory: str | Path, config: ModelConfig | None = None, extra: dict | None = None,
+                    copy: Sequence[str | Path] = ()) -> Path:
+    """A complete checkpoint of the embedded default: weights, config, tokenizer, processor, generation config."""
     from bard_deploy.converters.checkpoint import save_model
     from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    with tempfile.TemporaryDirectory() as side:
+        tokenizer.save_pretrained(side)
+        build_image_processor().save_pretrained(side)
+        gen = {"eos_token_id": [tokenizer.eos_token_id], "pad_token_id": tokenizer.pad_token_id}
+        return save_model(model, directory, config=config, side_files_from=side,
+                          extra_files={"generation_config.json": gen, **(extra or {})}, copy_files=list(copy))
+
+
+def new_checkpoint(directory: str | Path, seed: int = 0, bard: dict | None = None, **sizes) -> Path:
+    """Write a randomly initialised embedded-default checkpoint (weights, config, tokenizer, processor)."""
+    from bard_deploy.data.tokenizer import build_tokenizer
     from bard_deploy.vlm import BardVLM
 
     tokenizer = build_tokenizer()
@@ -59,10 +75,4 @@ def new_checkpoint(directory: str | Path, seed: int = 0, bard: dict | None = Non
     if bard is not None:
         cfg = cfg.with_bard(**{"mask_token_id": tokenizer.convert_tokens_to_ids("<|mask|>"), **bard})
     torch.manual_seed(seed)
-    model = BardVLM(cfg)
-    directory = save_model(model, directory, config=cfg,
-                           extra_files={"generation_config.json": {"eos_token_id": [tokenizer.eos_token_id],
-                                                                   "pad_token_id": tokenizer.pad_token_id}})
-    tokenizer.save_pretrained(directory)
-    build_image_processor().save_pretrained(directory)
-    return directory
+    return save_checkpoint(BardVLM(cfg), directory, config=cfg)

@@ -90,6 +90,11 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv                                          # GQA: kv head i serves
         k = k.repeat_interleave(rep, dim=1)                                      # query heads i*rep..
         v = v.repeat_interleave(rep, dim=1)
+        if bias.dtype == torch.bool:  # a boolean mask (training: 4x smaller than an additive one)
+            if use_sdpa:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                return self.o_proj(a.transpose(1, 2).reshape(B, T, -1)), new
+            bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, torch.finfo(q.dtype).min)
         if use_sdpa:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         else:
@@ -145,7 +150,8 @@ class TextModel(nn.Module):
         self,
         inputs_embeds: torch.Tensor,                       # (B, T, hidden)
         position_ids: torch.Tensor,                        # (3, B, T) int64: MRoPE rows t, h, w
-        attention_bias: torch.Tensor,                      # (B, 1, T, P+T) additive: 0 visible, finfo.min hidden
+        attention_bias: torch.Tensor,                      # (B, 1, T, P+T) additive (0 visible, finfo.min
+        #                                                    hidden) or bool (True visible; training)
         past_key_values: list[KV] | tuple[KV, ...] | None = None,   # per layer, each (B, Hkv, P, D)
         deepstack_embeds: torch.Tensor | None = None,      # (n_ds, B, T, hidden), zero at non-visual positions
     ) -> tuple[torch.Tensor, list[KV]]:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -83,7 +84,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        t = torch.tensor(list(img.getdata()), dtype=torch.float64).reshape(img.size[1], img.size[0])
+        t = torch.from_numpy(np.asarray(img).astype(np.float64).reshape(img.size[1], img.size[0]))
         lo, hi = float(t.min()), float(t.max())
         t = ((t - lo) / (hi - lo) * 255 if hi > lo else torch.zeros_like(t)).round().to(torch.uint8)
         return Image.fromarray(t.numpy(), mode="L").convert("RGB")

@@ -27,6 +27,20 @@ class BardVLM(nn.Module):
         self.model = nn.ModuleDict(modules)
         c = config.text
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """HF's initialisation of the decoder (normal(0, std) for linear and embedding weights, norms at 1);
+        the vision tower initialises itself. Loading a checkpoint overwrites all of it."""
+        for module in [self.language_model, self.lm_head]:
+            if module is None:
+                continue
+            for m in module.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    m.weight.normal_(0.0, std)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
 
     # ---- parts -------------------------------------------------------------------------------------
     @property
@@ -70,6 +84,19 @@ class BardVLM(nn.Module):
         h, new_kv = self.language_model(inputs_embeds, position_ids, attention_bias, past_key_values,
                                         deepstack_embeds)
         return self.head(h), new_kv
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """The training forward: final hidden states (N, L, hidden) of a whole packed batch, no cache.
+
+        The LM head is left to the loss, which applies it only where a loss is taken. Under DDP every parameter
+        must take part: a batch without images touches the vision tower with a zero-weighted term.
+        """
+        x, ds = self.embed(input_ids, pixel_values, image_grid_thw)
+        h, _ = self.language_model(x, position_ids, attention_mask, None, ds)
+        if pixel_values is None and self.visual is not None and self.training:
+            h = h + 0.0 * sum(p.sum() for p in self.visual.parameters())
+        return h
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

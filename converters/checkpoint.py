@@ -190,11 +190,12 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None = None,
                side_files_from: str | Path | None = None, max_shard_bytes: int = 2 * 1024**3,
-               extra_files: dict[str, dict] | None = None) -> Path:
+               extra_files: dict[str, dict] | None = None, copy_files: list[str | Path] = ()) -> Path:
     """Write a checkpoint directory atomically (temp directory, fsync, rename).
 
     `config` defaults to the model's own; `side_files_from` copies tokenizer / processor files from another
-    checkpoint; `extra_files` writes more JSON files (name -> object). An existing directory is replaced only
+    checkpoint; `extra_files` writes more JSON files (name -> object); `copy_files` copies files in (metrics,
+    plots). An existing directory is replaced only
     once the new one is complete, so a crash leaves either the old or the new checkpoint, never a mix.
     """
     directory = Path(directory)
@@ -225,6 +226,8 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
                     shutil.copy2(src, tmp / name)
         for name, obj in (extra_files or {}).items():
             _write_json(tmp / name, obj)
+        for f in copy_files:
+            shutil.copy2(f, tmp / Path(f).name)
         _fsync_dir(tmp)
         _replace_dir(tmp, directory)
     except BaseException:

@@ -70,24 +70,61 @@ class Pipeline:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, directory: str | Path) -> Pipeline:
-        """Load a checkpoint directory (weights, tokenizer, processor) once."""
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    def load(cls, directory: str | Path, backend: str = "auto", variant: str | None = None,
+             device: str = "cpu") -> Pipeline:
+        """Load a checkpoint directory (torch backend) or an export directory (onnxruntime / tensorrt) once.
 
-        from bard_deploy.converters.checkpoint import load_model
+        backend "auto": torch for a checkpoint, onnxruntime for an export directory (one with manifest.json).
+        variant: the export's decoder variant ("fp32", "int8"; default: the manifest's).
+        """
+        from bard_deploy.manifest import MANIFEST
 
         directory = Path(directory)
-        model = load_model(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} is not a directory", str(directory))
+        is_export = (directory / MANIFEST).is_file()
+        if backend == "auto":
+            backend = "onnxruntime" if is_export else "torch"
+        if backend == "torch":
+            if is_export:
+                raise RuntimeInputError(f"{directory} is an export directory: use backend onnxruntime or tensorrt",
+                                        backend)
+            from bard_deploy.converters.checkpoint import load_model
+
+            impl = TorchBackend(load_model(directory))
+        elif backend in ("onnxruntime", "tensorrt"):
+            if not is_export:
+                raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "
+                                        f"{directory} has no manifest.json", backend)
+            if backend == "tensorrt":
+                from bard_deploy.runtimes.trt_backend import TrtBackend
+
+                impl = TrtBackend(directory, variant=variant)
+            else:
+                from bard_deploy.runtimes.ort_backend import OrtBackend
+
+                impl = OrtBackend(directory, variant=variant, device=device)
+        else:
+            raise RuntimeInputError(f"backend must be auto, torch, onnxruntime or tensorrt, got {backend!r}", backend)
+        return cls.from_backend(impl, directory)
+
+    @classmethod
+    def from_backend(cls, backend, directory: str | Path) -> Pipeline:
+        """A Pipeline over an existing backend, with the tokenizer / processor files of `directory`."""
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        directory = Path(directory)
         if not (directory / "tokenizer_config.json").is_file() and not (directory / "tokenizer.json").is_file():
             raise CheckpointError(f"{directory}: no tokenizer files", str(directory))
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-        if len(tokenizer) > model.config.text.vocab_size:
-            raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                                  f"{model.config.text.vocab_size}", len(tokenizer))
+        vocab = backend.config.text.vocab_size
+        if len(tokenizer) > vocab:
+            raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}",
+                                  len(tokenizer))
         processor = None
-        if model.config.has_vision and (directory / "preprocessor_config.json").is_file():
+        if backend.config.has_vision and (directory / "preprocessor_config.json").is_file():
             processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
-        return cls(TorchBackend(model), tokenizer, processor, _eos_ids(directory, tokenizer))
+        return cls(backend, tokenizer, processor, _eos_ids(directory, tokenizer))
 
     # ---- requests ------------------------------------------------------------------------------------
     def _messages(self, prompt: str | None, messages: list[dict] | None, images: Sequence[object]) -> list[dict]:

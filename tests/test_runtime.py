@@ -16,7 +16,7 @@ from bard_deploy.vlm import BardVLM
 from tiny import IMG, MASK_ID, hf_qwen3_vl, image_inputs, image_prompt, qwen3_vl_config
 
 TRAINED_B = 4
-SCALE = 40.0  # head scale of the peaked model: confidences spread over (0, 1)
+SCALE = 120.0  # head scale of the peaked model: confidences spread over (0, 1)
 
 
 def peaked_model(prompt_attention="causal", seed=0):

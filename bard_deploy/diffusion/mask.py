@@ -82,6 +82,18 @@ def attention_bias(q: Layout, k: Layout, prompt_attention: str = "causal",
     return torch.zeros(vis.shape, dtype=dtype).masked_fill(~vis, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def training_mask(layout: Layout, prompt_attention: str = "causal") -> torch.Tensor:
+    """Boolean (N, 1, L, L) mask of a packed training batch (queries = keys = the batch's tokens).
+
+    Pad queries get a self-edge: a fully hidden row would make SDPA return NaN there, and NaN values in the
+    pad tokens' V would poison every other row through 0 * NaN in the attention matmul.
+    """
+    vis = visibility(layout, layout, prompt_attention)
+    L = vis.shape[-1]
+    vis |= torch.eye(L, dtype=torch.bool)[None] & (layout.kind == PAD)[:, :, None]
+    return vis.unsqueeze(1)
+
+
 def prompt_layout(attention_mask: torch.Tensor, block_size: int | None = None) -> Layout:
     """Layout of a left-padded prompt batch (attention_mask (B, L), 1 = real token).
 

@@ -1,0 +1,136 @@
+"""Chat data for real users: JSONL rows of `{"messages": [...]}` in the Qwen-VL chat format.
+
+    {"messages": [{"role": "user", "content": [{"type": "image", "image": "imgs/a.png"},
+                                               {"type": "text", "text": "What is shown?"}]},
+                  {"role": "assistant", "content": "A red circle."}]}
+
+Images are paths relative to the data root (default: the JSONL file's folder) or `data:` base64 URIs.
+A multi-turn row supervises its last assistant turn, which must be the last message. A bad row is reported
+with its file and line and then skipped, or is fatal with `on_error="fail"`; never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bard_deploy.errors import DataError
+from bard_deploy.prompting import PromptEncoder
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One supervised conversation, tokenized: the prompt (through the assistant header) and the response
+    (the last assistant turn, EOS included)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    source: str = ""
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    skipped: list[str] = field(default_factory=list)   # "file:line: reason"
+
+    def summary(self) -> str:
+        return f"{self.rows} rows read, {len(self.skipped)} skipped"
+
+
+def check_messages(messages: object) -> list[dict]:
+    """Validate the structure of a `messages` list; the DataError says what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"'messages' must be a non-empty list, got {type(messages).__name__}", messages)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"message {i} must be an object, got {type(m).__name__}", m)
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise DataError(f"message {i} has role {role!r}, expected one of {ROLES}", role)
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise DataError(f"message {i} content must be a string or a list of parts, got {type(content).__name__}",
+                            content)
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
+                raise DataError(f"message {i} has a part that is not a text or image part: {part!r}"[:200], part)
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise DataError(f"message {i} has a text part whose 'text' is not a string", part.get("text"))
+            if part["type"] == "image" and role == "assistant":
+                raise DataError(f"message {i}: images in assistant turns are not supported", "image")
+    if messages[-1]["role"] != "assistant":
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError("row has no assistant turn to supervise", "messages")
+        raise DataError("the last message must be the assistant turn to supervise", messages[-1]["role"])
+    return messages
+
+
+def assistant_text(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+
+
+def encode_example(encoder: PromptEncoder, messages: list[dict], max_len: int, image_root: str | Path | None = None,
+                   source: str = "") -> Example:
+    """Tokenize a checked conversation: prompt = all turns before the last + the assistant header."""
+    messages = check_messages(messages)
+    prompt = encoder.encode(messages[:-1], add_generation_prompt=True, image_root=image_root)
+    tok = encoder.tokenizer
+    answer = assistant_text(messages[-1]).strip()
+    if not answer:
+        raise DataError("the assistant turn is empty", "assistant")
+    response = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    total = len(prompt.input_ids) + len(response)
+    if total > max_len:
+        raise DataError(f"row is {total} tokens long, more than max_len {max_len}", total)
+    return Example(prompt.input_ids, response, prompt.pixel_values, prompt.image_grid_thw, source)
+
+
+def jsonl_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.jsonl"))
+        if not files:
+            raise DataError(f"no .jsonl files under {path}", str(path))
+        return files
+    if not path.is_file():
+        raise DataError(f"data file {path} not found", str(path))
+    return [path]
+
+
+def read_jsonl(path: str | Path, encoder: PromptEncoder, max_len: int, image_root: str | Path | None = None,
+               on_error: str = "skip", report: Report | None = None) -> Iterator[Example]:
+    """Examples from a JSONL file or a directory of them. Bad rows: skipped and recorded in `report`
+    (`on_error="skip"`), or a DataError naming file and line (`on_error="fail"`)."""
+    if on_error not in ("skip", "fail"):
+        raise DataError(f"on_error must be 'skip' or 'fail', got {on_error!r}", on_error)
+    report = report if report is not None else Report()
+    for file in jsonl_files(path):
+        root = Path(image_root) if image_root is not None else file.parent
+        with open(file, encoding="utf-8", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                report.rows += 1
+                where = f"{file}:{lineno}"
+                try:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", line[:80]) from e
+                    if not isinstance(row, dict) or "messages" not in row:
+                        raise DataError("row must be an object with a 'messages' list", type(row).__name__)
+                    yield encode_example(encoder, row["messages"], max_len, root, where)
+                except DataError as e:
+                    if on_error == "fail":
+                        raise DataError(f"{where}: {e}", e.value) from e
+                    report.skipped.append(f"{where}: {e}")

@@ -1,0 +1,62 @@
+"""Task accuracy of any checkpoint under any decode settings: exact match and token accuracy on a split of the
+synthetic task (or any list of conversations), decoded through the runtime in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bard_deploy.data.chat import assistant_text
+
+
+@dataclass
+class EvalResult:
+    n: int
+    exact_match: float                 # fraction of answers whose text equals the reference
+    token_accuracy: float              # fraction of reference tokens (EOS included) reproduced in place
+    tokens_per_forward: float          # mean over batches (batch rows decode together)
+    nfe: int
+    tokens: int
+    decode_s: float
+    prefill_s: float
+    failures: list[dict] = field(default_factory=list)   # the first few mismatches, for a human to look at
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "exact_match": round(self.exact_match, 4), "token_accuracy": round(self.token_accuracy, 4),
+                "tokens_per_forward": round(self.tokens_per_forward, 3), "nfe": self.nfe, "tokens": self.tokens,
+                "decode_s": round(self.decode_s, 3), "prefill_s": round(self.prefill_s, 3)}
+
+
+def evaluate(pipe, conversations: Sequence[list[dict]], ar: bool = False, batch_size: int = 16,
+             keep_failures: int = 5, **options) -> EvalResult:
+    """Decode the prompt of each conversation (all turns but the last) and compare with its last turn."""
+    hits = correct = total = nfe = tokens = 0
+    tpf_sum, batches, decode_s, prefill_s = 0.0, 0, 0.0, 0.0
+    failures: list[dict] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        results = pipe.generate_batch([c[:-1] for c in chunk], ar=ar, **options)
+        stats = results[0].stats
+        nfe += stats.nfe
+        tokens += stats.total_tokens
+        tpf_sum += stats.tokens_per_forward
+        decode_s += stats.decode_s
+        prefill_s += stats.prefill_s
+        batches += 1
+        for conv, res in zip(chunk, results, strict=True):
+            ref_text = assistant_text(conv[-1]).strip()
+            ref_ids = pipe.tokenizer(ref_text, add_special_tokens=False)["input_ids"] + [pipe.tokenizer.eos_token_id]
+            hits += res.text == ref_text
+            correct += sum(a == b for a, b in zip(res.token_ids, ref_ids, strict=False))
+            total += len(ref_ids)
+            if res.text != ref_text and len(failures) < keep_failures:
+                failures.append({"expected": ref_text, "got": res.text})
+    n = len(conversations)
+    return EvalResult(n, hits / max(n, 1), correct / max(total, 1), tpf_sum / max(batches, 1), nfe, tokens,
+                      decode_s, prefill_s, failures)
+
+
+def synthetic_conversations(split: str, n: int) -> list[list[dict]]:
+    from bard_deploy.data.synthetic import samples
+
+    return [s.messages() for s in samples(split, n)]

@@ -1,0 +1,313 @@
+"""The training loop shared by the AR source model and every BARD stage.
+
+AdamW (vision tower at its own lower learning rate, no decay on norms / biases / embeddings), linear warm-up
+then cosine decay, gradient accumulation, gradient clipping, DDP under torchrun (gloo on CPU), a rich progress
+bar with ETA, metrics as JSONL and a loss-curve PNG, and atomic, resumable training state.
+
+Determinism: the samples of step s and the noise of each sample are functions of (seed, s, sample index) only,
+so a resumed run reaches the same weights as an uninterrupted one, and N processes with the same global batch
+follow the same loss curve as one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from bard_deploy.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int
+    lr: float
+    batch_size: int                    # global samples per optimizer step
+    micro_batch: int = 0               # samples per forward on one process (0 = the whole per-process share)
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    vision_lr_ratio: float = 0.1       # the vision tower (not its mergers) trains at lr * this
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    def check(self) -> Schedule:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}", getattr(self, name))
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}", self.lr)
+        if self.warmup < 0 or self.micro_batch < 0:
+            raise ConfigError("warmup and micro_batch must be >= 0", (self.warmup, self.micro_batch))
+        return self
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, cosine to min_lr_ratio."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def init(cls) -> DistInfo:
+        """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The seed of global sample `index` of step `step` (noise, sampling)."""
+    return (seed * 1_000_003 + step * 10_007 + index) % (2**63 - 1)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7 + epoch)).tolist()
+
+
+def step_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
+    """The dataset indices of the global batch of `step`: consecutive slices of per-epoch permutations."""
+    out, orders = [], {}
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed, epoch)
+        out.append(orders[epoch][i])
+    return out
+
+
+def param_groups(model: torch.nn.Module, sched: Schedule) -> list[dict]:
+    vision, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("model.visual.") and "merger" not in name:
+            vision.append(p)
+        elif p.dim() < 2 or "embed" in name or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": sched.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": vision, "weight_decay": sched.weight_decay, "lr_scale": sched.vision_lr_ratio}]
+    return [g for g in groups if g["params"]]
+
+
+LossFn = Callable[[torch.nn.Module, object, list[torch.Generator]], tuple[torch.Tensor, dict]]
+
+
+class Trainer:
+    """Runs `schedule.steps` optimizer steps of `loss_fn` over `examples`, writing to `work_dir`.
+
+    loss_fn(model, batch, generators) -> (per-sample losses (n,), metrics); `collate(examples)` builds the batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule: Schedule, examples: Sequence, collate: Callable,
+                 loss_fn: LossFn, work_dir: str | Path, seed: int = 0, save_every: int = 0, log_every: int = 0,
+                 label: str = "train", dist_info: DistInfo | None = None, progress: bool = True):
+        self.sched = schedule.check()
+        self.model, self.examples, self.collate, self.loss_fn = model, examples, collate, loss_fn
+        self.work = Path(work_dir)
+        self.seed, self.save_every, self.label = seed, save_every, label
+        self.log_every = log_every or max(1, min(10, schedule.steps // 50))   # ~50+ points per curve
+        self.dist = dist_info or DistInfo()
+        self.progress = progress
+        if self.sched.batch_size % self.dist.world:
+            raise ConfigError(f"global batch {self.sched.batch_size} is not divisible by {self.dist.world} processes",
+                              self.sched.batch_size)
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(model)
+                    if self.dist.world > 1 else None)
+        self.opt = torch.optim.AdamW(param_groups(model, self.sched), lr=self.sched.lr, betas=self.sched.betas)
+        self.step = 0
+
+    # ---- state -----------------------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.work / "state"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.work / "metrics.jsonl"
+
+    def save_state(self) -> None:
+        """Atomically write weights, optimizer moments, step and RNG states (safetensors + JSON, no pickle)."""
+        if not self.dist.main:
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".state.tmp-", dir=self.work))
+        try:
+            weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(weights, tmp / "model.safetensors")
+            opt = {}
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            for i, p in enumerate(params):
+                for key, value in self.opt.state.get(p, {}).items():
+                    opt[f"{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach().contiguous()
+            save_file(opt, tmp / "optimizer.safetensors")
+            meta = {"step": self.step, "schedule": asdict(self.sched), "seed": self.seed,
+                    "torch_rng": torch.get_rng_state().tolist(), "python_rng": _py_rng_to_json(random.getstate())}
+            (tmp / "state.json").write_text(json.dumps(meta))
+            for f in tmp.iterdir():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            from bard_deploy.converters.checkpoint import _replace_dir
+            _replace_dir(tmp, self.state_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load_state(self) -> bool:
+        """Resume from `state/` when it exists; True if resumed."""
+        meta_path = self.state_dir / "state.json"
+        if not meta_path.is_file():
+            return False
+        try:
+            meta = json.loads(meta_path.read_text())
+            weights = load_file(self.state_dir / "model.safetensors")
+            opt = load_file(self.state_dir / "optimizer.safetensors")
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"training state in {self.state_dir} is unreadable ({e})", str(self.state_dir)) from e
+        if meta["schedule"] != json.loads(json.dumps(asdict(self.sched))) or meta["seed"] != self.seed:
+            raise CheckpointError(f"training state in {self.state_dir} was written by a different schedule or seed; "
+                                  "remove it or use the same settings", str(self.state_dir))
+        self.model.load_state_dict(weights)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            st = {k.split(".", 1)[1]: v for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
+            if st:
+                st["step"] = st["step"].reshape(())
+                self.opt.state[p] = st
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        random.setstate(_py_rng_from_json(meta["python_rng"]))
+        self.step = meta["step"]
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        if not self.metrics_path.is_file() or not self.dist.main:
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list[tuple[list[int], list[int]]]:
+        """This process's (dataset indices, global sample positions) per micro-batch of `step`."""
+        idx = step_indices(len(self.examples), self.sched.batch_size, self.seed, step)
+        mine = list(range(self.dist.rank, len(idx), self.dist.world))
+        size = self.sched.micro_batch or len(mine)
+        return [([idx[j] for j in mine[i:i + size]], mine[i:i + size]) for i in range(0, len(mine), size)]
+
+    def train_step(self) -> dict:
+        model = self.ddp or self.model
+        model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = self.sched.lr * g["lr_scale"] * self.sched.lr_factor(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros(2)            # summed per-sample loss, samples
+        extra: dict[str, float] = {}
+        micro = self._micro_batches(self.step)
+        for n, (indices, positions) in enumerate(micro):
+            batch = self.collate([self.examples[i] for i in indices])
+            gens = [torch.Generator().manual_seed(sample_seed(self.seed, self.step, p)) for p in positions]
+            sync = self.ddp is None or n == len(micro) - 1
+            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else _null()
+            with ctx:
+                per_sample, metrics = self.loss_fn(model, batch, gens)
+                # sum over the global batch / global batch; DDP averages over processes, so scale back up
+                (per_sample.sum() * self.dist.world / self.sched.batch_size).backward()
+            total += torch.tensor([float(per_sample.detach().sum()), len(indices)])
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / len(micro)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.sched.grad_clip)
+        self.opt.step()
+        if self.dist.world > 1:
+            dist.all_reduce(total)
+        self.step += 1
+        return {"step": self.step, "loss": float(total[0] / total[1]), "lr": self.opt.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm), **{k: round(v, 6) for k, v in extra.items()}}
+
+    def run(self, resume: bool = False) -> list[dict]:
+        """Train to `schedule.steps`; with resume, continue from `state/` if present. Returns the metrics."""
+        if resume:
+            self.load_state()
+        elif self.state_dir.exists() and self.dist.main:
+            shutil.rmtree(self.state_dir)
+            self.metrics_path.unlink(missing_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        history: list[dict] = []
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        columns = [TextColumn(f"[bold]{self.label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn()]
+        with Progress(*columns, disable=not (self.progress and self.dist.main)) as bar:
+            task = bar.add_task(self.label, total=self.sched.steps, completed=self.step, loss=float("nan"))
+            t0 = time.perf_counter()
+            while self.step < self.sched.steps:
+                m = self.train_step()
+                m["elapsed_s"] = round(time.perf_counter() - t0, 3)
+                history.append(m)
+                bar.update(task, completed=self.step, loss=m["loss"])
+                if self.dist.main and (self.step % self.log_every == 0 or self.step == self.sched.steps):
+                    with open(self.metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(m) + "\n")
+                if self.save_every and self.step % self.save_every == 0 and self.step < self.sched.steps:
+                    self.save_state()
+        return history
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _py_rng_to_json(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _py_rng_from_json(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str) -> None:
+    """The loss curve of a metrics.jsonl as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)

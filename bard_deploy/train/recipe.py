@@ -1,0 +1,305 @@
+"""The BARD recipe as data: progressive block merging (AR -> B4 -> B8 -> B16 [-> B32]), each stage initialised
+from the previous one, and stage-wise distillation from the frozen B4 anchor for every stage above it.
+
+A stage trains `steps` with the block-diffusion loss (CE at corrupted positions x min(1/t, cap)), then, above
+the anchor, `distill_steps` with CE + lambda * top-k forward KL from the teacher, which sees the *same*
+corrupted sequence under its own block-4 mask. `--ar-teacher` distils from the AR source instead (the paper's
+ablation: it hurts); `--no-distill` skips the pass (the other ablation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import tomllib
+import torch
+
+from bard_deploy.config import ModelConfig
+from bard_deploy.converters.checkpoint import load_model
+from bard_deploy.data.collate import TrainBatch, collate_diffusion
+from bard_deploy.diffusion.loss import per_sample_mean, topk_kl, weighted_ce
+from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, training_mask
+from bard_deploy.diffusion.noise import corrupt
+from bard_deploy.errors import ConfigError
+from bard_deploy.train.loop import DistInfo, Schedule, Trainer, plot_losses
+from bard_deploy.vlm import BardVLM
+
+ANCHOR_BLOCK = 4
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    block_size: int
+    steps: int
+    lr: float = 1e-3
+    warmup: int = 20
+    batch_size: int = 32
+    noise: str = "mask"
+    distill_steps: int = 0           # stages above the anchor: the SWD pass
+    distill_lr: float = 5e-4
+
+    def check(self) -> Stage:
+        if self.block_size <= 0 or self.steps < 0 or self.distill_steps < 0 or self.batch_size <= 0:
+            raise ConfigError(f"stage {self.name}: block_size and batch_size must be > 0, steps >= 0", self)
+        if self.noise not in ("mask", "mix"):
+            raise ConfigError(f"stage {self.name}: noise must be 'mask' or 'mix', got {self.noise!r}", self.noise)
+        return self
+
+
+def parse_stages(spec: str) -> tuple[Stage, ...]:
+    """`name:block:steps[:distill_steps]` comma-separated, e.g. "b4:4:300,b8:8:150:100"."""
+    stages = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[1:]):
+            raise ConfigError(f"stage spec {item!r} is not name:block:steps[:distill_steps]", item)
+        stages.append(Stage(parts[0], int(parts[1]), int(parts[2]), distill_steps=int(parts[3]) if len(parts) == 4
+                            else 0).check())
+    return tuple(stages)
+
+
+DEFAULT_STAGES = (
+    Stage("b4", 4, 300),
+    Stage("b8", 8, 120, distill_steps=80),
+    Stage("b16", 16, 120, distill_steps=80),
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "default"
+    out: str = "runs"
+    source: str | None = None               # AR source checkpoint; None = the embedded default (built on demand)
+    data: str | None = None                 # chat JSONL file/dir; None = the synthetic task
+    image_root: str | None = None
+    train_samples: int = 8000               # synthetic samples (ignored with --data)
+    stages: tuple[Stage, ...] = DEFAULT_STAGES
+    prompt_attention: str = "causal"
+    t_min: float = 0.05
+    weight_cap: float = 20.0
+    distill_lambda: float = 0.5
+    distill_topk: int = 16
+    distill_temperature: float = 1.0
+    ar_teacher: bool = False
+    no_distill: bool = False
+    micro_batch: int = 0
+    activation_checkpointing: bool = False
+    max_len: int = 1024
+    seed: int = 0
+    eval_samples: int = 200
+    eval_threshold: float = 0.9
+    on_error: str = "skip"
+
+    def check(self) -> Recipe:
+        if not self.stages:
+            raise ConfigError("the recipe has no stages", self.stages)
+        if self.stages[0].block_size != ANCHOR_BLOCK:
+            raise ConfigError(f"the first stage is the B{ANCHOR_BLOCK} anchor; got block size "
+                              f"{self.stages[0].block_size}", self.stages[0].block_size)
+        blocks = [s.block_size for s in self.stages]
+        if blocks != sorted(set(blocks)) or any(b % ANCHOR_BLOCK for b in blocks):
+            raise ConfigError(f"stage block sizes must grow and be multiples of {ANCHOR_BLOCK}: {blocks}", blocks)
+        if self.prompt_attention not in ("causal", "block"):
+            raise ConfigError(f"prompt_attention must be 'causal' or 'block', got {self.prompt_attention!r}",
+                              self.prompt_attention)
+        if not 0 < self.t_min <= 1 or self.weight_cap < 1:
+            raise ConfigError("t_min must be in (0, 1] and weight_cap >= 1", (self.t_min, self.weight_cap))
+        for s in self.stages:
+            s.check()
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+    def fingerprint(self, stage: Stage) -> str:
+        """What determines a stage's weights: the recipe up to and including it."""
+        upto = self.stages[:self.stages.index(stage) + 1]
+        key = {**asdict(self), "stages": [asdict(s) for s in upto], "eval_samples": None, "eval_threshold": None,
+               "out": None}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | Path | None, **overrides) -> Recipe:
+    """A Recipe from a TOML file (top-level keys + [[stages]] tables), then CLI overrides (None = not given)."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"recipe {path}: {e}", str(path)) from e
+    known = {f.name for f in fields(Recipe)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"recipe {path}: unknown key '{sorted(unknown)[0]}'", sorted(unknown)[0])
+    if "stages" in data:
+        try:
+            data["stages"] = tuple(Stage(**s).check() for s in data["stages"])
+        except TypeError as e:
+            raise ConfigError(f"recipe {path}: bad stage ({e})", data["stages"]) from e
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Recipe(**data).check()
+    except TypeError as e:
+        raise ConfigError(f"recipe: {e}", data) from e
+
+
+# ---- losses -----------------------------------------------------------------------------------------------
+
+def with_block_size(layout: Layout, block: int, prompt_attention: str) -> Layout:
+    """The same packed tokens re-cut into blocks of `block` (the teacher's view): response blocks j // block,
+    prompt blocks i // block under block-causal prompts."""
+    kind = layout.kind
+    resp = (kind == CLEAN) | (kind == NOISY)
+    start = torch.where(kind == PROMPT, 1, 0).sum(1, keepdim=True)         # prompt length per sample
+    new_block = torch.where(resp, (layout.index - start) // block, layout.block)
+    if prompt_attention == "block":
+        new_block = torch.where(kind == PROMPT, layout.index // block, new_block)
+    return Layout(kind, new_block, layout.index)
+
+
+@dataclass
+class LossSetup:
+    noise: str
+    mask_id: int
+    text_tokens: torch.Tensor
+    t_min: float
+    weight_cap: float
+    prompt_attention: str
+    teacher: BardVLM | None = None
+    teacher_is_ar: bool = False
+    distill_lambda: float = 0.5
+    topk: int = 16
+    temperature: float = 1.0
+    stats: dict = field(default_factory=dict)
+
+
+def bard_loss(setup: LossSetup) -> Callable:
+    """loss_fn(model, batch, gens) -> per-sample losses, metrics (for the Trainer)."""
+
+    def fn(model, batch: TrainBatch, gens):
+        module = getattr(model, "module", model)
+        c = corrupt(batch.input_ids, batch.layout, setup.noise, setup.mask_id, setup.text_tokens, setup.t_min, gens)
+        h = model(c.input_ids, batch.position_ids, training_mask(batch.layout, setup.prompt_attention),
+                  batch.pixel_values, batch.image_grid_thw)
+        per_sample, metrics = weighted_ce(module, h, batch.input_ids, c.corrupted, c.t, batch.loss_mask,
+                                          setup.weight_cap)
+        if setup.teacher is not None:
+            rows, cols = c.corrupted.nonzero(as_tuple=True)
+            with torch.no_grad():
+                t_logits = teacher_logits(setup, batch, c.input_ids, rows, cols)
+            s_logits = module.head(h[rows, cols])
+            kl = topk_kl(s_logits, t_logits, setup.topk, setup.temperature)
+            per_sample = per_sample + setup.distill_lambda * per_sample_mean(kl, rows, batch.loss_mask.sum(1).float())
+            metrics["kl"] = float(kl.detach().mean()) if kl.numel() else 0.0
+        return per_sample, metrics
+
+    return fn
+
+
+def teacher_logits(setup: LossSetup, batch: TrainBatch, noisy_ids: torch.Tensor, rows: torch.Tensor,
+                   cols: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits for the corrupted positions (rows, cols) of the packed batch.
+
+    B4 anchor: the same corrupted sequence under the block-4 mask, read at the same positions (no shift).
+    AR source (ablation): the clean prefix, causally; the token at response offset j is read from the logits
+    of the position before it (its clean twin's predecessor).
+    """
+    t = setup.teacher
+    if not setup.teacher_is_ar:
+        lay = with_block_size(batch.layout, ANCHOR_BLOCK, setup.prompt_attention)
+        h = t(noisy_ids, batch.position_ids, training_mask(lay, setup.prompt_attention), batch.pixel_values,
+              batch.image_grid_thw)
+        return t.head(h[rows, cols])
+    lay = batch.layout
+    causal = Layout(torch.where(lay.kind == NOISY, 0, torch.where(lay.kind == 0, 0, PROMPT)), lay.block, lay.index)
+    h = t(batch.input_ids, batch.position_ids, training_mask(causal, "causal"), batch.pixel_values,
+          batch.image_grid_thw)
+    # noisy position (row, col) -> its clean twin col - R -> the position before it
+    R = (lay.kind == NOISY).sum(1)
+    return t.head(h[rows, cols - R[rows] - 1])
+
+
+# ---- the recipe ---------------------------------------------------------------------------------------------
+
+def text_token_ids(tokenizer) -> torch.Tensor:
+    """Ids a `mix` replacement may draw: every token but the special ones (chat, vision, mask, pad, ...)."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+
+def stage_config(base: ModelConfig, recipe: Recipe, stage: Stage, parent: str, source: str, mask_id: int,
+                 data_hash: str) -> ModelConfig:
+    return base.with_bard(mask_token_id=mask_id, block_size=stage.block_size,
+                          prompt_attention=recipe.prompt_attention, noise=stage.noise, source_model=source,
+                          stage=stage.name, parent=parent, data_hash=data_hash)
+
+
+def is_done(directory: Path, fingerprint: str) -> bool:
+    marker = directory / "build.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+
+def train_stage(recipe: Recipe, stage: Stage, parent_dir: Path, source_dir: Path, examples, tokenizer, data_hash: str,
+                resume: bool, dist_info: DistInfo, progress: bool, log, save: Callable) -> Path:
+    """One PBM stage (+ its SWD pass): initialise from `parent_dir`, train, save `run_dir/<stage>`."""
+    out = recipe.run_dir / stage.name
+    fingerprint = recipe.fingerprint(stage)
+    if resume and is_done(out, fingerprint):
+        log(f"{stage.name}: done already ({out})")
+        return out
+    model = load_model(parent_dir).train()
+    model.language_model.checkpoint_layers = recipe.activation_checkpointing
+    mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
+    cfg = stage_config(model.config, recipe, stage, parent_dir.name, str(source_dir), mask_id, data_hash)
+    model.config = cfg
+
+    def collate(ex):
+        return collate_diffusion(ex, cfg, stage.block_size, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                 recipe.prompt_attention)
+
+    setup = LossSetup(stage.noise, mask_id, text_token_ids(tokenizer), recipe.t_min, recipe.weight_cap,
+                      recipe.prompt_attention, distill_lambda=recipe.distill_lambda, topk=recipe.distill_topk,
+                      temperature=recipe.distill_temperature)
+    work = recipe.run_dir / ".work" / stage.name
+    passes = [("pbm", stage.steps, stage.lr, None)]
+    if stage.block_size > ANCHOR_BLOCK and stage.distill_steps and not recipe.no_distill:
+        teacher_dir = source_dir if recipe.ar_teacher else recipe.run_dir / recipe.stages[0].name
+        passes.append(("swd", stage.distill_steps, stage.distill_lr, teacher_dir))
+    t0 = time.perf_counter()
+    history = {}
+    for kind, steps, lr, teacher_dir in passes:
+        if steps == 0:
+            continue
+        s = replace(setup)
+        if teacher_dir is not None:
+            s.teacher = load_model(teacher_dir).eval().requires_grad_(False)
+            s.teacher_is_ar = recipe.ar_teacher
+            log(f"{stage.name}: distilling from {'the AR source' if recipe.ar_teacher else 'the B4 anchor'} "
+                f"({teacher_dir})")
+        sched = Schedule(steps=steps, lr=lr, batch_size=stage.batch_size, micro_batch=recipe.micro_batch,
+                         warmup=min(stage.warmup, steps // 5))
+        trainer = Trainer(model, sched, examples, collate, bard_loss(s), work / kind, seed=recipe.seed,
+                          save_every=50, label=f"{stage.name} {kind}", dist_info=dist_info, progress=progress)
+        history[kind] = trainer.run(resume=resume)
+        if dist_info.main:
+            plot_losses(trainer.metrics_path, work / kind / "loss.png", f"{stage.name} {kind} loss")
+    if not dist_info.main:
+        return out
+    copies = [p for kind in history for p in (work / kind / "metrics.jsonl", work / kind / "loss.png")]
+    renamed = []
+    for p in copies:                                    # metrics-pbm.jsonl, loss-swd.png, ...
+        target = p.with_name(f"{p.stem}-{p.parent.name}{p.suffix}")
+        p.replace(target)
+        renamed.append(target)
+    build = {"fingerprint": fingerprint, "stage": asdict(stage), "train_seconds": round(time.perf_counter() - t0, 1),
+             "final_loss": {k: v[-1]["loss"] for k, v in history.items() if v}}
+    save(model, out, cfg, {"build.json": build}, renamed)
+    log(f"{stage.name}: saved {out} ({build['train_seconds']} s)")
+    return out

@@ -1,0 +1,129 @@
+"""`bard-deploy train`: the source model (built or given), every stage of the recipe, then the results table."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from bard_deploy.data.chat import Report, read_jsonl
+from bard_deploy.errors import ConfigError
+from bard_deploy.prompting import PromptEncoder
+from bard_deploy.train.loop import DistInfo
+from bard_deploy.train.recipe import Recipe, train_stage
+from bard_deploy.train.source import SourceRecipe, build_source, data_hash, synthetic_examples
+
+
+def _barrier(d: DistInfo) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def _save(model, directory, config, extra, copies, source_dir: Path):
+    """Stage checkpoints carry the source's tokenizer / processor files."""
+    from bard_deploy.converters.checkpoint import save_model
+
+    gen = source_dir / "generation_config.json"
+    extra = dict(extra)
+    if gen.is_file():
+        extra["generation_config.json"] = json.loads(gen.read_text())
+    save_model(model, directory, config=config, side_files_from=source_dir, extra_files=extra, copy_files=copies)
+
+
+def train(recipe: Recipe, resume: bool = True, progress: bool = True, source_recipe: SourceRecipe = SourceRecipe(),
+          log=print) -> dict:
+    """Run the whole recipe; returns (and writes `runs/<name>/results.json`) the results table."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from bard_deploy.config import load_config
+
+    recipe = recipe.check()
+    d = DistInfo.init()
+    log = log if d.main else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    if recipe.source is None:
+        source_dir = build_source(Path(recipe.out) / "source", source_recipe, resume=resume, progress=progress,
+                                  dist_info=d, log=log)
+        _barrier(d)
+    else:
+        source_dir = Path(recipe.source)
+        if not (source_dir / "config.json").is_file():
+            raise ConfigError(f"--source {source_dir} is not a checkpoint directory (no config.json)", str(source_dir))
+    source_cfg = load_config(source_dir)
+    if source_cfg.bard is not None:
+        raise ConfigError(f"--source {source_dir} is already a BARD checkpoint (stage {source_cfg.bard.stage}); "
+                          "give the AR model", str(source_dir))
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False)
+    if "<|mask|>" not in tokenizer.get_vocab():
+        raise ConfigError(f"the tokenizer of {source_dir} has no <|mask|> token", "<|mask|>")
+    processor = (Qwen2VLImageProcessorPil.from_pretrained(source_dir)
+                 if (source_dir / "preprocessor_config.json").is_file() else None)
+    encoder = PromptEncoder(tokenizer, processor, source_cfg.image_token_id, source_cfg.spatial_merge_size)
+    if recipe.data is None:
+        examples = synthetic_examples(encoder, "train", recipe.train_samples, recipe.max_len)
+        dhash = data_hash("train", recipe.train_samples)
+    else:
+        report = Report()
+        examples = list(read_jsonl(recipe.data, encoder, recipe.max_len, recipe.image_root, recipe.on_error, report))
+        log(f"data: {report.summary()}")
+        for line in report.skipped[:10]:
+            log(f"  skipped {line}")
+        if not examples:
+            raise ConfigError(f"no usable rows in {recipe.data}", recipe.data)
+        dhash = _file_hash(recipe.data)
+    log(f"data: {len(examples)} training examples")
+    parent = source_dir
+
+    def save(model, out, cfg, extra, copies):
+        _save(model, out, cfg, extra, copies, source_dir)
+
+    for stage in recipe.stages:
+        parent = train_stage(recipe, stage, parent, source_dir, examples, tokenizer, dhash, resume, d, progress, log,
+                             save)
+        _barrier(d)
+    results = {"train_seconds": round(time.perf_counter() - t0, 1)}
+    if d.main:
+        results.update(results_table(recipe, source_dir, log))
+        (recipe.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _file_hash(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*.jsonl")) if Path(path).is_dir() else [Path(path)]:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
+    """Test exact match and tokens per forward of the source (AR) and every stage (synthetic task only)."""
+    if recipe.data is not None:
+        log("results: evaluation runs on the synthetic test split only; skipped for --data")
+        return {}
+    from bard_deploy.evaluate import evaluate, synthetic_conversations
+    from bard_deploy.runtimes.api import Pipeline
+
+    convs = synthetic_conversations("test", recipe.eval_samples)
+    rows = []
+    ev = evaluate(Pipeline.load(source_dir), convs, ar=True, batch_size=1, max_new_tokens=64)
+    rows.append({"model": "source (AR)", "block_size": 1, "threshold": None, **ev.as_dict()})
+    for stage in recipe.stages:
+        pipe = Pipeline.load(recipe.run_dir / stage.name)
+        ev = evaluate(pipe, convs, batch_size=1, threshold=recipe.eval_threshold, max_new_tokens=64)
+        rows.append({"model": stage.name, "block_size": stage.block_size, "threshold": recipe.eval_threshold,
+                     **ev.as_dict()})
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"results on {len(convs)} test samples (batch 1)")
+    for col in ("model", "block", "threshold", "exact match", "token acc", "tokens/forward", "NFE"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], str(r["block_size"]), str(r["threshold"]), f"{100 * r['exact_match']:.1f}%",
+                      f"{100 * r['token_accuracy']:.1f}%", f"{r['tokens_per_forward']:.2f}", str(r["nfe"]))
+    Console().print(table)
+    return {"eval_samples": len(convs), "rows": rows}

@@ -1,0 +1,105 @@
+"""The embedded default's source model: a tiny Qwen3-VL-architecture AR model trained with next-token loss on the
+synthetic task, the stand-in for a real pretrained Qwen3-VL. Built on demand and cached: a finished build
+leaves `build.json` in its checkpoint directory, and a later call with the same recipe reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bard_deploy.data.chat import Example, encode_example
+from bard_deploy.data.collate import collate_ar
+from bard_deploy.data.synthetic import samples
+from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
+from bard_deploy.diffusion.loss import next_token_ce
+from bard_deploy.diffusion.mask import training_mask
+from bard_deploy.embedded import embedded_config, save_checkpoint
+from bard_deploy.prompting import PromptEncoder
+from bard_deploy.train.loop import DistInfo, Schedule, Trainer, plot_losses
+from bard_deploy.vlm import BardVLM
+
+DATA_VERSION = "synthetic-v1"   # bump when the generator's output changes
+
+
+@dataclass(frozen=True)
+class SourceRecipe:
+    train_samples: int = 8000
+    steps: int = 700
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 40
+    vision_lr_ratio: float = 1.0
+    seed: int = 0
+    hidden: int = 128
+    layers: int = 4
+    vision_depth: int = 2
+    max_len: int = 256
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([asdict(self), DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_hash(split: str, n: int) -> str:
+    return hashlib.sha256(f"{DATA_VERSION}:{split}:{n}".encode()).hexdigest()[:16]
+
+
+def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int) -> list[Example]:
+    return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}") for s in samples(split, n)]
+
+
+def make_encoder(tokenizer, processor, cfg) -> PromptEncoder:
+    return PromptEncoder(tokenizer, processor, cfg.image_token_id, cfg.spatial_merge_size)
+
+
+def ar_loss(model, batch, gens):
+    """Per-sample next-token CE of the response (the generators are unused: AR training has no noise)."""
+    h = model(batch.input_ids, batch.position_ids, training_mask(batch.layout, "causal"), batch.pixel_values,
+              batch.image_grid_thw)
+    return next_token_ce(getattr(model, "module", model), h, batch.input_ids, batch.loss_mask)
+
+
+def is_built(directory: Path, recipe: SourceRecipe) -> bool:
+    marker = directory / "build.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == recipe.fingerprint()
+
+
+def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), resume: bool = True,
+                 progress: bool = True, dist_info: DistInfo | None = None, log=print) -> Path:
+    """Train (or reuse) the source model into `directory`; returns it."""
+    directory = Path(directory)
+    dist_info = dist_info or DistInfo()
+    if is_built(directory, recipe):
+        log(f"source model: reusing {directory}")
+        return directory
+    torch.manual_seed(recipe.seed)
+    tokenizer, processor = build_tokenizer(), build_image_processor()
+    cfg = embedded_config(tokenizer, hidden=recipe.hidden, layers=recipe.layers, vision_depth=recipe.vision_depth)
+    t0 = time.perf_counter()
+    examples = synthetic_examples(make_encoder(tokenizer, processor, cfg), "train", recipe.train_samples,
+                                  recipe.max_len)
+    log(f"source model: {len(examples)} training samples encoded in {time.perf_counter() - t0:.1f} s")
+    model = BardVLM(cfg)
+    log(f"source model: {model.num_parameters() / 1e6:.2f} M parameters, {recipe.steps} steps of "
+        f"{recipe.batch_size}")
+    sched = Schedule(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, warmup=recipe.warmup,
+                     min_lr_ratio=0.05, vision_lr_ratio=recipe.vision_lr_ratio)
+    work = directory.parent / ".work" / directory.name
+    trainer = Trainer(model, sched, examples, lambda ex: collate_ar(ex, cfg, tokenizer.pad_token_id), ar_loss, work,
+                      seed=recipe.seed, save_every=100, label="source (AR)", dist_info=dist_info, progress=progress)
+    history = trainer.run(resume=resume)
+    if not dist_info.main:
+        return directory
+    plot_losses(trainer.metrics_path, work / "loss.png", "source model (AR next-token loss)")
+    build = {"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe), "data_hash": data_hash(
+        "train", recipe.train_samples), "final_loss": history[-1]["loss"] if history else None,
+        "train_seconds": round(time.perf_counter() - t0, 1)}
+    save_checkpoint(model, directory, extra={"build.json": build}, copy=[trainer.metrics_path, work / "loss.png"])
+    shutil.rmtree(work, ignore_errors=True)
+    return directory

@@ -1,0 +1,222 @@
+"""Synthetic task, tokenizer/processor files, chat JSONL pipeline (every bad-row case), packed collate."""
+
+import base64
+import io
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from bard_deploy.data.chat import Report, encode_example, read_jsonl
+from bard_deploy.data.collate import collate_ar, collate_diffusion
+from bard_deploy.data.synthetic import SPLITS, make_sample, samples, split_of
+from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer, save_processing_files
+from bard_deploy.diffusion.mask import CLEAN, NOISY, PAD, PROMPT
+from bard_deploy.embedded import embedded_config
+from bard_deploy.errors import DataError
+from bard_deploy.prompting import PromptEncoder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cfg(tok):
+    return embedded_config(tok, hidden=64, layers=2)
+
+
+@pytest.fixture(scope="module")
+def encoder(tok, cfg):
+    return PromptEncoder(tok, build_image_processor(), cfg.image_token_id, cfg.spatial_merge_size)
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---- the synthetic task ---------------------------------------------------------------------------
+
+def test_generator_is_deterministic():
+    for seed in (0, 17, 123456):
+        a, b = make_sample(seed), make_sample(seed)
+        assert a == b and png_bytes(a.image()) == png_bytes(b.image())
+    assert make_sample(1).content_hash != make_sample(2).content_hash
+
+
+def test_splits_do_not_overlap():
+    hashes = {name: {s.content_hash for s in samples(name, 300)} for name in SPLITS}
+    assert not hashes["train"] & hashes["test"] and not hashes["train"] & hashes["validation"]
+    assert not hashes["validation"] & hashes["test"]
+    assert all(split_of(s) == "test" for s in samples("test", 50))
+
+
+def test_answers_are_sentences_of_8_to_40_tokens(tok):
+    lengths = [len(tok(s.answer)["input_ids"]) for s in samples("train", 500)]
+    assert min(lengths) >= 8 and max(lengths) <= 40
+    tasks = {s.task for s in samples("train", 200)}
+    assert tasks == {"describe", "count", "where", "read"}
+
+
+def test_tokenizer_and_processor_round_trip(tmp_path, tok):
+    save_processing_files(tmp_path)
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    s = make_sample(3)
+    ids = loaded(s.answer)["input_ids"]
+    assert loaded.unk_token_id not in ids and loaded.decode(ids) == s.answer
+    for special in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|mask|>"):
+        assert loaded.convert_tokens_to_ids(special) != loaded.unk_token_id
+    proc = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)
+    out = proc(images=[s.image()], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 6, 6]]
+
+
+# ---- chat JSONL ------------------------------------------------------------------------------------
+
+def row(image="img.png", answer="A red circle.", **over):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": answer}]
+    return {"messages": msgs, **over}
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    make_sample(1).image().save(root / "img.png")
+    return root
+
+
+def read(root, lines, encoder, **kw):
+    path = root / "rows.jsonl"
+    path.write_text("\n".join(ln if isinstance(ln, str) else json.dumps(ln) for ln in lines) + "\n")
+    report = Report()
+    return list(read_jsonl(path, encoder, max_len=kw.pop("max_len", 256), report=report, **kw)), report
+
+
+def test_good_rows_and_multi_turn(data_root, encoder, tok):
+    multi = {"messages": [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": [{"type": "image", "image": "img.png"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "A circle."},
+        {"role": "user", "content": "Where?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "At the top."}]}]}
+    examples, report = read(data_root, [row(), multi], encoder)
+    assert len(examples) == 2 and not report.skipped
+    last = examples[1]
+    assert tok.decode(last.response_ids, skip_special_tokens=True) == "At the top."
+    assert last.response_ids[-1] == tok.eos_token_id
+    assert last.prompt_ids[-2:] == tok("<|im_start|> assistant", add_special_tokens=False)["input_ids"]
+    assert examples[0].image_grid_thw.tolist() == [[1, 6, 6]]
+
+
+def test_base64_image(data_root, encoder):
+    uri = "data:image/png;base64," + base64.b64encode((data_root / "img.png").read_bytes()).decode()
+    examples, report = read(data_root, [row(image=uri)], encoder)
+    assert len(examples) == 1 and not report.skipped
+
+
+BAD_ROWS = {
+    "malformed json": ('{"messages": [', "malformed JSON"),
+    "not an object": ("[1, 2]", "object with a 'messages'"),
+    "messages wrong type": ({"messages": "hi"}, "'messages' must be a non-empty list"),
+    "bad role": ({"messages": [{"role": "bot", "content": "x"}]}, "role 'bot'"),
+    "content wrong type": ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+                           "content must be a string"),
+    "no assistant turn": ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    "trailing user turn": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
+                                         {"role": "user", "content": "more"}]}, "last message must be the assistant"),
+    "empty answer": (row(answer="  "), "assistant turn is empty"),
+    "missing image": (row(image="nope.png"), "nope.png not found"),
+    "dotdot path": (row(image="../secret.png"), "escapes the data root"),
+    "absolute path": (row(image="/etc/passwd"), "is absolute"),
+    "corrupt image": (row(image="corrupt.png"), "cannot be decoded"),
+    "bad base64": (row(image="data:image/png;base64,%%%"), "invalid base64"),
+    "too long": (row(answer=" ".join(["red"] * 300)), "more than max_len"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_rows_are_reported_with_file_and_line(data_root, encoder, case):
+    (data_root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    bad, message = BAD_ROWS[case]
+    examples, report = read(data_root, [row(), bad, row()], encoder)
+    assert len(examples) == 2 and len(report.skipped) == 1
+    assert "rows.jsonl:2:" in report.skipped[0] and message in report.skipped[0]
+    with pytest.raises(DataError, match="rows.jsonl:2: "):
+        read(data_root, [row(), bad], encoder, on_error="fail")
+
+
+def test_symlink_escaping_the_root_is_refused(data_root, tmp_path, encoder):
+    outside = tmp_path / "outside.png"
+    make_sample(2).image().save(outside)
+    os.symlink(outside, data_root / "link.png")
+    _, report = read(data_root, [row(image="link.png")], encoder)
+    assert "escapes the data root" in report.skipped[0]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P"])
+def test_image_modes_become_rgb(data_root, encoder, mode):
+    img = make_sample(1).image()
+    img = img.convert("L").convert("I;16") if mode == "I;16" else img.convert(mode)
+    img.save(data_root / "m.png")
+    examples, report = read(data_root, [row(image="m.png")], encoder)
+    assert len(examples) == 1, report.skipped
+
+
+def test_zero_size_and_huge_images(data_root, encoder, monkeypatch):
+    import bard_deploy.prompting as prompting
+    with pytest.raises(DataError, match="zero size"):
+        prompting.load_image(Image.new("RGB", (0, 5)))
+    monkeypatch.setattr(prompting, "MAX_IMAGE_PIXELS", 50 * 50)
+    _, report = read(data_root, [row()], encoder)
+    assert "more than the limit" in report.skipped[0]
+
+
+# ---- collate ---------------------------------------------------------------------------------------
+
+def test_packed_layout_by_hand(encoder, tok, cfg):
+    s = make_sample(5)
+    ex = encode_example(encoder, s.messages(), 256)
+    P, R = len(ex.prompt_ids), len(ex.response_ids)
+    b = collate_diffusion([ex], cfg, block_size=4, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    Rp = -(-R // 4) * 4
+    assert b.input_ids.shape == (1, P + 2 * Rp)
+    kind, block, index = b.layout.kind[0], b.layout.block[0], b.layout.index[0]
+    assert kind.tolist() == [PROMPT] * P + [CLEAN] * Rp + [NOISY] * Rp
+    assert block[P:P + Rp].tolist() == [j // 4 for j in range(Rp)] == block[P + Rp:].tolist()
+    assert index[P:P + Rp].tolist() == list(range(P, P + Rp)) == index[P + Rp:].tolist()
+    resp = b.input_ids[0, P:P + Rp]
+    assert resp[:R].tolist() == ex.response_ids and (resp[R:] == tok.eos_token_id).all()
+    assert torch.equal(b.input_ids[0, P:P + Rp], b.input_ids[0, P + Rp:])
+    pos = b.position_ids[:, 0]
+    assert torch.equal(pos[:, P:P + Rp], pos[:, P + Rp:])                     # noisy reuses clean positions
+    assert (pos[0, P:P + Rp] == pos[1, P:P + Rp]).all() and (pos[0, P:P + Rp] == pos[2, P:P + Rp]).all()
+    img = (b.input_ids[0, :P] == cfg.image_token_id).nonzero().squeeze(1)
+    # the 3 x 3 merged image tokens get 2-D positions: rows 1 and 2 run over h and w
+    assert pos[1, img].tolist() == [pos[1, img[0]].item() + i // 3 for i in range(9)]
+    assert pos[2, img].tolist() == [pos[2, img[0]].item() + i % 3 for i in range(9)]
+    assert pos[0, P].item() == pos[0, P - 1].item() + 1                        # text continues after the prompt
+    assert b.loss_mask[0].tolist() == [False] * (P + Rp) + [True] * Rp
+
+
+def test_batch_padding_and_ar_layout(encoder, tok, cfg):
+    exs = [encode_example(encoder, make_sample(i).messages(), 256) for i in (1, 2, 3)]
+    b = collate_diffusion(exs, cfg, block_size=8, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                          prompt_attention="block")
+    lengths = [len(e.prompt_ids) + 2 * (-(-len(e.response_ids) // 8) * 8) for e in exs]
+    for i, n in enumerate(lengths):
+        assert (b.layout.kind[i, n:] == PAD).all() and (b.layout.kind[i, :n] != PAD).all()
+        P = len(exs[i].prompt_ids)
+        assert b.layout.block[i, :P].tolist() == [j // 8 for j in range(P)]
+    assert b.pixel_values.shape[0] == 3 * 36 and b.image_grid_thw.shape == (3, 3)
+    a = collate_ar(exs, cfg, tok.pad_token_id)
+    P, R = len(exs[0].prompt_ids), len(exs[0].response_ids)
+    assert a.loss_mask[0].nonzero().squeeze(1).tolist() == list(range(P - 1, P + R - 1))
+    assert (a.layout.kind[0, :P + R] == PROMPT).all()

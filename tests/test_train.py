@@ -1,0 +1,148 @@
+"""Training: the AR source loop lowers the loss and writes a loadable checkpoint; resume is bit-exact; a tiny
+recipe produces loadable b4/b8 checkpoints; distillation with teacher == student gives KL ~ 0; recipes load."""
+
+import json
+
+import pytest
+import torch
+
+from bard_deploy.converters.checkpoint import load_model
+from bard_deploy.data.chat import encode_example
+from bard_deploy.data.collate import collate_diffusion
+from bard_deploy.data.synthetic import make_sample
+from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
+from bard_deploy.diffusion.mask import training_layout
+from bard_deploy.embedded import embedded_config
+from bard_deploy.errors import ConfigError
+from bard_deploy.prompting import PromptEncoder
+from bard_deploy.train.loop import Schedule, Trainer
+from bard_deploy.train.recipe import (
+    LossSetup,
+    Recipe,
+    Stage,
+    bard_loss,
+    load_recipe,
+    parse_stages,
+    text_token_ids,
+    with_block_size,
+)
+from bard_deploy.train.run import train
+from bard_deploy.train.source import SourceRecipe, build_source, synthetic_examples
+from bard_deploy.vlm import BardVLM
+
+TINY = SourceRecipe(train_samples=48, steps=16, batch_size=8, lr=1e-2, warmup=2, hidden=32, layers=2,
+                    vision_depth=1, max_len=128)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return build_source(tmp_path_factory.mktemp("runs") / "source", TINY, progress=False, log=lambda *a: None)
+
+
+def test_source_training_lowers_loss_and_loads(source):
+    rows = [json.loads(ln) for ln in (source / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.7
+    m = load_model(source)
+    assert m.config.bard is None and (source / "loss.png").stat().st_size > 1000
+    assert (source / "tokenizer.json").is_file() and (source / "preprocessor_config.json").is_file()
+    # cached: a second call with the same recipe reuses it
+    msgs = []
+    build_source(source, TINY, progress=False, log=msgs.append)
+    assert "reusing" in msgs[0]
+
+
+def small_trainer(tmp_path, tok, steps, seed=0):
+    cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
+    enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
+    examples = synthetic_examples(enc, "train", 24, 128)
+    cfg = cfg.with_bard(mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), block_size=4)
+    torch.manual_seed(seed)
+    model = BardVLM(cfg)
+    setup = LossSetup("mix", cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal")
+    return Trainer(model, Schedule(steps=steps, lr=2e-3, batch_size=6, micro_batch=4, warmup=1), examples,
+                   lambda ex: collate_diffusion(ex, cfg, 4, tok.pad_token_id, tok.eos_token_id), bard_loss(setup),
+                   tmp_path, seed=seed, save_every=3, progress=False)
+
+
+def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok):
+    full = small_trainer(tmp_path / "a", tok, 7)
+    full.run()
+    part = small_trainer(tmp_path / "b", tok, 7)
+    step = part.train_step
+
+    def dies_after_4():
+        if part.step == 4:
+            raise KeyboardInterrupt("killed")                         # after step 4; state was saved at 3
+        return step()
+
+    part.train_step = dies_after_4
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    resumed = small_trainer(tmp_path / "b", tok, 7)                  # a new process: fresh model and optimizer
+    assert resumed.load_state() and resumed.step == 3
+    resumed.run(resume=True)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_distillation_with_teacher_equal_student_has_zero_kl(tok):
+    cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1).with_bard(
+        mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), block_size=4)
+    torch.manual_seed(0)
+    model = BardVLM(cfg).eval()
+    enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
+    ex = [encode_example(enc, make_sample(i).messages(), 128) for i in range(3)]
+    batch = collate_diffusion(ex, cfg, 4, tok.pad_token_id, tok.eos_token_id)
+    setup = LossSetup("mask", cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal", teacher=model)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    _, metrics = bard_loss(setup)(model, batch, gens)
+    assert abs(metrics["kl"]) < 1e-5
+
+
+def test_teacher_view_recuts_blocks_of_4():
+    lay = training_layout(3, 16, 16)
+    t = with_block_size(lay, 4, "block")
+    assert t.block[0, 3:19].tolist() == [j // 4 for j in range(16)] == t.block[0, 19:].tolist()
+    assert t.block[0, :3].tolist() == [0, 0, 0]
+
+
+def test_tiny_recipe_end_to_end(tmp_path, source):
+    r = Recipe(name="tiny", out=str(tmp_path), source=str(source), train_samples=24,
+               stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, distill_steps=2)),
+               eval_samples=4)
+    results = train(r, progress=False, log=lambda *a: None)
+    for stage, block in (("b4", 4), ("b8", 8)):
+        m = load_model(tmp_path / "tiny" / stage)
+        b = m.config.bard
+        assert (b.block_size, b.stage, b.mask_token_id) == (block, stage, build_tokenizer().convert_tokens_to_ids(
+            "<|mask|>"))
+        assert b.data_hash and b.source_model == str(source)
+    assert load_model(tmp_path / "tiny" / "b8").config.bard.parent == "b4"
+    assert (tmp_path / "tiny" / "b8" / "metrics-swd.jsonl").is_file()
+    assert [row["model"] for row in results["rows"]] == ["source (AR)", "b4", "b8"]
+    # resuming a finished recipe reuses the stages
+    msgs = []
+    train(r, progress=False, log=msgs.append)
+    assert any("done already" in m for m in msgs)
+
+
+def test_recipe_toml_and_stage_specs(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "x"\nt_min = 0.1\n[[stages]]\nname = "b4"\nblock_size = 4\nsteps = 10\n'
+                 '[[stages]]\nname = "b8"\nblock_size = 8\nsteps = 5\ndistill_steps = 5\nnoise = "mix"\n')
+    r = load_recipe(p, seed=3)
+    assert r.name == "x" and r.t_min == 0.1 and r.seed == 3 and r.stages[1].noise == "mix"
+    assert parse_stages("b4:4:10,b16:16:5:3")[1] == Stage("b16", 16, 5, distill_steps=3)
+    for bad in ("b4:4", "b4:x:1", "b8:8:10"):
+        with pytest.raises(ConfigError):
+            load_recipe(None, stages=parse_stages(bad))
+    p.write_text('nmae = "typo"\n')
+    with pytest.raises(ConfigError, match="nmae"):
+        load_recipe(p)
