@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bard_deploy.converters.export import Int8Options
+from bard_deploy.converters.export import export as export_model
 from bard_deploy.errors import BardError, ConfigError, NotBuiltError, RuntimeInputError
 from bard_deploy.runtimes.decode import DecodeOptions
 
@@ -90,15 +92,50 @@ def train(
                   f"({results['train_seconds']} s)")
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def export(ctx: typer.Context):
-    """Export the decoder step and vision tower to ONNX (+ INT8, TensorRT). Not built yet."""
-    _not_built("export", "ONNX export lands with the 'bard-deploy export --int8' issue")
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", help="A checkpoint directory (BARD stage or AR source)."),
+    out: Path = typer.Option(..., "--out", help="The export directory to write."),
+    int8: bool = typer.Option(False, "--int8", help="Also write an INT8 decoder (with its accuracy gate)."),
+    target: str = typer.Option(Int8Options.target, help="INT8 target: cpu (ORT dynamic), cuda or tensorrt (Q/DQ)."),
+    calibration_samples: int = typer.Option(Int8Options.calibration_samples, help="Calibration prompts."),
+    gate_top1: float = typer.Option(Int8Options.gate_top1, help="Min top-1 agreement with fp32 (held-out steps)."),
+    gate_em_drop: float = typer.Option(Int8Options.gate_em_drop, help="Max exact-match drop (fraction)."),
+    eval_samples: int = typer.Option(Int8Options.eval_samples, help="Test samples of the end-to-end gate."),
+    image_size: int | None = typer.Option(None, help="Square image size vision.onnx is traced at."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+):
+    """Export the decoder step and vision tower to ONNX (validated against PyTorch), optionally INT8."""
+    m = export_model(model, out, int8=int8, force=force, image_size=image_size, log=console.print,
+                     int8_options=Int8Options(target=target, calibration_samples=calibration_samples,
+                                              gate_top1=gate_top1, gate_em_drop=gate_em_drop,
+                                              eval_samples=eval_samples))
+    table = Table(title=f"export {out}")
+    for col in ("graph", "size", "check"):
+        table.add_column(col)
+    parity = m["parity"]
+    table.add_row(m["graphs"]["decoder"]["fp32"], _size(out / m["graphs"]["decoder"]["fp32"]),
+                  f"max |ONNX - torch| logits {parity['decoder']['logits']:.2e} over {parity['steps']} real steps "
+                  f"(tol {parity['tolerance']:g})")
+    if m.get("vision"):
+        table.add_row("vision.onnx", _size(out / "vision.onnx"),
+                      f"max diff {max(parity['vision'].values()):.2e}, grid {m['vision']['grid_thw']}")
+    if "int8" in m["graphs"]["decoder"]:
+        g = m["int8"]
+        table.add_row(m["graphs"]["decoder"]["int8"], _size(out / m["graphs"]["decoder"]["int8"]),
+                      f"{g['scheme']}; top-1 {g['top1_agreement']:.4f} on {g['held_out_steps']} held-out steps; "
+                      f"exact match {g['exact_match_fp32']:.3f} -> {g['exact_match_int8']:.3f} ({g['attempt']})")
+    table.add_row("embeddings.safetensors", _size(out / "embeddings.safetensors"), "")
+    console.print(table)
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.2f} MiB"
 
 
 @app.command()
 def generate(
-    model: Path = typer.Option(..., "--model", help="A checkpoint directory."),
+    model: Path = typer.Option(..., "--model", help="A checkpoint or export directory."),
     prompt: str = typer.Option(..., "--prompt", help="The user's question."),
     image: list[Path] = typer.Option([], "--image", help="An image file (repeatable)."),
     block_size: int | None = typer.Option(None, help="Tokens per block [default: the trained block size]."),
@@ -115,6 +152,8 @@ def generate(
     top_p: float | None = typer.Option(None, help="Nucleus sampling mass (with --temperature)."),
     seed: int | None = typer.Option(None, help="Sampling seed."),
     ar: bool = typer.Option(False, "--ar", help="Decode an AR source model, one token per forward."),
+    backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt (auto: by directory kind)."),
+    variant: str | None = typer.Option(None, help="Export decoder variant: fp32 or int8 [default: manifest's]."),
     allow_block_size_mismatch: bool = typer.Option(False, help="Allow a block size other than the trained one."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer block by block as it is decoded."),
     stats: bool = typer.Option(False, "--stats", help="Print decoding statistics."),
@@ -132,7 +171,7 @@ def generate(
             raise RuntimeInputError("--static and --threshold exclude each other", threshold)
         options["threshold"] = None
     options["allow_block_size_mismatch"] = allow_block_size_mismatch
-    pipe = Pipeline.load(model)
+    pipe = Pipeline.load(model, backend=backend, variant=variant)
     images = [str(p) for p in image]
     if stream:
         st = Stats()

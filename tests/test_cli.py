@@ -39,7 +39,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "inspect", str(tmp_path / "nope")])
 
 
-@pytest.mark.parametrize("cmd", ["export", "bench"])
+@pytest.mark.parametrize("cmd", ["bench"])
 def test_unbuilt_commands_say_so(cmd, capsys):
     assert main([cmd, "--model", "x"]) != 0
     err = capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Export: fp32 parity on recorded real steps, IO names, onnxruntime == torch tokens, manifest checks, --force,
+INT8 and its gate."""
+
+import json
+
+import onnx
+import pytest
+
+from bard_deploy import iospec
+from bard_deploy.cli import main
+from bard_deploy.converters.export import Int8Options, export
+from bard_deploy.data.synthetic import make_sample
+from bard_deploy.embedded import new_checkpoint
+from bard_deploy.errors import ExportError
+from bard_deploy.runtimes.api import Pipeline
+
+SIZES = dict(hidden=64, layers=2)
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return new_checkpoint(tmp_path_factory.mktemp("ck") / "b4", bard={"block_size": 4}, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ex") / "export"
+    export(ckpt, out, int8=True, int8_options=Int8Options(calibration_samples=4, eval_samples=8, gate_top1=0.5,
+                                                          gate_em_drop=1.0), **QUIET)
+    return out
+
+
+def test_fp32_parity_on_recorded_steps(exported):
+    m = json.loads((exported / "manifest.json").read_text())
+    assert m["parity"]["steps"] >= 6 and m["parity"]["tolerance"] == 1e-4
+    assert max(m["parity"]["decoder"].values()) <= 1e-4 and max(m["parity"]["vision"].values()) <= 1e-4
+    assert m["calibration"]["steps"] > 10 and len(m["calibration"]["sha256"]) == 64
+    assert set(m["files"]) >= {"decoder.onnx", "decoder.int8.onnx", "vision.onnx", "embeddings.safetensors",
+                               "config.json", "tokenizer.json", "calibration.safetensors"}
+
+
+def test_graph_io_names_equal_the_io_table(exported):
+    from bard_deploy.config import load_config
+    io = iospec.DecoderIO.for_config(load_config(exported))
+    g = onnx.load(str(exported / "decoder.onnx")).graph
+    assert [i.name for i in g.input] == [s.name for s in io.inputs]
+    assert [o.name for o in g.output] == [s.name for s in io.outputs]
+    assert not any(n.op_type in ("GroupQueryAttention", "Attention") for n in g.node)
+    assert any(n.op_type == "Softmax" for n in g.node)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_onnxruntime_generation_equals_torch(ckpt, exported, threshold):
+    s = make_sample(4)
+    ref = Pipeline.load(ckpt).generate(s.question, images=[s.image()], max_new_tokens=12, threshold=threshold)
+    got = Pipeline.load(exported, variant="fp32").generate(s.question, images=[s.image()], max_new_tokens=12,
+                                                           threshold=threshold)
+    assert got.token_ids == ref.token_ids and got.stats.nfe == ref.stats.nfe
+
+
+def test_int8_variant_runs_and_reports_its_gate(exported):
+    m = json.loads((exported / "manifest.json").read_text())
+    g = m["int8"]
+    assert g["passed"] and 0 <= g["top1_agreement"] <= 1 and g["held_out_steps"] > 0
+    assert m["default_variant"] == "int8"
+    s = make_sample(5)
+    r = Pipeline.load(exported).generate(s.question, images=[s.image()], max_new_tokens=8)
+    assert len(r.token_ids) == 8
+
+
+def test_failed_gate_is_an_error_and_leaves_nothing(ckpt, tmp_path):
+    with pytest.raises(ExportError, match="accuracy gate failed"):
+        export(ckpt, tmp_path / "x", int8=True, int8_options=Int8Options(calibration_samples=2, eval_samples=4,
+                                                                        gate_top1=1.01), **QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tampered_extra_and_mismatched_exports_are_refused(exported, tmp_path):
+    import shutil
+    for case in ("tampered", "extra", "mismatch"):
+        d = tmp_path / case
+        shutil.copytree(exported, d)
+        if case == "tampered":
+            data = bytearray((d / "decoder.onnx").read_bytes())
+            data[-10] ^= 1
+            (d / "decoder.onnx").write_bytes(bytes(data))
+            match = "decoder.onnx does not match its sha256"
+        elif case == "extra":
+            (d / "evil.onnx").write_bytes(b"x")
+            match = "evil.onnx"
+        else:
+            m = json.loads((d / "manifest.json").read_text())
+            m["block_size"] = 8
+            (d / "manifest.json").write_text(json.dumps(m))
+            match = "block_size"
+        with pytest.raises(ExportError, match=match):
+            Pipeline.load(d)
+        assert main(["generate", "--model", str(d), "--prompt", "hi"]) == 2
+
+
+def test_export_into_non_empty_directory_needs_force(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["export", "--model", str(ckpt), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["export", "--model", str(ckpt), "--out", str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert "decoder.onnx" in capsys.readouterr().out
