@@ -22,11 +22,18 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+BD   := $(VENV)/bin/bard-deploy
+RUN  := runs/default
+
 demo: $(STAMP)
-	$(VENV)/bin/bard-deploy train
-	$(VENV)/bin/bard-deploy export --int8
-	$(VENV)/bin/bard-deploy generate
-	$(VENV)/bin/bard-deploy bench
+	$(BD) train
+	$(BD) export --model $(RUN)/b16 --out $(RUN)/export-b16 --int8 --force
+	$(BD) export --model runs/source --out $(RUN)/export-source --int8 --force
+	$(PY) -c "from bard_deploy.data.synthetic import samples; s = next(samples('test', 1)); \
+	    s.image().save('$(RUN)/sample.png'); print('sample:', s.question, '->', s.answer)"
+	$(BD) generate --model $(RUN)/export-b16 --prompt "Describe the picture." --image $(RUN)/sample.png --stats
+	$(BD) bench --model $(RUN)/export-b16 --ar-model $(RUN)/export-source --variant fp32 --out $(RUN)/bench-fp32
+	$(BD) bench --model $(RUN)/export-b16 --ar-model $(RUN)/export-source --variant int8 --out $(RUN)/bench-int8
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

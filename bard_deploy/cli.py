@@ -5,6 +5,7 @@ Every `BardError` reaches the user as one line (`error: ...`) and exit code 2; `
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,13 +15,12 @@ from rich.table import Table
 
 from bard_deploy.converters.export import Int8Options
 from bard_deploy.converters.export import export as export_model
-from bard_deploy.errors import BardError, ConfigError, NotBuiltError, RuntimeInputError
+from bard_deploy.errors import BardError, ConfigError, RuntimeInputError
 from bard_deploy.runtimes.decode import DecodeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert Qwen3-VL models into BARD block-diffusion models, export and run them.")
 console = Console()
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 @app.callback()
@@ -28,13 +28,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
     """bard-deploy: train, export, generate, bench, inspect."""
 
 
-def _not_built(command: str, issue: str) -> None:
-    raise NotBuiltError(f"'bard-deploy {command}' is not built yet ({issue})", command)
-
-
 PRESETS = {
     # name: (stages spec, synthetic train samples)
-    "default": ("b4:4:300,b8:8:120:80,b16:16:120:80", 8000),
+    "default": ("b4:4:600,b8:8:250:150,b16:16:250:150", 8000),
     "quality": ("b4:4:800,b8:8:400:200,b16:16:400:200,b32:32:300:200", 16000),
     "smoke": ("b4:4:4,b8:8:2:2", 64),
 }
@@ -81,7 +77,6 @@ def train(
                      activation_checkpointing=activation_checkpointing or None, seed=seed, eval_samples=eval_samples,
                      eval_threshold=eval_threshold, on_error=on_error)
     if recipe is None:
-        overrides.setdefault("name", None)
         overrides["stages"] = parse_stages(stages or spec)
         overrides["train_samples"] = train_samples or samples
     elif stages:
@@ -189,10 +184,77 @@ def generate(
         console.print(table)
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def bench(ctx: typer.Context):
-    """AR vs BARD latency and throughput, side by side. Not built yet."""
-    _not_built("bench", "benchmarks land with the 'bard-deploy bench' issue")
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--{name} must be comma-separated numbers, got {text!r}", text) from e
+
+
+@app.command()
+def bench(
+    model: list[Path] = typer.Option([], "--model", help="Checkpoint or export directory (repeatable)."),
+    backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt (the same for AR and BARD)."),
+    variant: str | None = typer.Option(None, help="Export decoder variant: fp32 or int8."),
+    ar_model: Path | None = typer.Option(None, help="AR baseline [default: the source in the checkpoint]."),
+    block_sizes: str | None = typer.Option(None, help="e.g. 4,8,16 [default: each model's trained size]."),
+    thresholds: str = typer.Option("0.9", help="Comma-separated decode thresholds."),
+    requests: int = typer.Option(30, help="Timed requests per configuration (test split)."),
+    warmup: int = typer.Option(3, help="Untimed requests first."),
+    max_new_tokens: int = typer.Option(64),
+    data: Path | None = typer.Option(None, help="A JSONL of messages instead of the test split."),
+    out: Path = typer.Option(Path("runs/bench"), help="Where bench.json and bench.png go."),
+    transformers_baseline: bool = typer.Option(True, "--transformers/--no-transformers",
+                                               help="Also time transformers' generate on the source."),
+    step: bool = typer.Option(False, "--step", help="Step mode: one decoder step at real shapes."),
+    shape: str = typer.Option("qwen3-vl-2b", help="Step mode: qwen3-vl-2b, qwen3-vl-4b or a config.json."),
+    tokens: str = typer.Option("1,4,8,16,32", help="Step mode: tokens per step."),
+    past: int = typer.Option(512, help="Step mode: past length."),
+    layers_subset: str = typer.Option("1,4", help="Step mode: the two layer counts timed and extrapolated."),
+):
+    """AR vs BARD latency and throughput, side by side (or, with --step, one step at real shapes)."""
+    if step:
+        from bard_deploy.bench_step import step_bench
+
+        ks = [int(x) for x in _floats(layers_subset, "layers-subset")]
+        if len(ks) != 2 or not 0 < ks[0] < ks[1]:
+            raise ConfigError(f"--layers-subset needs two increasing layer counts, got {layers_subset!r}", ks)
+        res = step_bench(shape, [int(t) for t in _floats(tokens, "tokens")], past, tuple(ks), log=console.print)
+        table = Table(title=f"decoder step, {shape} ({res['note']})")
+        for col in ("backend", "T", "ms/step", "ms/token", "cost vs T=1", "weights GB/s"):
+            table.add_column(col)
+        for r in res["rows"]:
+            table.add_row(r["backend"], str(r["T"]), f"{r['ms_per_step']:.1f}", f"{r['ms_per_token']:.2f}",
+                          f"{r['cost_vs_T1']:.2f}x", f"{r['weight_GBps']:.1f}")
+        console.print(table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_step.json").write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res))
+        return
+    from bard_deploy.bench import bench as run_bench
+
+    if not model:
+        raise ConfigError("give at least one --model (a checkpoint or export directory)", None)
+    blocks = [int(b) for b in _floats(block_sizes, "block-sizes")] if block_sizes else None
+    res = run_bench(model, ar_model, backend, variant, blocks, _floats(thresholds, "thresholds"), requests, warmup,
+                    max_new_tokens, data, out, transformers_baseline, log=console.print)
+    h = res["header"]
+    table = Table(title=f"{h['backend']} on {h['machine']} ({h['cores']} cores, {h['torch_threads']} threads), "
+                        f"{h['date']}, batch 1, {requests} requests")
+    cols = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "steps/blk", "tok/fwd",
+            "NFE/tok", "decode tok/s", "e2e tok/s", "prefill ms", "vision ms", "peak MB", "speed-up")
+    for col in cols:
+        table.add_column(col)
+    for r in res["rows"]:
+        table.add_row(r["name"], str(r["block_size"] or "-"), str(r["threshold"] or "-"),
+                      f"{100 * r['exact_match']:.1f}%", f"{r['ttft_ms']:.1f}",
+                      f"{r['step_ms_p50']:.2f}/{r['step_ms_p90']:.2f}/{r['step_ms_p99']:.2f}",
+                      str(r["steps_per_block"] or "-"), f"{r['tokens_per_forward']:.2f}", f"{r['nfe_per_token']:.2f}",
+                      f"{r['decode_tokens_per_s']:.0f}", f"{r['e2e_tokens_per_s']:.0f}", f"{r['prefill_ms']:.1f}",
+                      f"{r['vision_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['speedup_decode_vs_ar']:.2f}x")
+    console.print(table)
+    console.print(f"plot: {res['plot']}   json: {out / 'bench.json'}")
+    print(json.dumps({"header": h, "rows": res["rows"], "plot": res["plot"]}))
 
 
 @app.command()

@@ -33,7 +33,3 @@ class ExportError(BardError):
 
 class RuntimeInputError(BardError):
     """A decode option or prompt passed to the runtime is invalid."""
-
-
-class NotBuiltError(BardError):
-    """A command exists in the CLI but its implementation has not landed yet."""

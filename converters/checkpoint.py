@@ -230,6 +230,10 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
             shutil.copy2(f, tmp / Path(f).name)
         _fsync_dir(tmp)
         _replace_dir(tmp, directory)
+    except OSError as e:   # disk full, permissions, ...: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {directory}: {e.strerror or e}; the previous one (if any) "
+                              "is kept", str(directory)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

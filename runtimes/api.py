@@ -79,6 +79,8 @@ class Pipeline:
         """
         from bard_deploy.manifest import MANIFEST
 
+        if backend not in ("auto", "torch", "onnxruntime", "tensorrt"):
+            raise RuntimeInputError(f"backend must be auto, torch, onnxruntime or tensorrt, got {backend!r}", backend)
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory", str(directory))
@@ -92,7 +94,7 @@ class Pipeline:
             from bard_deploy.converters.checkpoint import load_model
 
             impl = TorchBackend(load_model(directory))
-        elif backend in ("onnxruntime", "tensorrt"):
+        else:
             if not is_export:
                 raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "
                                         f"{directory} has no manifest.json", backend)
@@ -104,8 +106,6 @@ class Pipeline:
                 from bard_deploy.runtimes.ort_backend import OrtBackend
 
                 impl = OrtBackend(directory, variant=variant, device=device)
-        else:
-            raise RuntimeInputError(f"backend must be auto, torch, onnxruntime or tensorrt, got {backend!r}", backend)
         return cls.from_backend(impl, directory)
 
     @classmethod

@@ -74,6 +74,8 @@ class DecodeOptions:
             raise bad("block_size", None, "the checkpoint records no trained block size; pass one")
         if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
             raise bad("block_size", block, "must be a positive integer")
+        if config is not None and block > config.text.max_position_embeddings:
+            raise bad("block_size", block, f"larger than the model's context ({config.text.max_position_embeddings})")
         if trained is not None and block != trained and not self.allow_block_size_mismatch:
             raise bad("block_size", block, f"the checkpoint was trained with block size {trained}; decoding with "
                                            "another one needs allow_block_size_mismatch (--allow-block-size-mismatch)")

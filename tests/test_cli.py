@@ -39,12 +39,5 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "inspect", str(tmp_path / "nope")])
 
 
-@pytest.mark.parametrize("cmd", ["bench"])
-def test_unbuilt_commands_say_so(cmd, capsys):
-    assert main([cmd, "--model", "x"]) != 0
-    err = capsys.readouterr().err
-    assert "not built yet" in err and err.count("\n") == 1
-
-
 def test_unknown_command_exits_2():
     assert main(["frobnicate"]) == 2

@@ -176,6 +176,10 @@ class Trainer:
                     os.fsync(fh.fileno())
             from bard_deploy.converters.checkpoint import _replace_dir
             _replace_dir(tmp, self.state_dir)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write training state {self.state_dir}: {e.strerror or e}; the "
+                                  "previous state is kept", str(self.state_dir)) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -65,9 +65,9 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
 
 
 DEFAULT_STAGES = (
-    Stage("b4", 4, 300),
-    Stage("b8", 8, 120, distill_steps=80),
-    Stage("b16", 16, 120, distill_steps=80),
+    Stage("b4", 4, 600),
+    Stage("b8", 8, 250, distill_steps=150),
+    Stage("b16", 16, 250, distill_steps=150),
 )
 
 

@@ -31,11 +31,11 @@ DATA_VERSION = "synthetic-v1"   # bump when the generator's output changes
 @dataclass(frozen=True)
 class SourceRecipe:
     train_samples: int = 8000
-    steps: int = 700
+    steps: int = 1500
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1.5e-3
     warmup: int = 40
-    vision_lr_ratio: float = 1.0
+    vision_lr_ratio: float = 0.5
     seed: int = 0
     hidden: int = 128
     layers: int = 4

@@ -1,0 +1,145 @@
+"""`bard-deploy bench --step`: one decoder step at real model shapes with random weights, T = 1..32 tokens over
+a past of P tokens, on torch fp32, onnxruntime fp32 and onnxruntime INT8.
+
+A full 2B decoder does not fit the ONNX protobuf limit and takes long to export, so the step is timed for two
+layer counts (K1 < K2, lm_head included) and extrapolated linearly to the real depth: t(L) = t(K1) +
+(L - K1) * (t(K2) - t(K1)) / (K2 - K1). The output says so. Weight bytes read per step (layers + lm_head) over
+the step time gives the achieved bandwidth: the memory-bound regime, where T tokens cost about what 1 costs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bard_deploy import iospec
+from bard_deploy.config import ModelConfig
+from bard_deploy.errors import ConfigError
+
+SHAPES = {
+    # the text decoders of Qwen3-VL-2B / 4B (tied embeddings, vocab 151936)
+    "qwen3-vl-2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                        head_dim=128, intermediate_size=6144),
+    "qwen3-vl-4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=128, intermediate_size=9728),
+}
+
+
+def shape_config(shape: str) -> dict:
+    if shape in SHAPES:
+        return {**SHAPES[shape], "vocab_size": 151936}
+    path = Path(shape)
+    if not path.is_file():
+        raise ConfigError(f"--shape must be one of {tuple(SHAPES)} or a config.json, got {shape!r}", shape)
+    d = json.loads(path.read_text())
+    t = d.get("text_config", d)
+    return {k: t[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                              "intermediate_size", "vocab_size")} | {"head_dim": t.get("head_dim", t["hidden_size"]
+                                                                                       // t["num_attention_heads"])}
+
+
+def _model(dims: dict, layers: int):
+    from bard_deploy.vlm import BardVLM
+
+    torch.manual_seed(0)
+    return BardVLM(_config(dims, layers)).eval()
+
+
+def _config(dims: dict, layers: int) -> ModelConfig:
+    return ModelConfig.from_dict({"model_type": "qwen3", **dims, "num_hidden_layers": layers,
+                                  "tie_word_embeddings": True, "max_position_embeddings": 40960})
+
+
+def _feeds(config: ModelConfig, T: int, past: int) -> dict[str, torch.Tensor]:
+    io = iospec.DecoderIO.for_config(config)
+    f = {iospec.INPUTS_EMBEDS: torch.randn(1, T, io.hidden_size) * 0.02,
+         iospec.POSITION_IDS: (torch.arange(T) + past).expand(3, 1, T).contiguous(),
+         iospec.ATTENTION_BIAS: torch.zeros(1, 1, T, past + T)}
+    for i in range(io.num_layers):
+        f[iospec.past_key(i)] = torch.randn(1, io.num_kv_heads, past, io.head_dim)
+        f[iospec.past_value(i)] = torch.randn(1, io.num_kv_heads, past, io.head_dim)
+    return f
+
+
+def _torch_step(model, f: dict):
+    n = model.config.text.num_hidden_layers
+    past = [(f[iospec.past_key(i)], f[iospec.past_value(i)]) for i in range(n)]
+    return lambda: model.step(f[iospec.INPUTS_EMBEDS], f[iospec.POSITION_IDS], f[iospec.ATTENTION_BIAS], past)
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def weight_bytes(dims: dict, layers: int, bytes_per_weight: float = 4.0) -> float:
+    h, f, hd = dims["hidden_size"], dims["intermediate_size"], dims["head_dim"]
+    per_layer = h * hd * (2 * dims["num_attention_heads"] + 2 * dims["num_key_value_heads"]) + 3 * h * f
+    return (layers * per_layer + h * dims["vocab_size"]) * bytes_per_weight
+
+
+def step_bench(shape: str = "qwen3-vl-2b", tokens=(1, 4, 8, 16, 32), past: int = 512, subset=(1, 4),
+               repeats: int = 7, backends=("torch", "onnxruntime-fp32", "onnxruntime-int8"), log=print) -> dict:
+    """Time the step for each backend and T; extrapolate to the shape's depth. Returns rows + notes."""
+    from bard_deploy.converters.export import quantize
+    from bard_deploy.converters.onnx_export import export_decoder, session, to_numpy
+
+    dims = shape_config(shape)
+    L = dims["num_hidden_layers"]
+    k1, k2 = subset
+    need = weight_bytes(dims, k2) * 3.2 / 2**30   # torch + ORT fp32 (+ its optimised copy) + int8, roughly
+    log(f"bench --step: {shape}, {L} layers, timing {k1} and {k2} layers (+ lm_head) and extrapolating to {L}; "
+        f"needs about {need:.1f} GiB of memory")
+    raw: dict[tuple[str, int, int], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in subset:
+            model = _model(dims, k)
+            if "torch" in backends:
+                for T in tokens:
+                    with torch.inference_mode():
+                        raw["torch", k, T] = _time(_torch_step(model, _feeds(model.config, T, past)), repeats)
+            fp32 = Path(tmp) / f"k{k}.onnx"
+            if any(b.startswith("onnxruntime") for b in backends):
+                export_decoder(model, fp32)
+            variants = []
+            if "onnxruntime-fp32" in backends:
+                variants.append(("onnxruntime-fp32", fp32))
+            if "onnxruntime-int8" in backends:
+                int8 = Path(tmp) / f"k{k}.int8.onnx"
+                quantize(fp32, int8, "cpu", [], [])
+                variants.append(("onnxruntime-int8", int8))
+            del model
+            for name, path in variants:
+                sess = session(path)
+                outs = [o.name for o in sess.get_outputs()]
+                for T in tokens:
+                    f = to_numpy(_feeds(_config(dims, k), T, past))
+                    raw[name, k, T] = _time(lambda f=f, s=sess, o=outs: s.run(o, f), repeats)
+                del sess
+    rows = []
+    for b in backends:
+        for T in tokens:
+            t1, t2 = raw[b, k1, T], raw[b, k2, T]
+            t = t1 + (L - k1) * (t2 - t1) / (k2 - k1)
+            bpw = 1.0 if b.endswith("int8") else 4.0
+            rows.append({"backend": b, "T": T, "past": past, "ms_per_step": round(1e3 * t, 2),
+                         "ms_per_token": round(1e3 * t / T, 3),
+                         "weight_GBps": round(weight_bytes(dims, L, bpw) / t / 1e9, 1)})
+    for b in backends:
+        one = next(r for r in rows if r["backend"] == b and r["T"] == 1)
+        for r in rows:
+            if r["backend"] == b:
+                r["cost_vs_T1"] = round(r["ms_per_step"] / one["ms_per_step"], 2)
+    note = (f"timed {k1} and {k2} layers with lm_head, extrapolated linearly to {L} layers; random weights; "
+            f"batch 1; past {past}; median of {repeats}")
+    return {"shape": shape, "dims": dims, "rows": rows, "note": note}

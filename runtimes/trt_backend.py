@@ -1,0 +1,167 @@
+"""Native TensorRT: build an engine from decoder.onnx and run it behind the same `step(feeds)` interface.
+
+Only where TensorRT and a CUDA GPU exist (TensorRT cannot be installed on the dev / CI machine: PyPI's wheels
+are download stubs); everything here is import-guarded and its tests are marked `tensorrt`.
+
+- Build: explicit-batch network from the ONNX, strongly typed when the graph carries Q/DQ (the INT8 export for
+  `--target tensorrt`), two optimisation profiles (prefill: seq 1..max_prompt, past 0..; denoise: seq fixed at
+  the block size (2 x block for commit + denoise), past 0..max_len), a timing cache next to the engine.
+- Metadata (`<engine>.json`): TensorRT version, GPU name and compute capability, profiles, the source ONNX's
+  sha256. An engine whose metadata does not match this machine or its ONNX is refused (one-line error).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bard_deploy import iospec
+from bard_deploy.config import load_config
+from bard_deploy.errors import ExportError, RuntimeInputError
+from bard_deploy.manifest import read_manifest, sha256
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise RuntimeInputError("the tensorrt backend needs TensorRT (pip install 'bard-deploy[tensorrt]' on a "
+                                "machine with an NVIDIA GPU and CUDA)", "tensorrt") from e
+    if not torch.cuda.is_available():
+        raise RuntimeInputError("the tensorrt backend needs a CUDA GPU; none is visible", "tensorrt")
+    return trt
+
+
+def machine_facts() -> dict:
+    trt = _trt()
+    props = torch.cuda.get_device_properties(0)
+    return {"tensorrt": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def check_engine_metadata(meta: dict, facts: dict, onnx_sha256: str) -> None:
+    """Refuse an engine built for another TensorRT, GPU or ONNX (pure function: testable without TensorRT)."""
+    for key in ("tensorrt", "gpu", "compute_capability"):
+        if meta.get(key) != facts.get(key):
+            raise ExportError(f"TensorRT engine was built for {key} {meta.get(key)!r}, this machine has "
+                              f"{facts.get(key)!r}: rebuild it (bard-deploy export --target tensorrt)", key)
+    if meta.get("onnx_sha256") != onnx_sha256:
+        raise ExportError("TensorRT engine was built from another decoder.onnx: rebuild it", "onnx_sha256")
+
+
+def profiles(io: iospec.DecoderIO, block_size: int, max_prompt: int, max_len: int) -> list[dict]:
+    """(min, opt, max) sequence / past lengths of the two optimisation profiles."""
+    return [
+        {"name": "prefill", "seq": (1, min(256, max_prompt), max_prompt), "past": (0, 0, max_len)},
+        {"name": "denoise", "seq": (block_size, block_size, 2 * block_size), "past": (0, max_len // 2, max_len)},
+    ]
+
+
+def build_engine(onnx_path: Path, engine_path: Path, io: iospec.DecoderIO, block_size: int, max_prompt: int = 2048,
+                 max_len: int = 4096, strongly_typed: bool = False) -> dict:
+    """Build and save an engine + its metadata; returns the metadata."""
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errors}", str(onnx_path))
+    config = builder.create_builder_config()
+    cache_path = engine_path.with_suffix(".timing.cache")
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profs = profiles(io, block_size, max_prompt, max_len)
+    for p in profs:
+        prof = builder.create_optimization_profile()
+        for spec in io.inputs:
+            shapes = []
+            for which in range(3):
+                dims = []
+                for d in spec.shape:
+                    if d == "batch":
+                        dims.append(1)
+                    elif d == "seq":
+                        dims.append(p["seq"][which])
+                    elif d == "past":
+                        dims.append(p["past"][which])
+                    elif d == "past+seq":
+                        dims.append(p["past"][which] + p["seq"][which])
+                    else:
+                        dims.append(int(d))
+                shapes.append(dims)
+            prof.set_shape(spec.name, *shapes)
+        config.add_optimization_profile(prof)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name}", str(onnx_path))
+    engine_path.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    meta = {**machine_facts(), "onnx_sha256": sha256(onnx_path), "profiles": profs, "strongly_typed": strongly_typed}
+    engine_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+class TrtBackend:
+    """Runs `<export>/decoder.<variant>.engine` (built on first use when absent) on the GPU."""
+
+    def __init__(self, directory: str | Path, variant: str | None = None):
+        trt = _trt()
+        directory = Path(directory)
+        m = read_manifest(directory)
+        self.config = load_config(directory)
+        self.io = iospec.DecoderIO.for_config(self.config)
+        variant = variant or m.get("default_variant", "fp32")
+        onnx_name = m["graphs"]["decoder"][variant]
+        # Engines are machine-specific, so they live beside (not inside) the hashed export directory.
+        engine = directory.parent / f"{directory.name}.{variant}.engine"
+        meta_path = engine.with_suffix(".json")
+        if not engine.is_file():
+            block = self.config.bard.block_size if self.config.bard else 1
+            build_engine(directory / onnx_name, engine, self.io, block, strongly_typed=variant != "fp32")
+        check_engine_metadata(json.loads(meta_path.read_text()), machine_facts(), sha256(directory / onnx_name))
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(engine.read_bytes())
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        from safetensors.torch import load_file
+        self.embeddings = load_file(str(directory / m["embeddings"]))["embed_tokens"]
+        self.block_size = self.config.bard.block_size if self.config.bard else 1
+        self.vision = None
+        if m.get("vision"):
+            from bard_deploy.runtimes.ort_backend import OrtBackend
+            self.vision = OrtBackend(directory, variant="fp32")   # the vision graph runs once per image
+
+    def embed(self, input_ids):
+        return self.embeddings[input_ids]
+
+    def encode_images(self, pixel_values, grid_thw):
+        if self.vision is None:
+            raise RuntimeInputError("this export has no vision graph but an image was given", "image")
+        return self.vision.encode_images(pixel_values, grid_thw)
+
+    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seq = feeds[iospec.INPUTS_EMBEDS].shape[1]
+        profile = 1 if seq in (self.block_size, 2 * self.block_size) and self.block_size > 1 else 0
+        self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+        dev = {k: v.to("cuda", non_blocking=True).contiguous() for k, v in feeds.items()}
+        for name, t in dev.items():
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = {}
+        for spec in self.io.outputs:
+            shape = tuple(self.context.get_tensor_shape(spec.name))
+            outs[spec.name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(spec.name, outs[spec.name].data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ExportError("TensorRT execution failed", "execute_async_v3")
+        self.stream.synchronize()
+        return {k: v.cpu() for k, v in outs.items()}
+
+
+

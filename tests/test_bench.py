@@ -1,0 +1,82 @@
+"""Bench: statistics from recorded timings, the JSON line and its keys, a tiny end-to-end bench, EOS counting."""
+
+import json
+
+import pytest
+
+from bard_deploy.bench import Request, Summary, bench, percentile
+from bard_deploy.cli import main
+from bard_deploy.embedded import new_checkpoint
+
+SIZES = dict(hidden=64, layers=2)
+ROW_KEYS = {"name", "block_size", "threshold", "requests", "exact_match", "tokens", "nfe", "tokens_per_forward",
+            "nfe_per_token", "steps_per_block", "ttft_ms", "step_ms_p50", "step_ms_p90", "step_ms_p99", "prefill_ms",
+            "vision_ms", "decode_tokens_per_s", "e2e_tokens_per_s", "peak_rss_mb", "speedup_decode_vs_ar",
+            "speedup_e2e_vs_ar"}
+
+
+def test_percentiles():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(map(float, range(101))), 90) == 90.0
+    assert percentile([1.0, 2.0], 50) == 1.5 and percentile([], 50) == 0.0
+
+
+def test_statistics_from_synthetic_timings():
+    # request 1: 2 blocks (3 + 2 steps), 8 tokens; request 2: 1 block of 4 steps, 3 tokens (stopped at EOS)
+    r1 = Request(8, 6, 0.010, 0.004, 0.050, [0.01, 0.01, 0.01, 0.01, 0.01], [3, 2], True)
+    r2 = Request(3, 5, 0.020, 0.006, 0.040, [0.01, 0.01, 0.01, 0.01], [4], False)
+    d = Summary("x", 4, 0.9, [r1, r2]).as_dict()
+    assert d["tokens"] == 11 and d["nfe"] == 11
+    assert d["tokens_per_forward"] == 1.0 and d["nfe_per_token"] == 1.0
+    assert d["exact_match"] == 0.5 and d["steps_per_block"] == 3.0
+    assert d["decode_tokens_per_s"] == pytest.approx(11 / 0.090, rel=1e-3)
+    assert d["e2e_tokens_per_s"] == pytest.approx(11 / 0.120, rel=1e-3)
+    assert d["ttft_ms"] == pytest.approx(1e3 * (0.040 + 0.060) / 2)      # median of prefill + first block
+    assert d["step_ms_p50"] == 10.0 and d["prefill_ms"] == 15.0 and d["vision_ms"] == 5.0
+    ar = Request(5, 5, 0.010, 0.0, 0.040, [0.01] * 4, [], True)
+    assert Summary("ar", None, None, [ar]).as_dict()["ttft_ms"] == 10.0      # AR: the prefill yields token 1
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("b")
+    src = new_checkpoint(root / "source", **SIZES)
+    b4 = new_checkpoint(root / "b4", bard={"block_size": 4, "source_model": str(src)}, **SIZES)
+    return src, b4, root
+
+
+def test_tiny_bench_end_to_end(run):
+    src, b4, root = run
+    res = bench([b4], None, thresholds=[0.5, 0.9], requests=3, warmup=1, max_new_tokens=12, out=root / "out",
+                log=lambda *a: None)
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["AR baseline", "BARD b4", "BARD b4", "transformers generate (AR)"]
+    for r in res["rows"]:
+        assert ROW_KEYS <= set(r) and r["requests"] == 3
+        assert r["tokens"] <= 3 * 12                                   # nothing counted past max_new / EOS
+    assert res["rows"][0]["speedup_decode_vs_ar"] == 1.0
+    assert (root / "out" / "bench.png").stat().st_size > 5000
+    assert json.loads((root / "out" / "bench.json").read_text())["header"]["backend"] == "TorchBackend"
+
+
+def test_cli_bench_last_line_is_json(run, capsys):
+    _, b4, root = run
+    assert main(["bench", "--model", str(b4), "--requests", "2", "--warmup", "0", "--max-new-tokens", "8",
+                 "--no-transformers", "--out", str(root / "cli")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    obj = json.loads(last)
+    assert {"header", "rows", "plot"} <= set(obj) and ROW_KEYS <= set(obj["rows"][1])
+    assert {"machine", "backend", "torch", "onnxruntime", "transformers", "torch_threads"} <= set(obj["header"])
+
+
+def test_tokens_after_eos_are_not_counted(run):
+    """An EOS in the middle of a block: the tokens after it are dropped from the count."""
+    from bard_deploy.runtimes.api import Pipeline
+    _, b4, _ = run
+    pipe = Pipeline.load(b4)
+    free = pipe.generate("Describe the picture.", max_new_tokens=12, threshold=0.9)
+    eos = free.token_ids[5]
+    first = free.token_ids.index(eos)
+    pipe.eos_ids = [eos]
+    g = pipe.generate("Describe the picture.", max_new_tokens=12, threshold=0.9)
+    assert g.stats.tokens == [first + 1] and len(g.token_ids) == first + 1
