@@ -32,8 +32,8 @@ demo: $(STAMP)
 	$(PY) -c "from bard_deploy.data.synthetic import samples; s = next(samples('test', 1)); \
 	    s.image().save('$(RUN)/sample.png'); print('sample:', s.question, '->', s.answer)"
 	$(BD) generate --model $(RUN)/export-b16 --prompt "Describe the picture." --image $(RUN)/sample.png --stats
-	$(BD) bench --model $(RUN)/export-b16 --ar-model $(RUN)/export-source --variant fp32 --out $(RUN)/bench-fp32
-	$(BD) bench --model $(RUN)/export-b16 --ar-model $(RUN)/export-source --variant int8 --out $(RUN)/bench-int8
+	$(BD) bench --model $(RUN)/export-b16 --ar-model $(RUN)/export-source --variant fp32 --thresholds 0.5,0.7,0.9 --out $(RUN)/bench-fp32
+	$(BD) bench --model $(RUN)/export-b16 --ar-model $(RUN)/export-source --variant int8 --thresholds 0.5,0.7,0.9 --out $(RUN)/bench-int8
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -30,7 +30,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 
 PRESETS = {
     # name: (stages spec, synthetic train samples)
-    "default": ("b4:4:600,b8:8:250:150,b16:16:250:150", 8000),
+    "default": ("b4:4:800,b8:8:250:150,b16:16:250:150", 8000),
     "quality": ("b4:4:800,b8:8:400:200,b16:16:400:200,b32:32:300:200", 16000),
     "smoke": ("b4:4:4,b8:8:2:2", 64),
 }
@@ -252,7 +252,7 @@ def bench(
                       str(r["steps_per_block"] or "-"), f"{r['tokens_per_forward']:.2f}", f"{r['nfe_per_token']:.2f}",
                       f"{r['decode_tokens_per_s']:.0f}", f"{r['e2e_tokens_per_s']:.0f}", f"{r['prefill_ms']:.1f}",
                       f"{r['vision_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['speedup_decode_vs_ar']:.2f}x")
-    console.print(table)
+    Console(width=max(console.width, 200)).print(table)   # 15 columns: never squeeze them to 80
     console.print(f"plot: {res['plot']}   json: {out / 'bench.json'}")
     print(json.dumps({"header": h, "rows": res["rows"], "plot": res["plot"]}))
 

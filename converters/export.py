@@ -104,7 +104,7 @@ def quantize(fp32: Path, out: Path, target: str, calibration: list[dict], exclud
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         if target == "cpu":
             quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             reduce_range=True, nodes_to_exclude=exclude)
+                             reduce_range=True, per_channel=True, nodes_to_exclude=exclude)
             return
 
         class Reader(CalibrationDataReader):
@@ -222,7 +222,7 @@ def _int8(model, torch_pipe, tmp: Path, o: Int8Options, opts: dict, ar: bool, lo
         top1 = top1_agreement(session(tmp / name), held_out)
         write_manifest(tmp, {**body, "graphs": {"decoder": {"fp32": "decoder.onnx", "int8": name}}})
         em = _exact_match_pair(tmp, o.eval_samples, opts, ar, OrtBackend)
-        gate = {"target": o.target, "scheme": ("dynamic, s8 weights with reduce_range (7-bit), MatMul only"
+        gate = {"target": o.target, "scheme": ("dynamic, per-channel s8 weights with reduce_range (7-bit), MatMul only"
                                                if o.target == "cpu" else "static QDQ S8S8, per-channel weights"),
                 "top1_agreement": round(top1, 4), "held_out_steps": len(held_out), "exact_match_fp32": em[0],
                 "exact_match_int8": em[1], "exact_match_drop": round(em[0] - em[1], 4), "attempt": attempt,
