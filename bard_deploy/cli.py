@@ -30,7 +30,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 
 PRESETS = {
     # name: (stages spec, synthetic train samples)
-    "default": ("b4:4:800,b8:8:250:150,b16:16:250:150", 8000),
+    "default": ("b4:4:600,b8:8:250:150,b16:16:250:150", 8000),
     "quality": ("b4:4:800,b8:8:400:200,b16:16:400:200,b32:32:300:200", 16000),
     "smoke": ("b4:4:4,b8:8:2:2", 64),
 }

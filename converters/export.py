@@ -59,14 +59,21 @@ def _decode_options(cfg) -> dict:
     return {"max_new_tokens": 64} if cfg.bard is None else {"max_new_tokens": 64, "threshold": 0.9}
 
 
-def top1_agreement(sess, records: list[tuple[dict, dict]]) -> float:
-    """Fraction of positions whose argmax logit equals the fp32 PyTorch one, over recorded steps."""
+def top1_agreement(sess, records: list[tuple[dict, dict]], decision: int) -> float:
+    """Fraction of *decision* positions whose argmax equals the fp32 PyTorch one, over recorded steps.
+
+    Decision positions are the ones the decoder reads: the last `decision` positions of each step (AR: 1, the
+    next token; BARD: the block's canvas). BARD never reads prefill logits, so prefills (empty past) are skipped;
+    prompt positions would only measure noise in predictions nobody uses.
+    """
     from bard_deploy.converters.onnx_export import to_numpy
 
     agree = total = 0
     for feeds, expected in records:
-        logits = sess.run([iospec.LOGITS], to_numpy(feeds))[0]
-        ref = expected[iospec.LOGITS].numpy()
+        if decision > 1 and feeds[iospec.past_key(0)].shape[2] == 0:
+            continue
+        logits = sess.run([iospec.LOGITS], to_numpy(feeds))[0][:, -decision:]
+        ref = expected[iospec.LOGITS].numpy()[:, -decision:]
         agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
         total += ref.shape[0] * ref.shape[1]
     return agree / max(total, 1)
@@ -219,7 +226,7 @@ def _int8(model, torch_pipe, tmp: Path, o: Int8Options, opts: dict, ar: bool, lo
     gate: dict = {}
     for attempt in ("all MatMuls", "lm_head and first/last layers kept fp32"):
         quantize(tmp / "decoder.onnx", tmp / name, o.target, [f for f, _ in calib], exclude)
-        top1 = top1_agreement(session(tmp / name), held_out)
+        top1 = top1_agreement(session(tmp / name), held_out, 1 if ar else model.config.bard.block_size)
         write_manifest(tmp, {**body, "graphs": {"decoder": {"fp32": "decoder.onnx", "int8": name}}})
         em = _exact_match_pair(tmp, o.eval_samples, opts, ar, OrtBackend)
         gate = {"target": o.target, "scheme": ("dynamic, per-channel s8 weights with reduce_range (7-bit), MatMul only"

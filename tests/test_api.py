@@ -100,3 +100,30 @@ def test_cli_generate_refuses_other_block_size(bard_dir, capsys):
     assert "allow-block-size-mismatch" in capsys.readouterr().err
     assert main(["generate", "--model", str(bard_dir), "--prompt", "hi", "--block-size", "8",
                  "--allow-block-size-mismatch", "--max-new-tokens", "8"]) == 0
+
+
+def test_kv_buffers_are_released_after_each_call(pipe, monkeypatch):
+    """Memory stays bounded: no KV buffer outlives its call, sequential or concurrent."""
+    import gc
+    import weakref
+
+    import bard_deploy.runtimes.decode as decode
+
+    refs = []
+
+    class Tracked(decode.KVCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            refs.append(weakref.ref(self))
+
+    monkeypatch.setattr(decode, "KVCache", Tracked)
+    s = make_sample(9)
+    threads = [threading.Thread(target=lambda: pipe.generate(s.question, images=[s.image()], max_new_tokens=8))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    list(pipe.stream(s.question, images=[s.image()], max_new_tokens=8))
+    gc.collect()
+    assert len(refs) == 5 and all(r() is None for r in refs)

@@ -56,7 +56,7 @@ def test_source_training_lowers_loss_and_loads(source):
     assert "reusing" in msgs[0]
 
 
-def small_trainer(tmp_path, tok, steps, seed=0):
+def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None):
     cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
     enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
     examples = synthetic_examples(enc, "train", 24, 128)
@@ -66,7 +66,7 @@ def small_trainer(tmp_path, tok, steps, seed=0):
     setup = LossSetup("mix", cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal")
     return Trainer(model, Schedule(steps=steps, lr=2e-3, batch_size=6, micro_batch=4, warmup=1), examples,
                    lambda ex: collate_diffusion(ex, cfg, 4, tok.pad_token_id, tok.eos_token_id), bard_loss(setup),
-                   tmp_path, seed=seed, save_every=3, progress=False)
+                   tmp_path, seed=seed, save_every=3, progress=False, dist_info=dist_info)
 
 
 def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok):
@@ -146,3 +146,25 @@ def test_recipe_toml_and_stage_specs(tmp_path):
     p.write_text('nmae = "typo"\n')
     with pytest.raises(ConfigError, match="nmae"):
         load_recipe(p)
+
+
+def test_two_process_gloo_run_follows_the_one_process_loss_curve(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) with the same global batch gives the same loss curve."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def losses(cmd):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, timeout=300).stdout
+        return json.loads(next(ln for ln in out.splitlines() if ln.startswith("LOSSES "))[7:])
+
+    one = losses([sys.executable, str(here / "ddp_train.py"), str(tmp_path / "one"), "4"])
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    two = losses([torchrun, "--standalone", "--nproc_per_node", "2", str(here / "ddp_train.py"),
+                  str(tmp_path / "two"), "4"])
+    assert len(one) == len(two) == 4
+    assert one == pytest.approx(two, rel=1e-4)

@@ -65,7 +65,7 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
 
 
 DEFAULT_STAGES = (
-    Stage("b4", 4, 800),
+    Stage("b4", 4, 600),
     Stage("b8", 8, 250, distill_steps=150),
     Stage("b16", 16, 250, distill_steps=150),
 )

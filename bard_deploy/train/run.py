@@ -125,5 +125,5 @@ def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
     for r in rows:
         table.add_row(r["model"], str(r["block_size"]), str(r["threshold"]), f"{100 * r['exact_match']:.1f}%",
                       f"{100 * r['token_accuracy']:.1f}%", f"{r['tokens_per_forward']:.2f}", str(r["nfe"]))
-    Console().print(table)
+    Console(width=120).print(table)
     return {"eval_samples": len(convs), "rows": rows}

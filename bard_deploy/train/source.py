@@ -31,7 +31,7 @@ DATA_VERSION = "synthetic-v1"   # bump when the generator's output changes
 @dataclass(frozen=True)
 class SourceRecipe:
     train_samples: int = 8000
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 1.5e-3
     warmup: int = 40
