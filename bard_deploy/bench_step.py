@@ -132,7 +132,10 @@ def step_bench(shape: str = "qwen3-vl-2b", tokens=(1, 4, 8, 16, 32), past: int =
             t1, t2 = raw[b, k1, T], raw[b, k2, T]
             t = t1 + (L - k1) * (t2 - t1) / (k2 - k1)
             bpw = 1.0 if b.endswith("int8") else 4.0
-            rows.append({"backend": b, "T": T, "past": past, "ms_per_step": round(1e3 * t, 2),
+            # more layers must cost more; if not, timing noise swamped the slope and the row means nothing
+            rows.append({"backend": b, "T": T, "past": past, "reliable": t2 > t1,
+                         f"ms_measured_{k1}_layers": round(1e3 * t1, 2), f"ms_measured_{k2}_layers": round(1e3 * t2, 2),
+                         "ms_per_step": round(1e3 * t, 2),
                          "ms_per_token": round(1e3 * t / T, 3),
                          "weight_GBps": round(weight_bytes(dims, L, bpw) / t / 1e9, 1)})
     for b in backends:

@@ -221,11 +221,12 @@ def bench(
             raise ConfigError(f"--layers-subset needs two increasing layer counts, got {layers_subset!r}", ks)
         res = step_bench(shape, [int(t) for t in _floats(tokens, "tokens")], past, tuple(ks), log=console.print)
         table = Table(title=f"decoder step, {shape} ({res['note']})")
-        for col in ("backend", "T", "ms/step", "ms/token", "cost vs T=1", "weights GB/s"):
+        for col in ("backend", "T", "ms/step", "ms/token", "cost vs T=1", "weights GB/s", "note"):
             table.add_column(col)
         for r in res["rows"]:
             table.add_row(r["backend"], str(r["T"]), f"{r['ms_per_step']:.1f}", f"{r['ms_per_token']:.2f}",
-                          f"{r['cost_vs_T1']:.2f}x", f"{r['weight_GBps']:.1f}")
+                          f"{r['cost_vs_T1']:.2f}x", f"{r['weight_GBps']:.1f}",
+                          "" if r["reliable"] else "unreliable: more layers timed faster (noise)")
         console.print(table)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_step.json").write_text(json.dumps(res, indent=2) + "\n")
