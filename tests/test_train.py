@@ -168,3 +168,23 @@ def test_two_process_gloo_run_follows_the_one_process_loss_curve(tmp_path):
                   str(tmp_path / "two"), "4"])
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, rel=1e-4)
+
+
+def test_recipe_on_a_chat_jsonl(tmp_path, source):
+    """The real-user path: --source DIR --data rows.jsonl (images by relative path), bad rows skipped and counted."""
+    rows = []
+    (tmp_path / "img").mkdir()
+    for i in range(12):
+        s = make_sample(i)
+        s.image().save(tmp_path / "img" / f"{i}.png")
+        rows.append(json.dumps({"messages": s.messages(image=f"img/{i}.png")}))
+    rows.append('{"messages": [{"role": "user", "content": "no answer"}]}')
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    logs = []
+    r = Recipe(name="chat", out=str(tmp_path / "runs"), source=str(source), data=str(tmp_path / "rows.jsonl"),
+               stages=(Stage("b4", 4, 2, batch_size=4),))
+    res = train(r, progress=False, log=logs.append)
+    assert any("13 rows read, 1 skipped" in m for m in logs) and any("rows.jsonl:13" in m for m in logs)
+    b4 = load_model(tmp_path / "runs" / "chat" / "b4")
+    assert b4.config.bard.block_size == 4 and len(b4.config.bard.data_hash) == 16
+    assert "rows" not in res                     # evaluation runs on the synthetic split only
