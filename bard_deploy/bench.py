@@ -143,9 +143,9 @@ def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     enc = PromptEncoder(tok, proc, cfg.image_token_id, cfg.spatial_merge_size)
-    gen_cfg = json.loads((source_dir / "generation_config.json").read_text()) if (
-        source_dir / "generation_config.json").is_file() else {}
-    eos = gen_cfg.get("eos_token_id", tok.eos_token_id)
+    from bard_deploy.runtimes.api import _eos_ids
+
+    eos_ids = _eos_ids(source_dir, tok)
     summary = Summary("transformers generate (AR)", None, None)
     reset_peak_rss()
     for i, conv in enumerate(convs):
@@ -160,13 +160,12 @@ def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max
             model(**kw)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out = model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+            out = model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                                  pad_token_id=tok.pad_token_id)
             total = time.perf_counter() - t0
         if i < warmup:
             continue
         new = out[0, ids.shape[1]:].tolist()
-        eos_ids = eos if isinstance(eos, list) else [eos]
         cut = next((j for j, t in enumerate(new) if t in eos_ids), None)
         new = new if cut is None else new[:cut + 1]
         text = tok.decode(new, skip_special_tokens=True).strip()

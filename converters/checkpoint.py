@@ -229,7 +229,7 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
         for f in copy_files:
             shutil.copy2(f, tmp / Path(f).name)
         _fsync_dir(tmp)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except OSError as e:   # disk full, permissions, ...: the previous checkpoint is untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {directory}: {e.strerror or e}; the previous one (if any) "
@@ -240,7 +240,7 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
     return directory
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Move the complete directory `new` to `target`, replacing an older one only after it is in place."""
     old = None
     if target.exists():

@@ -140,8 +140,8 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, int8_
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         manifest = _export_into(model_dir, tmp, int8, int8_options, image_size, log)
-        from bard_deploy.converters.checkpoint import _replace_dir
-        _replace_dir(tmp, out_dir)
+        from bard_deploy.converters.checkpoint import replace_dir
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -149,9 +149,8 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, int8_
 
 
 def _export_into(model_dir: Path, tmp: Path, int8: bool, o: Int8Options, image_size: int | None, log) -> dict:
-    from bard_deploy.calibration.collect import record, save_calibration
+    from bard_deploy.calibration.collect import record
     from bard_deploy.runtimes.backend import TorchBackend
-    from bard_deploy.runtimes.ort_backend import OrtBackend
 
     t0 = time.perf_counter()
     model = load_model(model_dir)
@@ -209,12 +208,13 @@ def _export_into(model_dir: Path, tmp: Path, int8: bool, o: Int8Options, image_s
             "exporter": f"torch {torch.__version__} TorchScript exporter, opset 17"}
     # 3. INT8
     if int8:
-        body.update(_int8(model, torch_pipe, tmp, o, opts, ar, log, OrtBackend, record, save_calibration, body))
+        body.update(_int8(model, torch_pipe, tmp, o, opts, ar, log, body))
     return write_manifest(tmp, body)
 
 
-def _int8(model, torch_pipe, tmp: Path, o: Int8Options, opts: dict, ar: bool, log, OrtBackend, record,
-          save_calibration, body: dict) -> dict:
+def _int8(model, torch_pipe, tmp: Path, o: Int8Options, opts: dict, ar: bool, log, body: dict) -> dict:
+    from bard_deploy.calibration.collect import record, save_calibration
+
     t0 = time.perf_counter()
     calib = record(torch_pipe, _conversations("validation", o.calibration_samples, offset=3), ar=ar, **opts)
     held_out = record(torch_pipe, _conversations("validation", max(4, o.calibration_samples // 4),
@@ -228,7 +228,7 @@ def _int8(model, torch_pipe, tmp: Path, o: Int8Options, opts: dict, ar: bool, lo
         quantize(tmp / "decoder.onnx", tmp / name, o.target, [f for f, _ in calib], exclude)
         top1 = top1_agreement(session(tmp / name), held_out, 1 if ar else model.config.bard.block_size)
         write_manifest(tmp, {**body, "graphs": {"decoder": {"fp32": "decoder.onnx", "int8": name}}})
-        em = _exact_match_pair(tmp, o.eval_samples, opts, ar, OrtBackend)
+        em = _exact_match_pair(tmp, o.eval_samples, opts, ar)
         gate = {"target": o.target, "scheme": ("dynamic, per-channel s8 weights with reduce_range (7-bit), MatMul only"
                                                if o.target == "cpu" else "static QDQ S8S8, per-channel weights"),
                 "top1_agreement": round(top1, 4), "held_out_steps": len(held_out), "exact_match_fp32": em[0],
@@ -251,8 +251,9 @@ def _int8(model, torch_pipe, tmp: Path, o: Int8Options, opts: dict, ar: bool, lo
                                           "steps": len(calib)}}
 
 
-def _exact_match_pair(tmp: Path, n: int, opts: dict, ar: bool, OrtBackend) -> tuple[float, float]:
+def _exact_match_pair(tmp: Path, n: int, opts: dict, ar: bool) -> tuple[float, float]:
     from bard_deploy.evaluate import evaluate
+    from bard_deploy.runtimes.ort_backend import OrtBackend
 
     convs = _conversations("test", n)
     out = []

@@ -9,6 +9,7 @@ from bard_deploy.data.synthetic import make_sample
 from bard_deploy.embedded import new_checkpoint
 from bard_deploy.errors import CheckpointError, RuntimeInputError
 from bard_deploy.runtimes.api import Pipeline
+from tiny import assert_concurrent_equals_sequential
 
 SIZES = dict(hidden=64, layers=2)
 
@@ -39,21 +40,7 @@ def test_messages_equal_prompt_plus_images(pipe):
 
 
 def test_concurrent_calls_equal_sequential(pipe):
-    samples = [make_sample(i) for i in range(6)]
-    sequential = [pipe.generate(s.question, images=[s.image()], max_new_tokens=8, threshold=0.5).token_ids
-                  for s in samples]
-    results = [None] * len(samples)
-
-    def work(i):
-        results[i] = pipe.generate(samples[i].question, images=[samples[i].image()], max_new_tokens=8,
-                                   threshold=0.5).token_ids
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(samples))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == sequential
+    assert_concurrent_equals_sequential(pipe, [make_sample(i) for i in range(6)], max_new_tokens=8, threshold=0.5)
 
 
 def test_batch_rows_equal_single_calls(pipe):

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from bard_deploy.data.chat import check_messages
 from bard_deploy.errors import BardError, CheckpointError, ExportError, RuntimeInputError
 from bard_deploy.runtimes.decode import DecodeOptions
 from bard_deploy.runtimes.trt_backend import check_engine_metadata
-from tiny import MASK_ID, qwen3_vl_config
+from tiny import MASK_ID, assert_concurrent_equals_sequential, qwen3_vl_config
 
 HERE = Path(__file__).parent
 STEPS = 8
@@ -226,17 +225,5 @@ def test_concurrent_onnxruntime_calls_equal_sequential(tmp_path):
 
     ck = new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=64, layers=2)
     export(ck, tmp_path / "ex", log=lambda *a: None)
-    pipe = Pipeline.load(tmp_path / "ex")
-    samples = [make_sample(i) for i in range(8)]
-    seq = [pipe.generate(s.question, images=[s.image()], max_new_tokens=8).token_ids for s in samples]
-    got = [None] * len(samples)
-
-    def work(i):
-        got[i] = pipe.generate(samples[i].question, images=[samples[i].image()], max_new_tokens=8).token_ids
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(samples))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got == seq
+    assert_concurrent_equals_sequential(Pipeline.load(tmp_path / "ex"), [make_sample(i) for i in range(8)],
+                                        max_new_tokens=8)

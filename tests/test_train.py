@@ -159,13 +159,18 @@ def test_two_process_gloo_run_follows_the_one_process_loss_curve(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def losses(cmd):
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, timeout=300).stdout
-        return json.loads(next(ln for ln in out.splitlines() if ln.startswith("LOSSES "))[7:])
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("LOSSES "))[7:])
 
+    import socket
+    with socket.socket() as sock:                      # a free port: no clash with another rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     one = losses([sys.executable, str(here / "ddp_train.py"), str(tmp_path / "one"), "4"])
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = losses([torchrun, "--standalone", "--nproc_per_node", "2", str(here / "ddp_train.py"),
-                  str(tmp_path / "two"), "4"])
+    two = losses([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                  str(port), str(here / "ddp_train.py"), str(tmp_path / "two"), "4"])
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, rel=1e-4)
 

@@ -65,3 +65,21 @@ def image_inputs(h: int = 64, w: int = 96, seed: int = 0) -> tuple[torch.Tensor,
 
 def image_prompt(n_img: int, before: list[int], after: list[int]) -> list[int]:
     return before + [VSTART] + [IMG] * n_img + [VEND] + after
+
+
+def assert_concurrent_equals_sequential(pipe, samples, **options) -> None:
+    """Threads calling `pipe.generate` at once get exactly the sequential outputs."""
+    import threading
+
+    seq = [pipe.generate(s.question, images=[s.image()], **options).token_ids for s in samples]
+    got = [None] * len(samples)
+
+    def work(i):
+        got[i] = pipe.generate(samples[i].question, images=[samples[i].image()], **options).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(samples))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == seq

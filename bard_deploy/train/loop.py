@@ -174,8 +174,8 @@ class Trainer:
             for f in tmp.iterdir():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-            from bard_deploy.converters.checkpoint import _replace_dir
-            _replace_dir(tmp, self.state_dir)
+            from bard_deploy.converters.checkpoint import replace_dir
+            replace_dir(tmp, self.state_dir)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"could not write training state {self.state_dir}: {e.strerror or e}; the "
