@@ -69,6 +69,11 @@ class DistInfo:
     def main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group (gloo aborts the process at exit when its group is still alive)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     @classmethod
     def init(cls) -> DistInfo:
         """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""

@@ -35,12 +35,19 @@ def _save(model, directory, config, extra, copies, source_dir: Path):
 def train(recipe: Recipe, resume: bool = True, progress: bool = True, source_recipe: SourceRecipe = SourceRecipe(),
           log=print) -> dict:
     """Run the whole recipe; returns (and writes `runs/<name>/results.json`) the results table."""
+    recipe = recipe.check()
+    d = DistInfo.init()
+    try:
+        return _train(recipe, d, resume, progress, source_recipe, log)
+    finally:
+        d.close()
+
+
+def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_recipe: SourceRecipe, log) -> dict:
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     from bard_deploy.config import load_config
 
-    recipe = recipe.check()
-    d = DistInfo.init()
     log = log if d.main else (lambda *a, **k: None)
     t0 = time.perf_counter()
     if recipe.source is None:
