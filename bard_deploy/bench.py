@@ -143,9 +143,9 @@ def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     enc = PromptEncoder(tok, proc, cfg.image_token_id, cfg.spatial_merge_size)
-    from bard_deploy.runtimes.api import _eos_ids
+    from bard_deploy.runtimes.api import eos_ids_of
 
-    eos_ids = _eos_ids(source_dir, tok)
+    eos_ids = eos_ids_of(source_dir, tok)
     summary = Summary("transformers generate (AR)", None, None)
     reset_peak_rss()
     for i, conv in enumerate(convs):

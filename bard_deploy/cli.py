@@ -28,18 +28,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
     """bard-deploy: train, export, generate, bench, inspect."""
 
 
-PRESETS = {
-    # name: (stages spec, synthetic train samples)
-    "default": ("b4:4:600,b8:8:250:150,b16:16:250:150", 8000),
-    "quality": ("b4:4:800,b8:8:400:200,b16:16:400:200,b32:32:300:200", 16000),
-    "smoke": ("b4:4:4,b8:8:2:2", 64),
-}
-
-
 @app.command()
 def train(
     recipe: Path | None = typer.Option(None, "--recipe", help="A TOML recipe (top-level keys + [[stages]])."),
-    preset: str = typer.Option("default", help=f"Stage and data sizes: {', '.join(PRESETS)}."),
+    preset: str = typer.Option("default", help="Stage and data sizes: default, quality or smoke."),
     name: str | None = typer.Option(None, help="Run name: checkpoints go to OUT/NAME/<stage>."),
     out: str | None = typer.Option(None, help="Output root [default: runs]."),
     source: str | None = typer.Option(None, help="AR source checkpoint [default: the embedded default]."),
@@ -64,7 +56,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Convert an AR VLM into BARD checkpoints (B4 -> B8 -> B16 [-> B32]) and print the results table."""
-    from bard_deploy.train.recipe import load_recipe, parse_stages
+    from bard_deploy.train.recipe import PRESETS, load_recipe, parse_stages
     from bard_deploy.train.run import train as run_train
 
     if preset not in PRESETS:
@@ -77,7 +69,7 @@ def train(
                      activation_checkpointing=activation_checkpointing or None, seed=seed, eval_samples=eval_samples,
                      eval_threshold=eval_threshold, on_error=on_error)
     if recipe is None:
-        overrides["stages"] = parse_stages(stages or spec)
+        overrides["stages"] = parse_stages(stages) if stages else spec
         overrides["train_samples"] = train_samples or samples
     elif stages:
         overrides["stages"] = parse_stages(stages)

@@ -44,7 +44,7 @@ class Result:
     stats: Stats
 
 
-def _eos_ids(directory: Path, tokenizer) -> list[int]:
+def eos_ids_of(directory: Path, tokenizer) -> list[int]:
     """EOS ids from generation_config.json (Qwen3-VL lists several) and the tokenizer."""
     ids = set()
     gen = directory / "generation_config.json"
@@ -124,7 +124,7 @@ class Pipeline:
         processor = None
         if backend.config.has_vision and (directory / "preprocessor_config.json").is_file():
             processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
-        return cls(backend, tokenizer, processor, _eos_ids(directory, tokenizer))
+        return cls(backend, tokenizer, processor, eos_ids_of(directory, tokenizer))
 
     # ---- requests ------------------------------------------------------------------------------------
     def _messages(self, prompt: str | None, messages: list[dict] | None, images: Sequence[object]) -> list[dict]:

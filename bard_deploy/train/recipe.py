@@ -69,6 +69,13 @@ DEFAULT_STAGES = (
     Stage("b8", 8, 250, distill_steps=150),
     Stage("b16", 16, 250, distill_steps=150),
 )
+DEFAULT_TRAIN_SAMPLES = 8000
+# `bard-deploy train --preset NAME`: (stages, synthetic training samples); "default" is the recipe's own default.
+PRESETS = {
+    "default": (DEFAULT_STAGES, DEFAULT_TRAIN_SAMPLES),
+    "quality": (parse_stages("b4:4:800,b8:8:400:200,b16:16:400:200,b32:32:300:200"), 16000),
+    "smoke": (parse_stages("b4:4:4,b8:8:2:2"), 64),
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class Recipe:
     source: str | None = None               # AR source checkpoint; None = the embedded default (built on demand)
     data: str | None = None                 # chat JSONL file/dir; None = the synthetic task
     image_root: str | None = None
-    train_samples: int = 8000               # synthetic samples (ignored with --data)
+    train_samples: int = DEFAULT_TRAIN_SAMPLES   # synthetic samples (ignored with --data)
     stages: tuple[Stage, ...] = DEFAULT_STAGES
     prompt_attention: str = "causal"
     t_min: float = 0.05
