@@ -48,6 +48,9 @@ def train(
     no_distill: bool = typer.Option(False, "--no-distill", help="Ablation: no distillation pass."),
     micro_batch: int | None = typer.Option(None, help="Samples per forward (gradient accumulation)."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
+    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    precision: str | None = typer.Option(None, help="auto (bf16 autocast on CUDA), fp32 or bf16."),
+    strategy: str | None = typer.Option(None, help="Under torchrun: ddp (default) or fsdp (FSDP2, large models)."),
     seed: int | None = typer.Option(None),
     eval_samples: int | None = typer.Option(None, help="Test samples in the results table."),
     eval_threshold: float | None = typer.Option(None, help="Decode threshold of the results table."),
@@ -66,7 +69,8 @@ def train(
                      prompt_attention=prompt_attention, t_min=t_min, weight_cap=weight_cap,
                      distill_lambda=distill_lambda, distill_topk=distill_topk, ar_teacher=ar_teacher or None,
                      no_distill=no_distill or None, micro_batch=micro_batch,
-                     activation_checkpointing=activation_checkpointing or None, seed=seed, eval_samples=eval_samples,
+                     activation_checkpointing=activation_checkpointing or None, device=device, precision=precision,
+                     strategy=strategy, seed=seed, eval_samples=eval_samples,
                      eval_threshold=eval_threshold, on_error=on_error)
     if recipe is None:
         overrides["stages"] = parse_stages(stages) if stages else spec

@@ -1,8 +1,8 @@
 """The Qwen3 text decoder of Qwen3-VL, in plain PyTorch, with HF parameter names.
 
 RMSNorm, interleaved MRoPE (3 position rows: t, h, w), GQA, per-head q/k RMSNorm, SwiGLU, DeepStack
-injection after the first layers. No causal assumption anywhere: every structure comes from the additive
-`attention_bias`, so the same code serves AR prefill, block-diffusion training and cached denoising.
+injection after the first layers. No causal assumption anywhere: every structure comes from the `attention_bias`
+(additive, boolean, or a FlexAttention BlockMask in GPU training), so the same code serves AR prefill, block-diffusion training and cached denoising.
 
 The decoder step is a pure function of its inputs (see `TextModel.forward`): embeddings, positions,
 attention bias and the past K/V in; hidden states and the *new* tokens' K/V out. Nothing here knows
@@ -14,10 +14,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from bard_deploy.config import TextConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (B, kv_heads, T, head_dim)
+
+_compiled_flex = None
+
+
+def flex_attention_fn():
+    """flex_attention, compiled once on CUDA (its fused kernel); eager elsewhere (a slow reference path)."""
+    global _compiled_flex
+    if not torch.cuda.is_available():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +100,9 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)                                   # (B, Hkv, P+T, D)
             v = torch.cat((past[1], v), dim=2)
+        if isinstance(bias, BlockMask):  # FlexAttention (training on GPU): GQA natively, no repeat
+            a = flex_attention_fn()(q, k, v, block_mask=bias, enable_gqa=self.n_heads != self.n_kv)
+            return self.o_proj(a.transpose(1, 2).reshape(B, T, -1)), new
         rep = self.n_heads // self.n_kv                                          # GQA: kv head i serves
         k = k.repeat_interleave(rep, dim=1)                                      # query heads i*rep..
         v = v.repeat_interleave(rep, dim=1)

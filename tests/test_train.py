@@ -56,7 +56,7 @@ def test_source_training_lowers_loss_and_loads(source):
     assert "reusing" in msgs[0]
 
 
-def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None):
+def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp"):
     cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
     enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
     examples = synthetic_examples(enc, "train", 24, 128)
@@ -66,7 +66,7 @@ def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None):
     setup = LossSetup("mix", cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal")
     return Trainer(model, Schedule(steps=steps, lr=2e-3, batch_size=6, micro_batch=4, warmup=1), examples,
                    lambda ex: collate_diffusion(ex, cfg, 4, tok.pad_token_id, tok.eos_token_id), bard_loss(setup),
-                   tmp_path, seed=seed, save_every=3, progress=False, dist_info=dist_info)
+                   tmp_path, seed=seed, save_every=3, progress=False, dist_info=dist_info, strategy=strategy)
 
 
 def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok):
@@ -148,9 +148,12 @@ def test_recipe_toml_and_stage_specs(tmp_path):
         load_recipe(p)
 
 
-def test_two_process_gloo_run_follows_the_one_process_loss_curve(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU) with the same global batch gives the same loss curve."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_gloo_run_follows_the_one_process_loss_curve(tmp_path, strategy):
+    """torchrun --nproc_per_node 2 (gloo, CPU) with the same global batch gives the same loss curve and final
+    weights, replicated (DDP) or sharded (FSDP2); the sharded run also resumes from its gathered state."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -158,21 +161,23 @@ def test_two_process_gloo_run_follows_the_one_process_loss_curve(tmp_path):
     here = Path(__file__).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def losses(cmd):
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        return json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("LOSSES "))[7:])
+    def run(cmd):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
 
-    import socket
     with socket.socket() as sock:                      # a free port: no clash with another rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    one = losses([sys.executable, str(here / "ddp_train.py"), str(tmp_path / "one"), "4"])
+    one = run([sys.executable, str(here / "ddp_train.py"), str(tmp_path / "one"), "4", strategy])
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = losses([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                  str(port), str(here / "ddp_train.py"), str(tmp_path / "two"), "4"])
-    assert len(one) == len(two) == 4
-    assert one == pytest.approx(two, rel=1e-4)
+    two = run([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master-addr", "127.0.0.1", "--master-port",
+               str(port), str(here / "ddp_train.py"), str(tmp_path / "two"), "4", strategy])
+    assert len(one["losses"]) == len(two["losses"]) == 4
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-4)
+    assert one["weights"] == pytest.approx(two["weights"], rel=1e-4, abs=1e-4)   # sums of each tensor
+    # resumed from the state saved at step 3 (written from the gathered shards): the same step 4
+    assert two["resumed_losses"] == pytest.approx(two["losses"][3:], rel=1e-5)
 
 
 def test_recipe_on_a_chat_jsonl(tmp_path, source):

@@ -39,6 +39,16 @@ class TrainBatch:
     def num_samples(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The batch on `device` (the trainer's; a no-op on CPU)."""
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        lay = self.layout
+        return TrainBatch(move(self.input_ids), move(self.position_ids),
+                          Layout(move(lay.kind), move(lay.block), move(lay.index)), move(self.pixel_values),
+                          move(self.image_grid_thw), move(self.loss_mask), self.block_size)
+
 
 def _prompt_positions(ex: Example, cfg: ModelConfig) -> tuple[torch.Tensor, int]:
     """MRoPE positions (3, P) of the prompt and the delta that continues text positions after it."""

@@ -51,10 +51,8 @@ class Layout:
         return Layout(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("kind", "block", "index")))
 
 
-def visibility(q: Layout, k: Layout, prompt_attention: str = "causal") -> torch.Tensor:
-    """Bool (B, Tq, Tk): True where query token i may attend to key token j (the table above)."""
-    qk, qb, qi = q.kind[:, :, None], q.block[:, :, None], q.index[:, :, None]   # (B, Tq, 1)
-    kk, kb, ki = k.kind[:, None, :], k.block[:, None, :], k.index[:, None, :]   # (B, 1, Tk)
+def _visible(qk, qb, qi, kk, kb, ki, prompt_attention: str):
+    """The table above on broadcastable tensors (dense masks) or 0-d tensors (a FlexAttention mask_mod)."""
     if prompt_attention == "causal":
         prompt_order = ki <= qi
     elif prompt_attention == "block":
@@ -71,6 +69,13 @@ def visibility(q: Layout, k: Layout, prompt_attention: str = "causal") -> torch.
     )
 
 
+def visibility(q: Layout, k: Layout, prompt_attention: str = "causal") -> torch.Tensor:
+    """Bool (B, Tq, Tk): True where query token i may attend to key token j (the table above)."""
+    return _visible(q.kind[:, :, None], q.block[:, :, None], q.index[:, :, None],    # (B, Tq, 1)
+                    k.kind[:, None, :], k.block[:, None, :], k.index[:, None, :],    # (B, 1, Tk)
+                    prompt_attention)
+
+
 def attention_bias(q: Layout, k: Layout, prompt_attention: str = "causal",
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive (B, 1, Tq, Tk) bias: 0 where visible, finfo(dtype).min where hidden.
@@ -82,16 +87,43 @@ def attention_bias(q: Layout, k: Layout, prompt_attention: str = "causal",
     return torch.zeros(vis.shape, dtype=dtype).masked_fill(~vis, torch.finfo(dtype).min).unsqueeze(1)
 
 
-def training_mask(layout: Layout, prompt_attention: str = "causal") -> torch.Tensor:
-    """Boolean (N, 1, L, L) mask of a packed training batch (queries = keys = the batch's tokens).
+def training_mask(layout: Layout, prompt_attention: str = "causal", backend: str = "auto"):
+    """The attention mask of a packed training batch (queries = keys = the batch's tokens).
+
+    backend "sdpa": a boolean (N, 1, L, L) tensor; "flex": a FlexAttention `BlockMask` built from the same
+    vectors (never materialises L x L per sample; fully hidden tiles are skipped); "auto": flex on CUDA,
+    sdpa elsewhere (FlexAttention has no fast CPU path).
 
     Pad queries get a self-edge: a fully hidden row would make SDPA return NaN there, and NaN values in the
     pad tokens' V would poison every other row through 0 * NaN in the attention matmul.
     """
+    if backend == "auto":
+        backend = "flex" if layout.kind.is_cuda else "sdpa"
+    if backend == "flex":
+        return flex_training_mask(layout, prompt_attention)
+    if backend != "sdpa":
+        raise ValueError(f"mask backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
     vis = visibility(layout, layout, prompt_attention)
     L = vis.shape[-1]
-    vis |= torch.eye(L, dtype=torch.bool)[None] & (layout.kind == PAD)[:, :, None]
+    vis |= torch.eye(L, dtype=torch.bool, device=vis.device)[None] & (layout.kind == PAD)[:, :, None]
     return vis.unsqueeze(1)
+
+
+def flex_training_mask(layout: Layout, prompt_attention: str = "causal"):
+    """`training_mask` as a FlexAttention BlockMask (same rule, same pad self-edges)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    kind, block, index = layout.kind, layout.block, layout.index
+    _visible(kind[:1, :1], block[:1, :1], index[:1, :1], kind[:1, :1], block[:1, :1], index[:1, :1],
+             prompt_attention)                                   # reject a bad prompt_attention eagerly
+
+    def mask_mod(b, h, q, k):
+        return (_visible(kind[b, q], block[b, q], index[b, q], kind[b, k], block[b, k], index[b, k],
+                         prompt_attention)
+                | ((kind[b, q] == PAD) & (q == k)))
+
+    N, L = kind.shape
+    return create_block_mask(mask_mod, N, None, L, L, device=kind.device)
 
 
 def prompt_layout(attention_mask: torch.Tensor, block_size: int | None = None) -> Layout:

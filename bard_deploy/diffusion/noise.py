@@ -49,10 +49,16 @@ def corrupt(input_ids: torch.Tensor, layout: Layout, prior: str, mask_id: int, t
     """Corrupt the noisy copy of a packed batch (the clean copy and the prompt are untouched).
 
     One generator per sample: a sample's noise depends on its own seed only, not on which micro-batch or
-    process it lands in (so 1 and N processes train identically).
+    process it lands in (so 1 and N processes train identically). The noise is drawn on the CPU and moved to
+    the batch's device, so a GPU run corrupts exactly as a CPU run does.
     """
     if prior not in ("mask", "mix"):
         raise ValueError(f"noise prior must be 'mask' or 'mix', got {prior!r}")
+    device = input_ids.device
+    if device.type != "cpu":
+        c = corrupt(input_ids.cpu(), Layout(*(v.cpu() for v in (layout.kind, layout.block, layout.index))), prior,
+                    mask_id, text_tokens.cpu(), t_min, gens)
+        return Corruption(c.input_ids.to(device), c.corrupted.to(device), c.t.to(device))
     noisy = layout.kind == NOISY
     out = input_ids.clone()
     t = torch.ones(input_ids.shape)

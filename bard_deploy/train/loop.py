@@ -81,8 +81,36 @@ class DistInfo:
         if world == 1:
             return cls()
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" = this process's CUDA device when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)", name) from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available on this machine", name)
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported", name)
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """"auto" = bf16 autocast on a CUDA device that supports it, fp32 elsewhere (CPUs here lack native bf16)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be auto, fp32 or bf16, got {name!r}", name)
+    return name
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
@@ -103,6 +131,18 @@ def step_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
             orders[epoch] = epoch_order(n, seed, epoch)
         out.append(orders[epoch][i])
     return out
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: shard every decoder layer and vision block, then the rest (embeddings, head, mergers) at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = getattr(model, "model", None)
+    for name in ("language_model", "visual"):
+        sub = inner[name] if inner is not None and name in inner else None
+        for block in getattr(sub, "layers", None) or getattr(sub, "blocks", None) or ():
+            fully_shard(block)
+    fully_shard(model)
 
 
 def param_groups(model: torch.nn.Module, sched: Schedule) -> list[dict]:
@@ -133,8 +173,14 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, schedule: Schedule, examples: Sequence, collate: Callable,
                  loss_fn: LossFn, work_dir: str | Path, seed: int = 0, save_every: int = 0, log_every: int = 0,
-                 label: str = "train", dist_info: DistInfo | None = None, progress: bool = True):
+                 label: str = "train", dist_info: DistInfo | None = None, progress: bool = True,
+                 device: torch.device | str = "cpu", precision: str = "fp32", strategy: str = "ddp"):
         self.sched = schedule.check()
+        if strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}", strategy)
+        self.device = resolve_device(str(device))
+        self.precision = resolve_precision(precision, self.device)
+        model.to(self.device)
         self.model, self.examples, self.collate, self.loss_fn = model, examples, collate, loss_fn
         self.work = Path(work_dir)
         self.seed, self.save_every, self.label = seed, save_every, label
@@ -144,8 +190,13 @@ class Trainer:
         if self.sched.batch_size % self.dist.world:
             raise ConfigError(f"global batch {self.sched.batch_size} is not divisible by {self.dist.world} processes",
                               self.sched.batch_size)
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(model)
-                    if self.dist.world > 1 else None)
+        self.fsdp = strategy == "fsdp" and self.dist.world > 1
+        self.ddp = None
+        if self.fsdp:
+            shard(model)
+        elif self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.opt = torch.optim.AdamW(param_groups(model, self.sched), lr=self.sched.lr, betas=self.sched.betas)
         self.step = 0
 
@@ -159,19 +210,20 @@ class Trainer:
         return self.work / "metrics.jsonl"
 
     def save_state(self) -> None:
-        """Atomically write weights, optimizer moments, step and RNG states (safetensors + JSON, no pickle)."""
+        """Atomically write weights, optimizer moments, step and RNG states (safetensors + JSON, no pickle).
+        Every process calls it (FSDP gathers the shards); the main process writes."""
+        weights, moments = self._full_state()
         if not self.dist.main:
             return
         self.work.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".state.tmp-", dir=self.work))
         try:
-            weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-            save_file(weights, tmp / "model.safetensors")
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
             opt = {}
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            for i, p in enumerate(params):
-                for key, value in self.opt.state.get(p, {}).items():
-                    opt[f"{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach().contiguous()
+            for i, state in enumerate(moments):
+                for key, value in state.items():
+                    value = value.detach().cpu()
+                    opt[f"{i}.{key}"] = value.reshape(-1) if key == "step" else value.contiguous()
             save_file(opt, tmp / "optimizer.safetensors")
             meta = {"step": self.step, "schedule": asdict(self.sched), "seed": self.seed,
                     "torch_rng": torch.get_rng_state().tolist(), "python_rng": _py_rng_to_json(random.getstate())}
@@ -203,18 +255,64 @@ class Trainer:
         if meta["schedule"] != json.loads(json.dumps(asdict(self.sched))) or meta["seed"] != self.seed:
             raise CheckpointError(f"training state in {self.state_dir} was written by a different schedule or seed; "
                                   "remove it or use the same settings", str(self.state_dir))
-        self.model.load_state_dict(weights)
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
+        moments = []
+        for i in range(len(self._params)):
             st = {k.split(".", 1)[1]: v for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
-            if st:
-                st["step"] = st["step"].reshape(())
-                self.opt.state[p] = st
+            moments.append({k: v.reshape(()) if k == "step" else v for k, v in st.items()})
+        self._load_full_state(weights, moments)
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         random.setstate(_py_rng_from_json(meta["python_rng"]))
         self.step = meta["step"]
         self._truncate_metrics()
         return True
+
+    @property
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    def _full_state(self, weights_only: bool = False) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """(weights, optimizer state per parameter index) as whole tensors. Under FSDP a collective that
+        gathers the shards: to the main process (the others get empty dicts), or, weights only, to all."""
+        if not self.fsdp:
+            return self.model.state_dict(), [self.opt.state.get(p, {}) for p in self._params]
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not weights_only)
+        weights = get_model_state_dict(self.model, options=options)
+        if weights_only:
+            return weights, []
+        state = get_optimizer_state_dict(self.model, self.opt, options=options).get("state", {})
+        if not self.dist.main:
+            return {}, []
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return weights, [state.get(names[id(p)], {}) for p in self._params]
+
+    def _load_full_state(self, weights: dict[str, torch.Tensor], moments: list[dict[str, torch.Tensor]]) -> None:
+        """Inverse of `_full_state`; every process passes the whole state (FSDP keeps its shard)."""
+        if not self.fsdp:
+            self.model.load_state_dict(weights)
+            for p, st in zip(self._params, moments, strict=True):
+                if st:
+                    self.opt.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in st.items()}
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, weights, options=options)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        groups = get_optimizer_state_dict(self.model, self.opt, options=options)["param_groups"]
+        state = {names[id(p)]: st for p, st in zip(self._params, moments, strict=True) if st}
+        set_optimizer_state_dict(self.model, self.opt, {"state": state, "param_groups": groups}, options=options)
+
+    def unsharded_model(self) -> torch.nn.Module:
+        """The trained model as a plain module, the same on every process (to save it, or to start the next
+        pass from it). Under FSDP a collective: call it on every process."""
+        if not self.fsdp:
+            return self.model
+        weights, _ = self._full_state(weights_only=True)
+        plain = type(self.model)(self.model.config)
+        plain.load_state_dict(weights)
+        return plain.to(self.device)
 
     def _truncate_metrics(self) -> None:
         if not self.metrics_path.is_file() or not self.dist.main:
@@ -236,22 +334,27 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = self.sched.lr * g["lr_scale"] * self.sched.lr_factor(self.step)
         self.opt.zero_grad(set_to_none=True)
-        total = torch.zeros(2)            # summed per-sample loss, samples
+        total = torch.zeros(2, device=self.device)   # summed per-sample loss, samples
         extra: dict[str, float] = {}
         micro = self._micro_batches(self.step)
         for n, (indices, positions) in enumerate(micro):
-            batch = self.collate([self.examples[i] for i in indices])
+            batch = self.collate([self.examples[i] for i in indices]).to(self.device)
             gens = [torch.Generator().manual_seed(sample_seed(self.seed, self.step, p)) for p in positions]
-            sync = self.ddp is None or n == len(micro) - 1
+            sync = n == len(micro) - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)
             ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else _null()
-            with ctx:
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+            with ctx, autocast:
                 per_sample, metrics = self.loss_fn(model, batch, gens)
                 # sum over the global batch / global batch; DDP averages over processes, so scale back up
                 (per_sample.sum() * self.dist.world / self.sched.batch_size).backward()
-            total += torch.tensor([float(per_sample.detach().sum()), len(indices)])
+            total += torch.stack([per_sample.detach().sum().float(), torch.tensor(float(len(indices)), device=self.device)])
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / len(micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.sched.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):               # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.opt.step()
         if self.dist.world > 1:
             dist.all_reduce(total)

@@ -26,7 +26,7 @@ from bard_deploy.diffusion.loss import per_sample_mean, topk_kl, weighted_ce
 from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, training_mask
 from bard_deploy.diffusion.noise import corrupt
 from bard_deploy.errors import ConfigError
-from bard_deploy.train.loop import DistInfo, Schedule, Trainer, plot_losses
+from bard_deploy.train.loop import DistInfo, Schedule, Trainer, plot_losses, resolve_device, resolve_precision
 from bard_deploy.vlm import BardVLM
 
 ANCHOR_BLOCK = 4
@@ -97,6 +97,9 @@ class Recipe:
     no_distill: bool = False
     micro_batch: int = 0
     activation_checkpointing: bool = False
+    device: str = "auto"                    # auto = CUDA when present (LOCAL_RANK under torchrun), else CPU
+    precision: str = "auto"                 # auto = bf16 autocast on CUDA, fp32 on CPU
+    strategy: str = "ddp"                   # under torchrun: ddp (replicas) or fsdp (FSDP2 shards, large models)
     max_len: int = 1024
     seed: int = 0
     eval_samples: int = 200
@@ -119,6 +122,9 @@ class Recipe:
             raise ConfigError("t_min must be in (0, 1] and weight_cap >= 1", (self.t_min, self.weight_cap))
         for s in self.stages:
             s.check()
+        resolve_precision(self.precision, torch.device("cpu"))     # the name only; the device is checked at use
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}", self.strategy)
         return self
 
     @property
@@ -261,6 +267,7 @@ def train_stage(recipe: Recipe, stage: Stage, parent_dir: Path, source_dir: Path
     if resume and is_done(out, fingerprint):
         log(f"{stage.name}: done already ({out})")
         return out
+    device = resolve_device(recipe.device)
     model = load_model(parent_dir).train()
     model.language_model.checkpoint_layers = recipe.activation_checkpointing
     mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
@@ -286,17 +293,20 @@ def train_stage(recipe: Recipe, stage: Stage, parent_dir: Path, source_dir: Path
             continue
         s = replace(setup)
         if teacher_dir is not None:
-            s.teacher = load_model(teacher_dir).eval().requires_grad_(False)
+            s.teacher = load_model(teacher_dir).eval().requires_grad_(False).to(device)
             s.teacher_is_ar = recipe.ar_teacher
             log(f"{stage.name}: distilling from {'the AR source' if recipe.ar_teacher else 'the B4 anchor'} "
                 f"({teacher_dir})")
         sched = Schedule(steps=steps, lr=lr, batch_size=stage.batch_size, micro_batch=recipe.micro_batch,
                          warmup=min(stage.warmup, steps // 5))
         trainer = Trainer(model, sched, examples, collate, bard_loss(s), work / kind, seed=recipe.seed,
-                          save_every=50, label=f"{stage.name} {kind}", dist_info=dist_info, progress=progress)
+                          save_every=50, label=f"{stage.name} {kind}", dist_info=dist_info, progress=progress,
+                          device=device, precision=recipe.precision, strategy=recipe.strategy)
         history[kind] = trainer.run(resume=resume)
+        model = trainer.unsharded_model()
         if dist_info.main:
             plot_losses(trainer.metrics_path, work / kind / "loss.png", f"{stage.name} {kind} loss")
+    model.cpu()
     if not dist_info.main:
         return out
     copies = [p for kind in history for p in (work / kind / "metrics.jsonl", work / kind / "loss.png")]

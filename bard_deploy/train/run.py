@@ -52,7 +52,8 @@ def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_rec
     t0 = time.perf_counter()
     if recipe.source is None:
         source_dir = build_source(Path(recipe.out) / "source", source_recipe, resume=resume, progress=progress,
-                                  dist_info=d, log=log)
+                                  dist_info=d, log=log, device=recipe.device, precision=recipe.precision,
+                                  strategy=recipe.strategy)
         _barrier(d)
     else:
         source_dir = Path(recipe.source)

@@ -71,7 +71,8 @@ def is_built(directory: Path, recipe: SourceRecipe) -> bool:
 
 
 def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), resume: bool = True,
-                 progress: bool = True, dist_info: DistInfo | None = None, log=print) -> Path:
+                 progress: bool = True, dist_info: DistInfo | None = None, log=print, device: str = "cpu",
+                 precision: str = "fp32", strategy: str = "ddp") -> Path:
     """Train (or reuse) the source model into `directory`; returns it."""
     directory = Path(directory)
     dist_info = dist_info or DistInfo()
@@ -92,8 +93,10 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
                      min_lr_ratio=0.05, vision_lr_ratio=recipe.vision_lr_ratio)
     work = directory.parent / ".work" / directory.name
     trainer = Trainer(model, sched, examples, lambda ex: collate_ar(ex, cfg, tokenizer.pad_token_id), ar_loss, work,
-                      seed=recipe.seed, save_every=100, label="source (AR)", dist_info=dist_info, progress=progress)
+                      seed=recipe.seed, save_every=100, label="source (AR)", dist_info=dist_info, progress=progress,
+                      device=device, precision=precision, strategy=strategy)
     history = trainer.run(resume=resume)
+    model = trainer.unsharded_model().cpu()
     if not dist_info.main:
         return directory
     plot_losses(trainer.metrics_path, work / "loss.png", "source model (AR next-token loss)")
