@@ -1,8 +1,9 @@
 """The training loop shared by the AR source model and every BARD stage.
 
 AdamW (vision tower at its own lower learning rate, no decay on norms / biases / embeddings), linear warm-up
-then cosine decay, gradient accumulation, gradient clipping, DDP under torchrun (gloo on CPU), a rich progress
-bar with ETA, metrics as JSONL and a loss-curve PNG, and atomic, resumable training state.
+then cosine decay, gradient accumulation, gradient clipping, under torchrun DDP or FSDP2 (gloo on CPU, nccl on
+GPU), CUDA placement with bf16 autocast, a rich progress bar with ETA, metrics as JSONL and a loss-curve PNG,
+and atomic, resumable training state (FSDP gathers the shards into the same files).
 
 Determinism: the samples of step s and the noise of each sample are functions of (seed, s, sample index) only,
 so a resumed run reaches the same weights as an uninterrupted one, and N processes with the same global batch

@@ -25,7 +25,7 @@ from bard_deploy.prompting import PromptEncoder
 from bard_deploy.train.loop import DistInfo, Schedule, Trainer, plot_losses
 from bard_deploy.vlm import BardVLM
 
-DATA_VERSION = "synthetic-v1"   # bump when the generator's output changes
+DATA_VERSION = "synthetic-v2"   # bump when the generator's output changes
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,13 @@ class SourceRecipe:
     train_samples: int = 8000
     steps: int = 1500
     batch_size: int = 32
-    lr: float = 1.5e-3
-    warmup: int = 40
+    lr: float = 1e-3         # 1.5e-3 and above: training is unstable and exact match swings from 45 to 85 %
+    warmup: int = 100
     vision_lr_ratio: float = 0.5
+    # std of the ViT's learned position embedding at init. HF's 0.02 leaves an object's grid cell barely
+    # decodable from its image token (linear probe: 40 %) and "where is X" unlearnable in the budget; 0.3 makes
+    # it decodable (100 %); 1.0 drowns the content (reading collapses).
+    vision_pos_std: float = 0.3
     seed: int = 0
     hidden: int = 128
     layers: int = 4
@@ -87,6 +91,8 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
                                   recipe.max_len)
     log(f"source model: {len(examples)} training samples encoded in {time.perf_counter() - t0:.1f} s")
     model = BardVLM(cfg)
+    with torch.no_grad():
+        model.visual.pos_embed.weight.normal_(0.0, recipe.vision_pos_std)
     log(f"source model: {model.num_parameters() / 1e6:.2f} M parameters, {recipe.steps} steps of "
         f"{recipe.batch_size}")
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, warmup=recipe.warmup,
