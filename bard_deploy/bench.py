@@ -76,8 +76,8 @@ class Summary:
             "nfe_per_token": round(nfe / tokens, 3) if tokens else 0.0,
             "steps_per_block": round(statistics.mean(blocks), 3) if blocks else None,
             "ttft_ms": round(1e3 * statistics.median([x.ttft_s for x in r]), 3) if r else 0.0,
-            "step_ms_p50": round(1e3 * percentile(steps, 50), 3), "step_ms_p90": round(1e3 * percentile(steps, 90), 3),
-            "step_ms_p99": round(1e3 * percentile(steps, 99), 3),
+            # None when the steps were not timed one by one (transformers' generate is one call)
+            **{f"step_ms_p{q}": round(1e3 * percentile(steps, q), 3) if steps else None for q in (50, 90, 99)},
             "prefill_ms": round(1e3 * statistics.median([x.prefill_s for x in r]), 3) if r else 0.0,
             "vision_ms": round(1e3 * statistics.median([x.vision_s for x in r]), 3) if r else 0.0,
             "decode_tokens_per_s": round(tokens / decode, 2) if decode else 0.0,

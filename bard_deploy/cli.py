@@ -245,6 +245,7 @@ def bench(
     for r in res["rows"]:
         table.add_row(r["name"], str(r["block_size"] or "-"), str(r["threshold"] or "-"),
                       f"{100 * r['exact_match']:.1f}%", f"{r['ttft_ms']:.1f}",
+                      "-" if r["step_ms_p50"] is None else
                       f"{r['step_ms_p50']:.2f}/{r['step_ms_p90']:.2f}/{r['step_ms_p99']:.2f}",
                       str(r["steps_per_block"] or "-"), f"{r['tokens_per_forward']:.2f}", f"{r['nfe_per_token']:.2f}",
                       f"{r['decode_tokens_per_s']:.0f}", f"{r['e2e_tokens_per_s']:.0f}", f"{r['prefill_ms']:.1f}",

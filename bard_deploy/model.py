@@ -1,8 +1,9 @@
 """The Qwen3 text decoder of Qwen3-VL, in plain PyTorch, with HF parameter names.
 
 RMSNorm, interleaved MRoPE (3 position rows: t, h, w), GQA, per-head q/k RMSNorm, SwiGLU, DeepStack
-injection after the first layers. No causal assumption anywhere: every structure comes from the `attention_bias`
-(additive, boolean, or a FlexAttention BlockMask in GPU training), so the same code serves AR prefill, block-diffusion training and cached denoising.
+injection after the first layers. No causal assumption anywhere: every structure comes from the
+`attention_bias` (additive, boolean, or a FlexAttention BlockMask in GPU training), so the same code serves AR
+prefill, block-diffusion training and cached denoising.
 
 The decoder step is a pure function of its inputs (see `TextModel.forward`): embeddings, positions,
 attention bias and the past K/V in; hidden states and the *new* tokens' K/V out. Nothing here knows

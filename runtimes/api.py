@@ -130,6 +130,9 @@ class Pipeline:
     def _messages(self, prompt: str | None, messages: list[dict] | None, images: Sequence[object]) -> list[dict]:
         if (prompt is None) == (messages is None):
             raise RuntimeInputError("give exactly one of prompt and messages", None)
+        if prompt is not None and not isinstance(prompt, str):
+            raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__} (pass a conversation as "
+                                    "messages=...)", type(prompt).__name__)
         if messages is not None:
             if images:
                 raise RuntimeInputError("with messages, put the images in the messages' image parts", len(images))

@@ -39,6 +39,14 @@ def test_messages_equal_prompt_plus_images(pipe):
     assert a.token_ids == b.token_ids
 
 
+def test_prompt_and_messages_are_checked(pipe):
+    s = make_sample(0)
+    with pytest.raises(RuntimeInputError, match="prompt must be a string, got list"):
+        pipe.generate(s.messages()[:-1])                 # a conversation passed as the prompt
+    with pytest.raises(RuntimeInputError, match="exactly one of prompt and messages"):
+        pipe.generate(s.question, messages=s.messages()[:-1])
+
+
 def test_concurrent_calls_equal_sequential(pipe):
     assert_concurrent_equals_sequential(pipe, [make_sample(i) for i in range(6)], max_new_tokens=8, threshold=0.5)
 

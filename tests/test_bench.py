@@ -35,6 +35,9 @@ def test_statistics_from_synthetic_timings():
     assert d["step_ms_p50"] == 10.0 and d["prefill_ms"] == 15.0 and d["vision_ms"] == 5.0
     ar = Request(5, 5, 0.010, 0.0, 0.040, [0.01] * 4, [], True)
     assert Summary("ar", None, None, [ar]).as_dict()["ttft_ms"] == 10.0      # AR: the prefill yields token 1
+    untimed = Request(5, 5, 0.010, 0.0, 0.040, [], [], True)                # one generate() call: no step times
+    d = Summary("hf", None, None, [untimed]).as_dict()
+    assert d["step_ms_p50"] is None and d["step_ms_p99"] is None and d["decode_tokens_per_s"] == 125.0
 
 
 @pytest.fixture(scope="module")

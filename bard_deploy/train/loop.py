@@ -98,10 +98,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)", name) from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available on this machine", name)
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name}: only cpu and cuda are supported", name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available on this machine", name)
+    if device.type == "cuda" and device.index is None:             # plain "cuda": this process's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
@@ -276,8 +278,11 @@ class Trainer:
         gathers the shards: to the main process (the others get empty dicts), or, weights only, to all."""
         if not self.fsdp:
             return self.model.state_dict(), [self.opt.state.get(p, {}) for p in self._params]
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
         options = StateDictOptions(full_state_dict=True, cpu_offload=not weights_only)
         weights = get_model_state_dict(self.model, options=options)
         if weights_only:
@@ -296,8 +301,12 @@ class Trainer:
                 if st:
                     self.opt.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in st.items()}
             return
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, weights, options=options)
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -345,12 +354,14 @@ class Trainer:
             if self.fsdp:
                 self.model.set_requires_gradient_sync(sync)
             ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else _null()
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-            with ctx, autocast:
-                per_sample, metrics = self.loss_fn(model, batch, gens)
-                # sum over the global batch / global batch; DDP averages over processes, so scale back up
+            with ctx:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    per_sample, metrics = self.loss_fn(model, batch, gens)
+                per_sample = per_sample.float()
+                # sum over the global batch / global batch; DDP and FSDP average over processes, so scale back up
                 (per_sample.sum() * self.dist.world / self.sched.batch_size).backward()
-            total += torch.stack([per_sample.detach().sum().float(), torch.tensor(float(len(indices)), device=self.device)])
+            total[0] += per_sample.detach().sum()
+            total[1] += len(indices)
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / len(micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.sched.grad_clip)
