@@ -88,6 +88,35 @@ def weight_bytes(dims: dict, layers: int, bytes_per_weight: float = 4.0) -> floa
     return (layers * per_layer + h * dims["vocab_size"]) * bytes_per_weight
 
 
+def step_rows(raw: dict, backends: list[str], tokens: list[int], ks: tuple[int, int], layers: int, past: int,
+              dims: dict) -> list[dict]:
+    """Rows of the step table from the medians `raw[backend, k, T]` (seconds) timed at k1 and k2 layers,
+    extrapolated linearly to `layers`."""
+    k1, k2 = ks
+    L = layers
+    rows = []
+    for b in backends:
+        for T in tokens:
+            t1, t2 = raw[b, k1, T], raw[b, k2, T]
+            t = t1 + (L - k1) * (t2 - t1) / (k2 - k1)
+            bpw = 1.0 if b.endswith("int8") else 4.0
+            # more layers must cost more, and the extrapolation must be positive; if not, timing noise swamped
+            # the slope and the row means nothing
+            rows.append({"backend": b, "T": T, "past": past, "reliable": t2 > t1 and t > 0,
+                         f"ms_measured_{k1}_layers": round(1e3 * t1, 2), f"ms_measured_{k2}_layers": round(1e3 * t2, 2),
+                         "ms_per_step": round(1e3 * t, 2),
+                         "ms_per_token": round(1e3 * t / T, 3),
+                         "weight_GBps": round(weight_bytes(dims, L, bpw) / t / 1e9, 1) if t > 0 else None})
+    for b in backends:
+        one = next((r for r in rows if r["backend"] == b and r["T"] == 1), None)
+        for r in rows:
+            if r["backend"] == b:
+                # no T = 1 row, or a time <= 0 (noise): no ratio
+                ok = one is not None and r["ms_per_step"] > 0 and one["ms_per_step"] > 0
+                r["cost_vs_T1"] = round(r["ms_per_step"] / one["ms_per_step"], 2) if ok else None
+    return rows
+
+
 def step_bench(shape: str = "qwen3-vl-2b", tokens=(1, 4, 8, 16, 32), past: int = 512, subset=(1, 4),
                repeats: int = 7, backends=("torch", "onnxruntime-fp32", "onnxruntime-int8"), log=print) -> dict:
     """Time the step for each backend and T; extrapolate to the shape's depth. Returns rows + notes."""
@@ -126,23 +155,7 @@ def step_bench(shape: str = "qwen3-vl-2b", tokens=(1, 4, 8, 16, 32), past: int =
                     f = to_numpy(_feeds(_config(dims, k), T, past))
                     raw[name, k, T] = _time(lambda f=f, s=sess, o=outs: s.run(o, f), repeats)
                 del sess
-    rows = []
-    for b in backends:
-        for T in tokens:
-            t1, t2 = raw[b, k1, T], raw[b, k2, T]
-            t = t1 + (L - k1) * (t2 - t1) / (k2 - k1)
-            bpw = 1.0 if b.endswith("int8") else 4.0
-            # more layers must cost more; if not, timing noise swamped the slope and the row means nothing
-            rows.append({"backend": b, "T": T, "past": past, "reliable": t2 > t1,
-                         f"ms_measured_{k1}_layers": round(1e3 * t1, 2), f"ms_measured_{k2}_layers": round(1e3 * t2, 2),
-                         "ms_per_step": round(1e3 * t, 2),
-                         "ms_per_token": round(1e3 * t / T, 3),
-                         "weight_GBps": round(weight_bytes(dims, L, bpw) / t / 1e9, 1)})
-    for b in backends:
-        one = next(r for r in rows if r["backend"] == b and r["T"] == 1)
-        for r in rows:
-            if r["backend"] == b:
-                r["cost_vs_T1"] = round(r["ms_per_step"] / one["ms_per_step"], 2)
+    rows = step_rows(raw, backends, tokens, (k1, k2), L, past, dims)
     note = (f"timed {k1} and {k2} layers with lm_head, extrapolated linearly to {L} layers; random weights; "
             f"batch 1; past {past}; median of {repeats}")
     return {"shape": shape, "dims": dims, "rows": rows, "note": note}

@@ -221,8 +221,9 @@ def bench(
             table.add_column(col)
         for r in res["rows"]:
             table.add_row(r["backend"], str(r["T"]), f"{r['ms_per_step']:.1f}", f"{r['ms_per_token']:.2f}",
-                          f"{r['cost_vs_T1']:.2f}x", f"{r['weight_GBps']:.1f}",
-                          "" if r["reliable"] else "unreliable: more layers timed faster (noise)")
+                          "-" if r["cost_vs_T1"] is None else f"{r['cost_vs_T1']:.2f}x",
+                          "-" if r["weight_GBps"] is None else f"{r['weight_GBps']:.1f}",
+                          "" if r["reliable"] else "unreliable: timing noise swamped the layer slope")
         console.print(table)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_step.json").write_text(json.dumps(res, indent=2) + "\n")

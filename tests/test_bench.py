@@ -85,6 +85,22 @@ def test_tokens_after_eos_are_not_counted(run):
     assert g.stats.tokens == [first + 1] and len(g.token_ids) == first + 1
 
 
+def test_step_rows_extrapolate_and_flag_noise():
+    from bard_deploy.bench_step import shape_config, step_rows
+
+    dims = shape_config("qwen3-vl-2b")
+    # torch: 1 layer 10 ms, 2 layers 12 ms at T=1 -> 28 layers: 10 + 27 * 2 = 64 ms; T=4 twice that
+    # ort: more layers timed *faster* and extrapolated below zero -> unreliable, no ratio, no bandwidth
+    raw = {("torch", 1, 1): 0.010, ("torch", 2, 1): 0.012, ("torch", 1, 4): 0.020, ("torch", 2, 4): 0.024,
+           ("ort", 1, 1): 0.010, ("ort", 2, 1): 0.009, ("ort", 1, 4): 0.010, ("ort", 2, 4): 0.011}
+    rows = {(r["backend"], r["T"]): r for r in step_rows(raw, ["torch", "ort"], [1, 4], (1, 2), 28, 512, dims)}
+    assert rows["torch", 1]["ms_per_step"] == 64.0 and rows["torch", 4]["ms_per_token"] == 32.0
+    assert rows["torch", 4]["cost_vs_T1"] == 2.0 and rows["torch", 1]["reliable"]
+    bad = rows["ort", 1]
+    assert bad["ms_per_step"] < 0 and not bad["reliable"] and bad["cost_vs_T1"] is None and bad["weight_GBps"] is None
+    assert rows["ort", 4]["cost_vs_T1"] is None                       # its T=1 reference is noise
+
+
 def test_step_mode_on_a_small_shape(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
