@@ -104,7 +104,8 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32(tiny_batch):
 
 
 def test_device_and_precision_resolution():
-    assert resolve_device("auto") == torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == expected
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="'gpu0'"):
         resolve_device("gpu0")
