@@ -5,6 +5,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -204,6 +205,25 @@ def test_packed_layout_by_hand(encoder, tok, cfg):
     assert pos[2, img].tolist() == [pos[2, img[0]].item() + i % 3 for i in range(9)]
     assert pos[0, P].item() == pos[0, P - 1].item() + 1                        # text continues after the prompt
     assert b.loss_mask[0].tolist() == [False] * (P + Rp) + [True] * Rp
+
+
+def test_examples_keep_images_compressed_and_make_the_eager_pixel_values(encoder, tok, cfg, tmp_path):
+    s = make_sample(7)
+    kept = encode_example(encoder, s.messages(), 256)                           # the default: compressed
+    eager = encode_example(encoder, s.messages(), 256, compress_images=False)
+    assert isinstance(eager.pixels, torch.Tensor) and kept.pixels.nbytes < eager.pixels.nbytes / 20
+    assert torch.equal(kept.pixel_values, eager.pixel_values)                  # bitwise: PNG is lossless
+    assert kept.prompt_ids == eager.prompt_ids and torch.equal(kept.image_grid_thw, eager.image_grid_thw)
+    # a real RGBA photo-like file from disk goes through the same conversion either way
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 4), dtype=np.uint8), "RGBA").save(tmp_path / "a.png")
+    msgs = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "what"}]},
+            {"role": "assistant", "content": "a red circle"}]
+    a = encode_example(encoder, msgs, 256, image_root=tmp_path)
+    b = encode_example(encoder, msgs, 256, image_root=tmp_path, compress_images=False)
+    assert torch.equal(a.pixel_values, b.pixel_values)
+    batch = collate_diffusion([kept, eager], cfg, block_size=4, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    assert torch.equal(batch.pixel_values[:36], batch.pixel_values[36:])
 
 
 def test_batch_padding_and_ar_layout(encoder, tok, cfg):

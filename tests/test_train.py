@@ -13,9 +13,9 @@ from bard_deploy.data.synthetic import make_sample
 from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
 from bard_deploy.diffusion.mask import training_layout
 from bard_deploy.embedded import embedded_config
-from bard_deploy.errors import ConfigError
+from bard_deploy.errors import CheckpointError, ConfigError
 from bard_deploy.prompting import PromptEncoder
-from bard_deploy.train.loop import Schedule, Trainer
+from bard_deploy.train.loop import Schedule, Trainer, step_indices
 from bard_deploy.train.recipe import (
     LossSetup,
     Recipe,
@@ -56,7 +56,8 @@ def test_source_training_lowers_loss_and_loads(source):
     assert "reusing" in msgs[0]
 
 
-def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp"):
+def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp", length=None, micro_batch=4,
+                  fingerprint=""):
     cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
     enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
     examples = synthetic_examples(enc, "train", 24, 128)
@@ -64,9 +65,23 @@ def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp"):
     torch.manual_seed(seed)
     model = BardVLM(cfg)
     setup = LossSetup("mix", cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal")
-    return Trainer(model, Schedule(steps=steps, lr=2e-3, batch_size=6, micro_batch=4, warmup=1), examples,
+    return Trainer(model, Schedule(steps=steps, lr=2e-3, batch_size=6, micro_batch=micro_batch, warmup=1), examples,
                    lambda ex: collate_diffusion(ex, cfg, 4, tok.pad_token_id, tok.eos_token_id), bard_loss(setup),
-                   tmp_path, seed=seed, save_every=3, progress=False, dist_info=dist_info, strategy=strategy)
+                   tmp_path, seed=seed, save_every=3, progress=False, dist_info=dist_info, strategy=strategy,
+                   length=length, fingerprint=fingerprint)
+
+
+def test_length_grouped_micro_batches_change_padding_not_the_math(tmp_path, tok):
+    plain = small_trainer(tmp_path / "a", tok, 3, micro_batch=0)          # the whole batch in one forward
+    grouped = small_trainer(tmp_path / "b", tok, 3, micro_batch=2, length=lambda ex: ex.num_tokens)
+    idx = step_indices(len(grouped.examples), 6, 0, 0)
+    lengths = [[grouped.examples[i].num_tokens for i in part] for part, _ in grouped._micro_batches(0)]
+    assert [n for part in lengths for n in part] == sorted(grouped.examples[i].num_tokens for i in idx)
+    assert len(lengths) == 3
+    a, b = plain.run(), grouped.run()
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    for (k, x), (_, y) in zip(plain.model.state_dict().items(), grouped.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # Adam on float-reordered sums
 
 
 def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok):
@@ -90,6 +105,13 @@ def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok):
         assert torch.equal(a, b), k
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
+
+
+def test_resume_refuses_the_state_of_another_recipe(tmp_path, tok):
+    small_trainer(tmp_path, tok, 4, fingerprint="recipe-a").run()                # leaves the step-3 state
+    with pytest.raises(CheckpointError, match="different recipe"):
+        small_trainer(tmp_path, tok, 4, fingerprint="recipe-b").run(resume=True)
+    assert small_trainer(tmp_path, tok, 4, fingerprint="recipe-a").load_state()
 
 
 def test_distillation_with_teacher_equal_student_has_zero_kl(tok):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bard_deploy.errors import DataError
-from bard_deploy.prompting import PromptEncoder
+from bard_deploy.prompting import CompressedImages, PromptEncoder
 
 ROLES = ("system", "user", "assistant")
 
@@ -31,9 +31,19 @@ class Example:
 
     prompt_ids: list[int]
     response_ids: list[int]
-    pixel_values: torch.Tensor | None = None
+    pixels: torch.Tensor | CompressedImages | None = None    # pixel values, or the images to make them from
     image_grid_thw: torch.Tensor | None = None
     source: str = ""
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """(patches, C * tps * ps * ps); made on each access when the images are kept compressed."""
+        return self.pixels.pixel_values() if isinstance(self.pixels, CompressedImages) else self.pixels
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + response tokens (image tokens included): the trainer groups micro-batches by it."""
+        return len(self.prompt_ids) + len(self.response_ids)
 
 
 @dataclass
@@ -80,10 +90,14 @@ def assistant_text(message: dict) -> str:
 
 
 def encode_example(encoder: PromptEncoder, messages: list[dict], max_len: int, image_root: str | Path | None = None,
-                   source: str = "") -> Example:
-    """Tokenize a checked conversation: prompt = all turns before the last + the assistant header."""
+                   source: str = "", compress_images: bool = True) -> Example:
+    """Tokenize a checked conversation: prompt = all turns before the last + the assistant header.
+
+    The images are kept compressed (pixel values are made when a batch is collated) unless compress_images
+    is False."""
     messages = check_messages(messages)
-    prompt = encoder.encode(messages[:-1], add_generation_prompt=True, image_root=image_root)
+    prompt = encoder.encode(messages[:-1], add_generation_prompt=True, image_root=image_root,
+                            compress_images=compress_images)
     tok = encoder.tokenizer
     answer = assistant_text(messages[-1]).strip()
     if not answer:
@@ -92,7 +106,8 @@ def encode_example(encoder: PromptEncoder, messages: list[dict], max_len: int, i
     total = len(prompt.input_ids) + len(response)
     if total > max_len:
         raise DataError(f"row is {total} tokens long, more than max_len {max_len}", total)
-    return Example(prompt.input_ids, response, prompt.pixel_values, prompt.image_grid_thw, source)
+    pixels = prompt.compressed if prompt.compressed is not None else prompt.pixel_values
+    return Example(prompt.input_ids, response, pixels, prompt.image_grid_thw, source)
 
 
 def jsonl_files(path: str | Path) -> list[Path]:

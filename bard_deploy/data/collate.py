@@ -69,7 +69,7 @@ def _stack(rows: list[dict], pad_id: int) -> dict:
 
 
 def _images(examples: list[Example]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    pv = [e.pixel_values for e in examples if e.pixel_values is not None]
+    pv = [p for p in (e.pixel_values for e in examples) if p is not None]     # made once per example
     grid = [e.image_grid_thw for e in examples if e.image_grid_thw is not None]
     return (torch.cat(pv), torch.cat(grid)) if pv else (None, None)
 

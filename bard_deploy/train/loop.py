@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,8 @@ class Schedule:
     steps: int
     lr: float
     batch_size: int                    # global samples per optimizer step
-    micro_batch: int = 0               # samples per forward on one process (0 = the whole per-process share)
+    micro_batch: int = 0               # samples per forward on one process (0 = the whole per-process share);
+    #                                    with the Trainer's `length`, the share is cut in order of length
     warmup: int = 0
     min_lr_ratio: float = 0.1
     vision_lr_ratio: float = 0.1       # the vision tower (not its mergers) trains at lr * this
@@ -171,13 +173,15 @@ LossFn = Callable[[torch.nn.Module, object, list[torch.Generator]], tuple[torch.
 class Trainer:
     """Runs `schedule.steps` optimizer steps of `loss_fn` over `examples`, writing to `work_dir`.
 
-    loss_fn(model, batch, generators) -> (per-sample losses (n,), metrics); `collate(examples)` builds the batch.
+    loss_fn(model, batch, generators) -> (per-sample losses (n,), metrics); `collate(examples)` builds the batch;
+    `length(example)`, when given, orders each step's samples before they are cut into micro-batches.
     """
 
     def __init__(self, model: torch.nn.Module, schedule: Schedule, examples: Sequence, collate: Callable,
                  loss_fn: LossFn, work_dir: str | Path, seed: int = 0, save_every: int = 0, log_every: int = 0,
                  label: str = "train", dist_info: DistInfo | None = None, progress: bool = True,
-                 device: torch.device | str = "cpu", precision: str = "fp32", strategy: str = "ddp"):
+                 device: torch.device | str = "cpu", precision: str = "fp32", strategy: str = "ddp",
+                 length: Callable[[Any], int] | None = None, fingerprint: str = ""):
         self.sched = schedule.check()
         if strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}", strategy)
@@ -187,6 +191,8 @@ class Trainer:
         self.model, self.examples, self.collate, self.loss_fn = model, examples, collate, loss_fn
         self.work = Path(work_dir)
         self.seed, self.save_every, self.label = seed, save_every, label
+        self.length = length
+        self.fingerprint = fingerprint       # what else determines the run (recipe, data); checked on resume
         self.log_every = log_every or max(1, min(10, schedule.steps // 50))   # ~50+ points per curve
         self.dist = dist_info or DistInfo()
         self.progress = progress
@@ -228,7 +234,7 @@ class Trainer:
                     value = value.detach().cpu()
                     opt[f"{i}.{key}"] = value.reshape(-1) if key == "step" else value.contiguous()
             save_file(opt, tmp / "optimizer.safetensors")
-            meta = {"step": self.step, "schedule": asdict(self.sched), "seed": self.seed,
+            meta = {"step": self.step, "schedule": asdict(self.sched), "seed": self.seed, "fingerprint": self.fingerprint,
                     "torch_rng": torch.get_rng_state().tolist(), "python_rng": _py_rng_to_json(random.getstate())}
             (tmp / "state.json").write_text(json.dumps(meta))
             for f in tmp.iterdir():
@@ -255,9 +261,10 @@ class Trainer:
             opt = load_file(self.state_dir / "optimizer.safetensors")
         except (OSError, ValueError, json.JSONDecodeError) as e:
             raise CheckpointError(f"training state in {self.state_dir} is unreadable ({e})", str(self.state_dir)) from e
-        if meta["schedule"] != json.loads(json.dumps(asdict(self.sched))) or meta["seed"] != self.seed:
-            raise CheckpointError(f"training state in {self.state_dir} was written by a different schedule or seed; "
-                                  "remove it or use the same settings", str(self.state_dir))
+        if (meta["schedule"] != json.loads(json.dumps(asdict(self.sched))) or meta["seed"] != self.seed
+                or meta.get("fingerprint", "") != self.fingerprint):
+            raise CheckpointError(f"training state in {self.state_dir} was written by a different recipe, schedule "
+                                  "or seed; remove it (--fresh) or use the same settings", str(self.state_dir))
         moments = []
         for i in range(len(self._params)):
             st = {k.split(".", 1)[1]: v for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
@@ -335,6 +342,10 @@ class Trainer:
         """This process's (dataset indices, global sample positions) per micro-batch of `step`."""
         idx = step_indices(len(self.examples), self.sched.batch_size, self.seed, step)
         mine = list(range(self.dist.rank, len(idx), self.dist.world))
+        if self.length is not None:
+            # similar lengths share a micro-batch, so less of it is padding; every sample keeps its own noise
+            # seed (its global position) and the loss is a sum over samples, so the step's math is unchanged
+            mine.sort(key=lambda j: self.length(self.examples[idx[j]]))
         size = self.sched.micro_batch or len(mine)
         return [([idx[j] for j in mine[i:i + size]], mine[i:i + size]) for i in range(0, len(mine), size)]
 

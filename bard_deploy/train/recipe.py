@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -65,11 +66,11 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
 
 
 DEFAULT_STAGES = (
-    Stage("b4", 4, 600),
+    Stage("b4", 4, 1500, warmup=100),
     Stage("b8", 8, 250, distill_steps=150),
     Stage("b16", 16, 250, distill_steps=150),
 )
-DEFAULT_TRAIN_SAMPLES = 8000
+DEFAULT_TRAIN_SAMPLES = 24000
 # `bard-deploy train --preset NAME`: (stages, synthetic training samples); "default" is the recipe's own default.
 PRESETS = {
     "default": (DEFAULT_STAGES, DEFAULT_TRAIN_SAMPLES),
@@ -95,7 +96,7 @@ class Recipe:
     distill_temperature: float = 1.0
     ar_teacher: bool = False
     no_distill: bool = False
-    micro_batch: int = 0
+    micro_batch: int = 16                   # samples per forward, grouped by length (0 = the whole batch)
     activation_checkpointing: bool = False
     device: str = "auto"                    # auto = CUDA when present (LOCAL_RANK under torchrun), else CPU
     precision: str = "auto"                 # auto = bf16 autocast on CUDA, fp32 on CPU
@@ -301,7 +302,8 @@ def train_stage(recipe: Recipe, stage: Stage, parent_dir: Path, source_dir: Path
                          warmup=min(stage.warmup, steps // 5))
         trainer = Trainer(model, sched, examples, collate, bard_loss(s), work / kind, seed=recipe.seed,
                           save_every=50, label=f"{stage.name} {kind}", dist_info=dist_info, progress=progress,
-                          device=device, precision=recipe.precision, strategy=recipe.strategy)
+                          device=device, precision=recipe.precision, strategy=recipe.strategy,
+                          length=lambda ex: ex.num_tokens, fingerprint=f"{fingerprint}:{kind}")
         history[kind] = trainer.run(resume=resume)
         model = trainer.unsharded_model()
         if dist_info.main:
@@ -318,5 +320,6 @@ def train_stage(recipe: Recipe, stage: Stage, parent_dir: Path, source_dir: Path
     build = {"fingerprint": fingerprint, "stage": asdict(stage), "train_seconds": round(time.perf_counter() - t0, 1),
              "final_loss": {k: v[-1]["loss"] for k, v in history.items() if v}}
     save(model, out, cfg, {"build.json": build}, renamed)
+    shutil.rmtree(work, ignore_errors=True)          # the stage is saved: its resume state is obsolete
     log(f"{stage.name}: saved {out} ({build['train_seconds']} s)")
     return out

@@ -100,7 +100,7 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
     work = directory.parent / ".work" / directory.name
     trainer = Trainer(model, sched, examples, lambda ex: collate_ar(ex, cfg, tokenizer.pad_token_id), ar_loss, work,
                       seed=recipe.seed, save_every=100, label="source (AR)", dist_info=dist_info, progress=progress,
-                      device=device, precision=precision, strategy=strategy)
+                      device=device, precision=precision, strategy=strategy, fingerprint=recipe.fingerprint())
     history = trainer.run(resume=resume)
     model = trainer.unsharded_model().cpu()
     if not dist_info.main:
