@@ -234,7 +234,8 @@ class Trainer:
                     value = value.detach().cpu()
                     opt[f"{i}.{key}"] = value.reshape(-1) if key == "step" else value.contiguous()
             save_file(opt, tmp / "optimizer.safetensors")
-            meta = {"step": self.step, "schedule": asdict(self.sched), "seed": self.seed, "fingerprint": self.fingerprint,
+            meta = {"step": self.step, "schedule": asdict(self.sched), "seed": self.seed,
+                    "fingerprint": self.fingerprint,
                     "torch_rng": torch.get_rng_state().tolist(), "python_rng": _py_rng_to_json(random.getstate())}
             (tmp / "state.json").write_text(json.dumps(meta))
             for f in tmp.iterdir():
