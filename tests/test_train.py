@@ -155,6 +155,18 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert any("done already" in m for m in msgs)
 
 
+def test_stage_fingerprints_cover_what_determines_the_weights():
+    base = Recipe()
+    b4, b8 = base.stages[:2]
+    ablation = Recipe(name="abl", ar_teacher=True)
+    assert ablation.fingerprint(ablation.stages[0]) == base.fingerprint(b4)     # same anchor: reusable
+    assert ablation.fingerprint(ablation.stages[1]) != base.fingerprint(b8)     # distilled differently
+    assert Recipe(no_distill=True).fingerprint(b8) != base.fingerprint(b8)
+    assert Recipe(train_samples=100).fingerprint(b4) != base.fingerprint(b4)
+    assert Recipe(stages=(Stage("b4", 4, 10),)).fingerprint(Stage("b4", 4, 10)) != base.fingerprint(b4)
+    assert Recipe(eval_samples=5, out="elsewhere").fingerprint(b4) == base.fingerprint(b4)
+
+
 def test_recipe_toml_and_stage_specs(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('name = "x"\nt_min = 0.1\n[[stages]]\nname = "b4"\nblock_size = 4\nsteps = 10\n'

@@ -81,6 +81,9 @@ PRESETS = {
 }
 
 
+DISTILL_FIELDS = ("distill_lambda", "distill_topk", "distill_temperature", "ar_teacher", "no_distill")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = "default"
@@ -138,7 +141,9 @@ class Recipe:
         """What determines a stage's weights: the recipe up to and including it."""
         upto = self.stages[:self.stages.index(stage) + 1]
         key = {**asdict(self), "stages": [asdict(s) for s in upto], "eval_samples": None, "eval_threshold": None,
-               "out": None}
+               "out": None, "name": None}
+        if len(upto) == 1:      # the anchor has no distillation pass: an ablation run reuses (a copy of) it
+            key.update(dict.fromkeys(DISTILL_FIELDS))
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
