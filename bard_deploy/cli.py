@@ -46,7 +46,8 @@ def train(
     distill_topk: int | None = typer.Option(None, help="Teacher top-k."),
     ar_teacher: bool = typer.Option(False, "--ar-teacher", help="Ablation: distil from the AR source."),
     no_distill: bool = typer.Option(False, "--no-distill", help="Ablation: no distillation pass."),
-    micro_batch: int | None = typer.Option(None, help="Samples per forward (gradient accumulation)."),
+    micro_batch: int | None = typer.Option(None, help="Samples per forward, grouped by length (gradient "
+                                           "accumulation; default 16, 0 = the whole batch)."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda or cuda:N."),
     precision: str | None = typer.Option(None, help="auto (bf16 autocast on CUDA), fp32 or bf16."),
