@@ -46,6 +46,8 @@ def train(
     distill_topk: int | None = typer.Option(None, help="Teacher top-k."),
     ar_teacher: bool = typer.Option(False, "--ar-teacher", help="Ablation: distil from the AR source."),
     no_distill: bool = typer.Option(False, "--no-distill", help="Ablation: no distillation pass."),
+    shift_distill: float | None = typer.Option(None, help="Experimental, B4 anchor: weight of the hidden-state "
+                                               "distillation from the AR source one position earlier (0 = off)."),
     micro_batch: int | None = typer.Option(None, help="Samples per forward, grouped by length (gradient "
                                            "accumulation; default 16, 0 = the whole batch)."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
@@ -69,7 +71,7 @@ def train(
     overrides = dict(name=name, out=out, source=source, data=data, image_root=image_root, train_samples=train_samples,
                      prompt_attention=prompt_attention, t_min=t_min, weight_cap=weight_cap,
                      distill_lambda=distill_lambda, distill_topk=distill_topk, ar_teacher=ar_teacher or None,
-                     no_distill=no_distill or None, micro_batch=micro_batch,
+                     no_distill=no_distill or None, shift_distill=shift_distill, micro_batch=micro_batch,
                      activation_checkpointing=activation_checkpointing or None, device=device, precision=precision,
                      strategy=strategy, seed=seed, eval_samples=eval_samples,
                      eval_threshold=eval_threshold, on_error=on_error)

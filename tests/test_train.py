@@ -8,10 +8,10 @@ import torch
 
 from bard_deploy.converters.checkpoint import load_model
 from bard_deploy.data.chat import encode_example
-from bard_deploy.data.collate import collate_diffusion
+from bard_deploy.data.collate import collate_ar, collate_diffusion
 from bard_deploy.data.synthetic import make_sample
 from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
-from bard_deploy.diffusion.mask import training_layout
+from bard_deploy.diffusion.mask import NOISY, training_layout, training_mask
 from bard_deploy.embedded import embedded_config
 from bard_deploy.errors import CheckpointError, ConfigError
 from bard_deploy.prompting import PromptEncoder
@@ -20,6 +20,7 @@ from bard_deploy.train.recipe import (
     LossSetup,
     Recipe,
     Stage,
+    ar_hidden_before,
     bard_loss,
     load_recipe,
     parse_stages,
@@ -128,6 +129,40 @@ def test_distillation_with_teacher_equal_student_has_zero_kl(tok):
     assert abs(metrics["kl"]) < 1e-5
 
 
+def test_shift_distillation_reads_the_ar_state_that_predicts_each_token(tok):
+    cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
+    torch.manual_seed(0)
+    ar = BardVLM(cfg).eval()
+    bard_cfg = cfg.with_bard(mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), block_size=4)
+    student = BardVLM(bard_cfg).eval()
+    student.load_state_dict(ar.state_dict())
+    enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
+    ex = [encode_example(enc, make_sample(i).messages(), 128) for i in (2, 3)]
+    batch = collate_diffusion(ex, bard_cfg, 4, tok.pad_token_id, tok.eos_token_id)
+    # every real response token of the noisy copy, and by hand the AR run on [prompt | response]: the hidden
+    # state at prompt_len - 1 + j predicts response token j
+    rows, cols, want = [], [], []
+    plain = collate_ar(ex, cfg, tok.pad_token_id)
+    with torch.no_grad():
+        h = ar(plain.input_ids, plain.position_ids, training_mask(plain.layout, "causal"), plain.pixel_values,
+               plain.image_grid_thw)
+        for i, e in enumerate(ex):
+            P, noisy = len(e.prompt_ids), (batch.layout.kind[i] == NOISY).nonzero().squeeze(1)
+            for j in range(len(e.response_ids)):
+                rows.append(i), cols.append(int(noisy[j])), want.append(h[i, P - 1 + j])
+        got = ar_hidden_before(ar, batch, torch.tensor(rows), torch.tensor(cols))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    base = LossSetup("mask", bard_cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal")
+    plain_loss, _ = bard_loss(base)(student, batch, [torch.Generator().manual_seed(i) for i in range(2)])
+    shifted = LossSetup("mask", bard_cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal",
+                        shift_teacher=ar, shift_weight=0.5)
+    loss, metrics = bard_loss(shifted)(student, batch, gens)
+    assert 0 < metrics["shift"] <= 2 and (loss > plain_loss).all()
+    with pytest.raises(ConfigError, match="shift_distill"):
+        Recipe(shift_distill=-1.0).check()
+
+
 def test_teacher_view_recuts_blocks_of_4():
     lay = training_layout(3, 16, 16)
     t = with_block_size(lay, 4, "block")
@@ -153,6 +188,17 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     msgs = []
     train(r, progress=False, log=msgs.append)
     assert any("done already" in m for m in msgs)
+
+
+def test_recipe_wires_shift_distillation_into_the_anchor_only(tmp_path, source):
+    r = Recipe(name="shift", out=str(tmp_path), source=str(source), train_samples=8, shift_distill=0.5,
+               stages=(Stage("b4", 4, 2, batch_size=4), Stage("b8", 8, 2, batch_size=4)), eval_samples=2)
+    msgs = []
+    train(r, progress=False, log=msgs.append)
+    assert any("shift-distillation" in m for m in msgs)
+    rows = {st: [json.loads(ln) for ln in (tmp_path / "shift" / st / "metrics-pbm.jsonl").read_text().splitlines()]
+            for st in ("b4", "b8")}
+    assert all(r["shift"] > 0 for r in rows["b4"]) and not any("shift" in r for r in rows["b8"])
 
 
 def test_stage_fingerprints_cover_what_determines_the_weights():

@@ -101,6 +101,9 @@ class Recipe:
     distill_temperature: float = 1.0
     ar_teacher: bool = False
     no_distill: bool = False
+    # anchor stage only (experimental, off by default): + weight x (1 - cos) between a masked position's final
+    # hidden state and the AR source's one position earlier, which predicts the same token (the head is shared)
+    shift_distill: float = 0.0
     micro_batch: int = 16                   # samples per forward, grouped by length (0 = the whole batch)
     activation_checkpointing: bool = False
     device: str = "auto"                    # auto = CUDA when present (LOCAL_RANK under torchrun), else CPU
@@ -124,6 +127,8 @@ class Recipe:
         if self.prompt_attention not in ("causal", "block"):
             raise ConfigError(f"prompt_attention must be 'causal' or 'block', got {self.prompt_attention!r}",
                               self.prompt_attention)
+        if self.shift_distill < 0:
+            raise ConfigError(f"shift_distill must be >= 0, got {self.shift_distill}", self.shift_distill)
         if not 0 < self.t_min <= 1 or self.weight_cap < 1:
             raise ConfigError("t_min must be in (0, 1] and weight_cap >= 1", (self.t_min, self.weight_cap))
         for s in self.stages:
@@ -198,6 +203,8 @@ class LossSetup:
     distill_lambda: float = 0.5
     topk: int = 16
     temperature: float = 1.0
+    shift_teacher: BardVLM | None = None     # the AR source, for the anchor's shift-distillation term
+    shift_weight: float = 0.0
     stats: dict = field(default_factory=dict)
 
 
@@ -219,6 +226,13 @@ def bard_loss(setup: LossSetup) -> Callable:
             kl = topk_kl(s_logits, t_logits, setup.topk, setup.temperature)
             per_sample = per_sample + setup.distill_lambda * per_sample_mean(kl, rows, batch.loss_mask.sum(1).float())
             metrics["kl"] = float(kl.detach().mean()) if kl.numel() else 0.0
+        if setup.shift_teacher is not None:
+            rows, cols = c.corrupted.nonzero(as_tuple=True)
+            with torch.no_grad():
+                target = ar_hidden_before(setup.shift_teacher, batch, rows, cols)
+            gap = 1 - torch.nn.functional.cosine_similarity(h[rows, cols], target, dim=-1)
+            per_sample = per_sample + setup.shift_weight * per_sample_mean(gap, rows, batch.loss_mask.sum(1).float())
+            metrics["shift"] = float(gap.detach().mean()) if gap.numel() else 0.0
         return per_sample, metrics
 
     return fn
@@ -238,13 +252,19 @@ def teacher_logits(setup: LossSetup, batch: TrainBatch, noisy_ids: torch.Tensor,
         h = t(noisy_ids, batch.position_ids, training_mask(lay, setup.prompt_attention), batch.pixel_values,
               batch.image_grid_thw)
         return t.head(h[rows, cols])
+    return t.head(ar_hidden_before(t, batch, rows, cols))
+
+
+def ar_hidden_before(ar: BardVLM, batch: TrainBatch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The AR model's final hidden states that predict the tokens at noisy positions (rows, cols): the clean
+    prefix read causally (the noisy copy hidden as padding), at the position before each one's clean twin."""
     lay = batch.layout
     causal = Layout(torch.where(lay.kind == NOISY, 0, torch.where(lay.kind == 0, 0, PROMPT)), lay.block, lay.index)
-    h = t(batch.input_ids, batch.position_ids, training_mask(causal, "causal"), batch.pixel_values,
-          batch.image_grid_thw)
+    h = ar(batch.input_ids, batch.position_ids, training_mask(causal, "causal"), batch.pixel_values,
+           batch.image_grid_thw)
     # noisy position (row, col) -> its clean twin col - R -> the position before it
     R = (lay.kind == NOISY).sum(1)
-    return t.head(h[rows, cols - R[rows] - 1])
+    return h[rows, cols - R[rows] - 1]
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------
@@ -290,6 +310,10 @@ def train_stage(recipe: Recipe, stage: Stage, parent_dir: Path, source_dir: Path
                       recipe.prompt_attention, distill_lambda=recipe.distill_lambda, topk=recipe.distill_topk,
                       temperature=recipe.distill_temperature)
     work = recipe.run_dir / ".work" / stage.name
+    if stage is recipe.stages[0] and recipe.shift_distill > 0:
+        setup.shift_teacher = load_model(source_dir).eval().requires_grad_(False).to(device)
+        setup.shift_weight = recipe.shift_distill
+        log(f"{stage.name}: shift-distillation from the AR source, weight {recipe.shift_distill}")
     passes = [("pbm", stage.steps, stage.lr, None)]
     if stage.block_size > ANCHOR_BLOCK and stage.distill_steps and not recipe.no_distill:
         teacher_dir = source_dir if recipe.ar_teacher else recipe.run_dir / recipe.stages[0].name
