@@ -218,8 +218,8 @@ def bard_loss(setup: LossSetup) -> Callable:
                   batch.pixel_values, batch.image_grid_thw)
         per_sample, metrics = weighted_ce(module, h, batch.input_ids, c.corrupted, c.t, batch.loss_mask,
                                           setup.weight_cap)
+        rows, cols = c.corrupted.nonzero(as_tuple=True)
         if setup.teacher is not None:
-            rows, cols = c.corrupted.nonzero(as_tuple=True)
             with torch.no_grad():
                 t_logits = teacher_logits(setup, batch, c.input_ids, rows, cols)
             s_logits = module.head(h[rows, cols])
@@ -227,7 +227,6 @@ def bard_loss(setup: LossSetup) -> Callable:
             per_sample = per_sample + setup.distill_lambda * per_sample_mean(kl, rows, batch.loss_mask.sum(1).float())
             metrics["kl"] = float(kl.detach().mean()) if kl.numel() else 0.0
         if setup.shift_teacher is not None:
-            rows, cols = c.corrupted.nonzero(as_tuple=True)
             with torch.no_grad():
                 target = ar_hidden_before(setup.shift_teacher, batch, rows, cols)
             gap = 1 - torch.nn.functional.cosine_similarity(h[rows, cols], target, dim=-1)
