@@ -109,8 +109,8 @@ class CompressedImages:
     is deterministic and PNG is lossless, so the values are the ones eager encoding gives (tested bitwise).
     """
 
-    def __init__(self, processor, images: list[Image.Image]):
-        self.processor = processor
+    def __init__(self, processor, images: list[Image.Image], grid: torch.Tensor):
+        self.processor, self.grid = processor, grid
         buffers = []
         for im in images:
             buf = io.BytesIO()
@@ -124,7 +124,31 @@ class CompressedImages:
 
     def pixel_values(self) -> torch.Tensor:
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in self.png]
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        out = self.processor(images=images, return_tensors="pt")
+        if not torch.equal(out["image_grid_thw"], self.grid):
+            raise DataError(f"the image processor made grids {out['image_grid_thw'].tolist()}, the prompt was "
+                            f"encoded for {self.grid.tolist()}", self.grid.tolist())
+        return out["pixel_values"]
+
+
+def predicted_grid(processor, images: list[Image.Image]) -> torch.Tensor | None:
+    """The (t, h, w) patch grids a Qwen2-VL-style processor will make, from the image sizes alone (its
+    smart_resize rule), or None for a processor this does not know (the caller then runs it)."""
+    size = getattr(processor, "size", None)
+    try:
+        ps, merge = int(processor.patch_size), int(processor.merge_size)
+        lo, hi = int(size["shortest_edge"]), int(size["longest_edge"])
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not getattr(processor, "do_resize", False):
+        return None
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    grids = []
+    for im in images:
+        h, w = smart_resize(im.height, im.width, ps * merge, min_pixels=lo, max_pixels=hi)
+        grids.append([1, h // ps, w // ps])
+    return torch.tensor(grids, dtype=torch.int64)
 
 
 @dataclass
@@ -156,8 +180,14 @@ class PromptEncoder:
             return EncodedPrompt(ids, None, None)
         if self.processor is None or self.image_token_id is None:
             raise DataError("an image was given but this model has no vision tower / image processor", "image")
-        out = self.processor(images=images, return_tensors="pt")
-        grid = out["image_grid_thw"]
+        # training sets keep compressed images: their grids come from the sizes, the pixels come at collate
+        try:
+            grid = predicted_grid(self.processor, images) if compress_images else None
+            out = self.processor(images=images, return_tensors="pt") if grid is None else None
+        except ValueError as e:     # e.g. an aspect ratio over 200, refused by smart_resize
+            sizes = [f"{im.width}x{im.height}" for im in images]
+            raise DataError(f"image ({', '.join(sizes)}) refused by the image processor: {e}", sizes) from e
+        grid = out["image_grid_thw"] if grid is None else grid
         counts = [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
         pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(pads) != len(counts):
@@ -170,5 +200,5 @@ class PromptEncoder:
             prev = pos + 1
         expanded += ids[prev:]
         if compress_images:
-            return EncodedPrompt(expanded, None, grid, CompressedImages(self.processor, images))
+            return EncodedPrompt(expanded, None, grid, CompressedImages(self.processor, images, grid))
         return EncodedPrompt(expanded, out["pixel_values"], grid)

@@ -17,7 +17,7 @@ from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer, s
 from bard_deploy.diffusion.mask import CLEAN, NOISY, PAD, PROMPT
 from bard_deploy.embedded import embedded_config
 from bard_deploy.errors import DataError
-from bard_deploy.prompting import PromptEncoder
+from bard_deploy.prompting import PromptEncoder, predicted_grid
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +224,40 @@ def test_examples_keep_images_compressed_and_make_the_eager_pixel_values(encoder
     assert torch.equal(a.pixel_values, b.pixel_values)
     batch = collate_diffusion([kept, eager], cfg, block_size=4, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     assert torch.equal(batch.pixel_values[:36], batch.pixel_values[36:])
+
+
+
+@pytest.mark.parametrize("size", [(96, 96), (1, 1), (5, 300), (300, 5), (37, 1001), (640, 480), (3000, 2000)])
+def test_compressed_images_predict_the_processor_grid_from_the_size(encoder, size):
+    proc = encoder.processor
+    img = Image.new("RGB", size, (10, 200, 30))
+    want = proc(images=[img], return_tensors="pt")["image_grid_thw"]
+    assert torch.equal(predicted_grid(proc, [img]), want)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "what"}]}]
+    kept = encoder.encode(msgs, compress_images=True)
+    assert torch.equal(kept.image_grid_thw, want)
+    assert kept.compressed.pixel_values().shape[0] == int(want.prod())
+
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_an_image_the_processor_refuses_is_a_data_error(encoder, compress):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (1, 300))},
+                                          {"type": "text", "text": "what"}]}]
+    with pytest.raises(DataError, match="1x300.*aspect ratio"):
+        encoder.encode(msgs, compress_images=compress)
+
+
+def test_compressed_images_refuse_a_processor_that_makes_another_grid(encoder):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (96, 96))},
+                                          {"type": "text", "text": "what"}]}]
+    kept = encoder.encode(msgs, compress_images=True).compressed
+    from transformers import Qwen2VLImageProcessorPil
+
+    kept.processor = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
+                                              min_pixels=192 * 192, max_pixels=512 * 512)   # other files
+    with pytest.raises(DataError, match="grids"):
+        kept.pixel_values()
 
 
 def test_batch_padding_and_ar_layout(encoder, tok, cfg):

@@ -258,11 +258,14 @@ def ar_hidden_before(ar: BardVLM, batch: TrainBatch, rows: torch.Tensor, cols: t
     """The AR model's final hidden states that predict the tokens at noisy positions (rows, cols): the clean
     prefix read causally (the noisy copy hidden as padding), at the position before each one's clean twin."""
     lay = batch.layout
-    causal = Layout(torch.where(lay.kind == NOISY, 0, torch.where(lay.kind == 0, 0, PROMPT)), lay.block, lay.index)
-    h = ar(batch.input_ids, batch.position_ids, training_mask(causal, "causal"), batch.pixel_values,
-           batch.image_grid_thw)
-    # noisy position (row, col) -> its clean twin col - R -> the position before it
     R = (lay.kind == NOISY).sum(1)
+    # only [prompt | clean response] is read: cut the columns after the longest clean prefix of the batch
+    width = int((((lay.kind == PROMPT) | (lay.kind == CLEAN)).sum(1)).max())
+    lay = lay[:width]
+    causal = Layout(torch.where((lay.kind == PROMPT) | (lay.kind == CLEAN), PROMPT, 0), lay.block, lay.index)
+    h = ar(batch.input_ids[:, :width], batch.position_ids[..., :width], training_mask(causal, "causal"),
+           batch.pixel_values, batch.image_grid_thw)
+    # noisy position (row, col) -> its clean twin col - R -> the position before it
     return h[rows, cols - R[rows] - 1]
 
 
