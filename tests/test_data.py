@@ -226,7 +226,6 @@ def test_examples_keep_images_compressed_and_make_the_eager_pixel_values(encoder
     assert torch.equal(batch.pixel_values[:36], batch.pixel_values[36:])
 
 
-
 @pytest.mark.parametrize("size", [(96, 96), (1, 1), (5, 300), (300, 5), (37, 1001), (640, 480), (3000, 2000)])
 def test_compressed_images_predict_the_processor_grid_from_the_size(encoder, size):
     proc = encoder.processor
@@ -237,7 +236,6 @@ def test_compressed_images_predict_the_processor_grid_from_the_size(encoder, siz
     kept = encoder.encode(msgs, compress_images=True)
     assert torch.equal(kept.image_grid_thw, want)
     assert kept.compressed.pixel_values().shape[0] == int(want.prod())
-
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -259,7 +259,7 @@ def teacher_logits(setup: LossSetup, batch: TrainBatch, noisy_ids: torch.Tensor,
 
 def ar_hidden_before(ar: BardVLM, batch: TrainBatch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The AR model's final hidden states that predict the tokens at noisy positions (rows, cols): the clean
-    prefix read causally (the noisy copy hidden as padding), at the position before each one's clean twin."""
+    prefix read causally (the noisy copy cut off), at the position before each one's clean twin."""
     lay = batch.layout
     R = (lay.kind == NOISY).sum(1)
     # only [prompt | clean response] is read: cut the columns after the longest clean prefix of the batch
