@@ -222,18 +222,19 @@ def bard_loss(setup: LossSetup) -> Callable:
         per_sample, metrics = weighted_ce(module, h, batch.input_ids, c.corrupted, c.t, batch.loss_mask,
                                           setup.weight_cap)
         rows, cols = c.corrupted.nonzero(as_tuple=True)
+        scored = batch.loss_mask.sum(1).float()
         if setup.teacher is not None:
             with torch.no_grad():
                 t_logits = teacher_logits(setup, batch, c.input_ids, rows, cols)
             s_logits = module.head(h[rows, cols])
             kl = topk_kl(s_logits, t_logits, setup.topk, setup.temperature)
-            per_sample = per_sample + setup.distill_lambda * per_sample_mean(kl, rows, batch.loss_mask.sum(1).float())
+            per_sample = per_sample + setup.distill_lambda * per_sample_mean(kl, rows, scored)
             metrics["kl"] = float(kl.detach().mean()) if kl.numel() else 0.0
         if setup.shift_teacher is not None:
             with torch.no_grad():
                 target = ar_hidden_before(setup.shift_teacher, batch, rows, cols)
             gap = 1 - torch.nn.functional.cosine_similarity(h[rows, cols], target, dim=-1)
-            per_sample = per_sample + setup.shift_weight * per_sample_mean(gap, rows, batch.loss_mask.sum(1).float())
+            per_sample = per_sample + setup.shift_weight * per_sample_mean(gap, rows, scored)
             metrics["shift"] = float(gap.detach().mean()) if gap.numel() else 0.0
         return per_sample, metrics
 
@@ -262,10 +263,11 @@ def ar_hidden_before(ar: BardVLM, batch: TrainBatch, rows: torch.Tensor, cols: t
     prefix read causally (the noisy copy cut off), at the position before each one's clean twin."""
     lay = batch.layout
     R = (lay.kind == NOISY).sum(1)
-    # only [prompt | clean response] is read: cut the columns after the longest clean prefix of the batch
-    width = int((((lay.kind == PROMPT) | (lay.kind == CLEAN)).sum(1)).max())
+    # only [prompt | clean response] is read, as one causal prompt: cut the columns after the longest such prefix
+    clean = (lay.kind == PROMPT) | (lay.kind == CLEAN)
+    width = int(clean.sum(1).max())
     lay = lay[:width]
-    causal = Layout(torch.where((lay.kind == PROMPT) | (lay.kind == CLEAN), PROMPT, 0), lay.block, lay.index)
+    causal = Layout(torch.where(clean[:, :width], PROMPT, 0), lay.block, lay.index)
     h = ar(batch.input_ids[:, :width], batch.position_ids[..., :width], training_mask(causal, "causal"),
            batch.pixel_values, batch.image_grid_thw)
     # noisy position (row, col) -> its clean twin col - R -> the position before it
