@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -123,6 +124,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
     same shape; otherwise the error names the key. `block_size` fills an imported Bard-VL config's bard section.
     """
     directory = Path(directory)
+    recover_dir(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist", str(directory))
     config = load_config(directory, block_size=block_size)
@@ -196,12 +198,12 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
     `config` defaults to the model's own; `side_files_from` copies tokenizer / processor files from another
     checkpoint; `extra_files` writes more JSON files (name -> object); `copy_files` copies files in (metrics,
     plots). An existing directory is replaced only
-    once the new one is complete, so a crash leaves either the old or the new checkpoint, never a mix.
+    once the new one is complete, so a crash leaves either the old or the new checkpoint, never a mix (a kill between
+    the two renames of `replace_dir` is repaired by the next reader: `recover_dir`).
     """
     directory = Path(directory)
     config = config or model.config
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = new_tmp_dir(directory)
     try:
         tensors = {to_file(k, config.arch): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         shards = _shards(tensors, max_shard_bytes)
@@ -240,13 +242,61 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
     return directory
 
 
+def new_tmp_dir(target: Path) -> Path:
+    """A fresh temporary directory beside `target` for `replace_dir`; its name carries our pid so that
+    `recover_dir` can tell a killed writer's leftovers from a live one's."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+
+
 def replace_dir(new: Path, target: Path) -> None:
-    """Move the complete directory `new` to `target`, replacing an older one only after it is in place."""
+    """Move the complete directory `new` to `target`, replacing an older one only after it is in place.
+
+    Two renames: `target` -> `.<name>.old-<pid>`, then `new` -> `target`. A process killed between them
+    leaves no `target` but the complete old copy; `recover_dir` (called by every reader) puts it back."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:                 # an error or an interrupt between the renames: put the old one back
+        if old is not None:
+            os.replace(old, target)
+        raise
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # exists, owned by someone else
+        return True
+    return True
+
+
+def recover_dir(target: str | Path) -> None:
+    """Finish what a killed `replace_dir` / `new_tmp_dir` writer left beside `target`.
+
+    Only leftovers of processes that are no longer alive are touched: with `target` missing, the newest old
+    copy is moved back (the kill fell between the two renames); the other old copies and the half-written
+    temporary directories are removed. A live writer's files are left alone."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(old|tmp)-(\d+)(?:-.*)?$")
+    olds, tmps = [], []
+    for p in target.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(2))):
+            (olds if m.group(1) == "old" else tmps).append(p)
+    olds.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    if olds and not target.exists():
+        os.replace(olds.pop(0), target)
+        _fsync_dir(target.parent)
+    for p in olds + tmps:
+        shutil.rmtree(p, ignore_errors=True)

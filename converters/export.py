@@ -134,13 +134,13 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, int8_
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if int8 and int8_options.target not in TARGETS:
         raise ExportError(f"--target must be one of {TARGETS}, got {int8_options.target!r}", int8_options.target)
+    from bard_deploy.converters.checkpoint import new_tmp_dir, recover_dir, replace_dir
+    recover_dir(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ExportError(f"{out_dir} exists and is not empty (use --force to replace it)", str(out_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = new_tmp_dir(out_dir)
     try:
         manifest = _export_into(model_dir, tmp, int8, int8_options, image_size, log)
-        from bard_deploy.converters.checkpoint import replace_dir
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -81,7 +81,10 @@ class Pipeline:
 
         if backend not in ("auto", "torch", "onnxruntime", "tensorrt"):
             raise RuntimeInputError(f"backend must be auto, torch, onnxruntime or tensorrt, got {backend!r}", backend)
+        from bard_deploy.converters.checkpoint import recover_dir
+
         directory = Path(directory)
+        recover_dir(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory", str(directory))
         is_export = (directory / MANIFEST).is_file()

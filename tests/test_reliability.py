@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from bard_deploy.cli import main
 from bard_deploy.config import ModelConfig
-from bard_deploy.converters.checkpoint import load_model, save_model
+from bard_deploy.converters.checkpoint import load_model, recover_dir, save_model
 from bard_deploy.data.chat import check_messages
 from bard_deploy.errors import BardError, CheckpointError, ExportError, RuntimeInputError
 from bard_deploy.runtimes.decode import DecodeOptions
 from bard_deploy.runtimes.trt_backend import check_engine_metadata
+from bard_deploy.vlm import BardVLM
 from tiny import MASK_ID, assert_concurrent_equals_sequential, qwen3_vl_config
 
 HERE = Path(__file__).parent
@@ -58,16 +59,56 @@ def test_sigkill_at_several_points_then_resume_reaches_the_same_weights(tmp_path
     work = tmp_path / "killed"
     for point in (2, 5):                                  # killed twice, at different steps
         _run(work, tmp_path / "unused.safetensors", kill_after_state_step=point)
+        recover_dir(work / "state")                     # the kill may have fallen between a save's renames
         assert json.loads((work / "state" / "state.json").read_text())["step"] >= point
     _run(work, tmp_path / "resumed.safetensors")
     got = load_file(tmp_path / "resumed.safetensors")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
+def test_sigkill_between_the_renames_of_a_save_resumes_from_the_previous_state(tmp_path):
+    # the CI failure of 2026-11-28: a kill between `state -> .state.old-PID` and `tmp -> state` left no state/
+    # and the next run started from step 0
+    _run(tmp_path / "ref", tmp_path / "ref.safetensors")
+    work = tmp_path / "killed"
+    cmd = [sys.executable, str(HERE / "killable_train.py"), str(work), str(STEPS), str(tmp_path / "x"), "4"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (work / "state").exists()
+    leftovers = sorted(p.name.split("-")[0] for p in work.iterdir() if p.name.startswith(".state"))
+    assert leftovers == [".state.old", ".state.tmp"]     # save 3 moved aside, save 4 complete but not in place
+    from test_train import small_trainer
+
+    from bard_deploy.data.tokenizer import build_tokenizer
+    t = small_trainer(work, build_tokenizer(), STEPS)
+    assert t.load_state() and t.step == 3                 # save 4 was cut: save 3 is back
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".state")) == []
+    _run(work, tmp_path / "resumed.safetensors")
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_leftovers_of_a_killed_directory_writer_are_recovered_and_a_live_writers_are_not(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    live = os.getpid()
+    target = tmp_path / "ck"
+    for name, content in ((f".ck.old-{dead}", "old"), (f".ck.tmp-{dead}-abc", "half"), (f".ck.tmp-{live}-def", "mine"),
+                          (".ckx.old-1", "other"), ("ck.old-1", "other")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(content)
+    recover_dir(target)                                  # killed between the renames: the old copy comes back
+    assert (target / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".ck.tmp-{live}-def", ".ckx.old-1", "ck", "ck.old-1"]
+    (tmp_path / f".ck.old-{dead}").mkdir()               # killed after the second rename: the stale copy goes
+    recover_dir(target)
+    assert (target / "f").read_text() == "old" and not (tmp_path / f".ck.old-{dead}").exists()
+    recover_dir(tmp_path / "missing" / "ck")             # no parent: nothing to do
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    cfg = ModelConfig.from_dict(qwen3_vl_config().to_dict())
-    from bard_deploy.vlm import BardVLM
-    m = BardVLM(cfg)
+    m = BardVLM(ModelConfig.from_dict(qwen3_vl_config().to_dict()))
     save_model(m, tmp_path / "ck")
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
 
@@ -81,6 +122,24 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     load_model(tmp_path / "ck")
+
+
+def test_a_failed_rename_into_place_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    m = BardVLM(ModelConfig.from_dict(qwen3_vl_config().to_dict()))
+    save_model(m, tmp_path / "ck")
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def refuse_the_new(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        save_model(m, tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 def test_engine_for_another_gpu_or_version_is_refused():
@@ -205,7 +264,6 @@ def test_tensorrt_generation_equals_torch(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_step_matches_cpu():
-    from bard_deploy.vlm import BardVLM
     torch.manual_seed(0)
     m = BardVLM(ModelConfig.from_dict(VALID)).eval()
     x = torch.randn(1, 5, 64)

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from bard_deploy.converters.checkpoint import new_tmp_dir, recover_dir, replace_dir
 from bard_deploy.errors import CheckpointError, ConfigError
 
 
@@ -224,8 +224,7 @@ class Trainer:
         weights, moments = self._full_state()
         if not self.dist.main:
             return
-        self.work.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".state.tmp-", dir=self.work))
+        tmp = new_tmp_dir(self.state_dir)
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
             opt = {}
@@ -241,7 +240,6 @@ class Trainer:
             for f in tmp.iterdir():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-            from bard_deploy.converters.checkpoint import replace_dir
             replace_dir(tmp, self.state_dir)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,6 +251,10 @@ class Trainer:
 
     def load_state(self) -> bool:
         """Resume from `state/` when it exists; True if resumed."""
+        if self.dist.main:
+            recover_dir(self.state_dir)
+        if self.dist.world > 1:
+            dist.barrier()
         meta_path = self.state_dir / "state.json"
         if not meta_path.is_file():
             return False
@@ -390,8 +392,9 @@ class Trainer:
         """Train to `schedule.steps`; with resume, continue from `state/` if present. Returns the metrics."""
         if resume:
             self.load_state()
-        elif self.state_dir.exists() and self.dist.main:
-            shutil.rmtree(self.state_dir)
+        elif self.dist.main:
+            recover_dir(self.state_dir)               # so that a killed writer's leftovers go too
+            shutil.rmtree(self.state_dir, ignore_errors=True)
             self.metrics_path.unlink(missing_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         history: list[dict] = []

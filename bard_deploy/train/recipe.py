@@ -21,7 +21,7 @@ import tomllib
 import torch
 
 from bard_deploy.config import ModelConfig
-from bard_deploy.converters.checkpoint import load_model
+from bard_deploy.converters.checkpoint import load_model, recover_dir
 from bard_deploy.data.collate import TrainBatch, collate_diffusion
 from bard_deploy.diffusion.loss import per_sample_mean, topk_kl, weighted_ce
 from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, training_mask
@@ -290,6 +290,7 @@ def stage_config(base: ModelConfig, recipe: Recipe, stage: Stage, parent: str, s
 
 
 def is_done(directory: Path, fingerprint: str) -> bool:
+    recover_dir(directory)
     marker = directory / "build.json"
     return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
 

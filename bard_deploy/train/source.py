@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bard_deploy.converters.checkpoint import recover_dir
 from bard_deploy.data.chat import Example, encode_example
 from bard_deploy.data.collate import collate_ar
 from bard_deploy.data.synthetic import samples
@@ -70,6 +71,7 @@ def ar_loss(model, batch, gens):
 
 
 def is_built(directory: Path, recipe: SourceRecipe) -> bool:
+    recover_dir(directory)
     marker = directory / "build.json"
     return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == recipe.fingerprint()
 
