@@ -125,13 +125,16 @@ def run_config(pipe, convs: list[list[dict]], name: str, ar: bool, warmup: int, 
     return summary
 
 
-def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max_new_tokens: int) -> Summary:
+def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max_new_tokens: int,
+                     device: str = "cpu") -> Summary:
     """The AR task through transformers' own greedy `generate` on the source checkpoint, timed the same way
-    (the prefill is timed as one separate forward over the prompt, to split prefill from decode)."""
+    (the prefill is timed as one separate forward over the prompt, to split prefill from decode), on the
+    torch device the runtime rows ran on."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
     from bard_deploy.config import load_config
     from bard_deploy.data.chat import assistant_text
+    from bard_deploy.devices import resolve_device
     from bard_deploy.prompting import PromptEncoder
 
     cfg = load_config(source_dir)
@@ -142,6 +145,8 @@ def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max
     else:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    dev = resolve_device(device)
+    model.to(dev)
     enc = PromptEncoder(tok, proc, cfg.image_token_id, cfg.spatial_merge_size)
     from bard_deploy.runtimes.api import eos_ids_of
 
@@ -150,18 +155,20 @@ def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max
     reset_peak_rss()
     for i, conv in enumerate(convs):
         e = enc.encode(conv[:-1])
-        ids = torch.tensor([e.input_ids])
+        ids = torch.tensor([e.input_ids], device=dev)
         kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if e.pixel_values is not None:
-            kw.update(pixel_values=e.pixel_values, image_grid_thw=e.image_grid_thw,
+            kw.update(pixel_values=e.pixel_values.to(dev), image_grid_thw=e.image_grid_thw.to(dev),
                       mm_token_type_ids=(ids == cfg.image_token_id).int())
         with torch.inference_mode():
             t0 = time.perf_counter()
             model(**kw)
+            _sync(dev)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
             out = model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                                  pad_token_id=tok.pad_token_id)
+            _sync(dev)
             total = time.perf_counter() - t0
         if i < warmup:
             continue
@@ -175,7 +182,12 @@ def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max
     return summary
 
 
-def header(backend: str) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def header(backend: str, device: str = "cpu") -> dict:
     import onnxruntime
     import transformers
 
@@ -188,9 +200,19 @@ def header(backend: str) -> dict:
     except OSError:
         pass
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": cpu, "cores": os.cpu_count(),
-            "backend": backend, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "backend": backend, "device": device, "gpu": _gpu_name(device),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def _gpu_name(device: str) -> str | None:
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    from bard_deploy.devices import resolve_device
+
+    dev = resolve_device(device) if device != "tensorrt" else torch.device("cuda", 0)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -223,21 +245,23 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def bench(models: list[Path], ar_model: Path | None, backend: str = "auto", variant: str | None = None,
           block_sizes: list[int] | None = None, thresholds: list[float] = (0.9,), requests: int = 30,
           warmup: int = 3, max_new_tokens: int = 64, data: Path | None = None, out: Path | None = None,
-          transformers_baseline: bool = True, log=print) -> dict:
-    """Run every configuration; return {"header", "rows"} and write JSON + PNG next to `out`."""
+          transformers_baseline: bool = True, device: str = "cpu", log=print) -> dict:
+    """Run every configuration; return {"header", "rows"} and write JSON + PNG next to `out`.
+
+    device: where the runtimes run (Pipeline.load's `device`); the transformers baseline follows it."""
     from bard_deploy.runtimes.api import Pipeline
 
     if requests <= 0 or warmup < 0:
         raise RuntimeInputError(f"--requests must be > 0 and --warmup >= 0, got {requests}, {warmup}", requests)
     convs = _conversations(data, requests + warmup)
-    pipes = [(m, Pipeline.load(m, backend=backend, variant=variant)) for m in models]
+    pipes = [(m, Pipeline.load(m, backend=backend, variant=variant, device=device)) for m in models]
     if ar_model is None:
         bard = pipes[0][1].config.bard
         if bard is None or not bard.source_model:
             raise RuntimeInputError("no --ar-model given and the checkpoint records no source model", "ar-model")
         ar_model = Path(bard.source_model)
     rows: list[dict] = []
-    ar_pipe = Pipeline.load(ar_model, backend=backend, variant=variant)
+    ar_pipe = Pipeline.load(ar_model, backend=backend, variant=variant, device=device)
     kind = type(ar_pipe.backend).__name__
     log(f"bench: AR baseline {ar_model} ({kind})")
     rows.append(run_config(ar_pipe, convs, "AR baseline", True, warmup, max_new_tokens=max_new_tokens).as_dict())
@@ -255,13 +279,14 @@ def bench(models: list[Path], ar_model: Path | None, backend: str = "auto", vari
             ar_model / "model.safetensors.index.json").is_file() else _source_of_export(ar_model)
         if source is not None:
             log(f"bench: transformers generate on {source}")
-            rows.append(run_transformers(source, convs, warmup, max_new_tokens).as_dict())
+            hf_device = "cuda" if device == "tensorrt" else device
+            rows.append(run_transformers(source, convs, warmup, max_new_tokens, hf_device).as_dict())
     base = rows[0]["decode_tokens_per_s"] or 1.0
     base_e2e = rows[0]["e2e_tokens_per_s"] or 1.0
     for r in rows:
         r["speedup_decode_vs_ar"] = round(r["decode_tokens_per_s"] / base, 3)
         r["speedup_e2e_vs_ar"] = round(r["e2e_tokens_per_s"] / base_e2e, 3)
-    result = {"header": header(kind), "rows": rows}
+    result = {"header": header(kind, device), "rows": rows}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,8 @@ from bard_deploy.runtimes.decode import DecodeOptions
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert Qwen3-VL models into BARD block-diffusion models, export and run them.")
 console = Console()
+DEVICE_HELP = ("Where to run: torch backend cpu, cuda, cuda:N or auto; onnxruntime cpu, cuda or tensorrt "
+               "(execution provider); TensorRT engines always run on the GPU.")
 
 
 @app.callback()
@@ -148,6 +150,7 @@ def generate(
     ar: bool = typer.Option(False, "--ar", help="Decode an AR source model, one token per forward."),
     backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt (auto: by directory kind)."),
     variant: str | None = typer.Option(None, help="Export decoder variant: fp32 or int8 [default: manifest's]."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     allow_block_size_mismatch: bool = typer.Option(False, help="Allow a block size other than the trained one."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer block by block as it is decoded."),
     stats: bool = typer.Option(False, "--stats", help="Print decoding statistics."),
@@ -165,7 +168,7 @@ def generate(
             raise RuntimeInputError("--static and --threshold exclude each other", threshold)
         options["threshold"] = None
     options["allow_block_size_mismatch"] = allow_block_size_mismatch
-    pipe = Pipeline.load(model, backend=backend, variant=variant)
+    pipe = Pipeline.load(model, backend=backend, variant=variant, device=device)
     images = [str(p) for p in image]
     if stream:
         st = Stats()
@@ -195,6 +198,7 @@ def bench(
     model: list[Path] = typer.Option([], "--model", help="Checkpoint or export directory (repeatable)."),
     backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt (the same for AR and BARD)."),
     variant: str | None = typer.Option(None, help="Export decoder variant: fp32 or int8."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     ar_model: Path | None = typer.Option(None, help="AR baseline [default: the source in the checkpoint]."),
     block_sizes: str | None = typer.Option(None, help="e.g. 4,8,16 [default: each model's trained size]."),
     thresholds: str = typer.Option("0.9", help="Comma-separated decode thresholds."),
@@ -238,9 +242,10 @@ def bench(
         raise ConfigError("give at least one --model (a checkpoint or export directory)", None)
     blocks = [int(b) for b in _floats(block_sizes, "block-sizes")] if block_sizes else None
     res = run_bench(model, ar_model, backend, variant, blocks, _floats(thresholds, "thresholds"), requests, warmup,
-                    max_new_tokens, data, out, transformers_baseline, log=console.print)
+                    max_new_tokens, data, out, transformers_baseline, device=device, log=console.print)
     h = res["header"]
-    table = Table(title=f"{h['backend']} on {h['machine']} ({h['cores']} cores, {h['torch_threads']} threads), "
+    where = f"{h['gpu']} ({h['device']})" if h["gpu"] else h["machine"]
+    table = Table(title=f"{h['backend']} on {where} ({h['cores']} cores, {h['torch_threads']} threads), "
                         f"{h['date']}, batch 1, {requests} requests")
     cols = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "steps/blk", "tok/fwd",
             "NFE/tok", "decode tok/s", "e2e tok/s", "prefill ms", "vision ms", "peak MB", "speed-up")

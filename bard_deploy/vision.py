@@ -39,7 +39,7 @@ def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, i
     inputs_embeds (B, L, hidden), feats (tokens, hidden), deepstack (n_ds, tokens, hidden) ->
     inputs_embeds with the image rows replaced, and deepstack_embeds (n_ds, B, L, hidden), zero off the image.
     """
-    where = input_ids == image_token_id                                          # (B, L)
+    where = (input_ids == image_token_id).to(inputs_embeds.device)               # (B, L)
     n = int(where.sum())
     if n != feats.shape[0]:
         raise RuntimeInputError(f"prompt has {n} image tokens but the images give {feats.shape[0]} features", n)

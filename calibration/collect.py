@@ -24,7 +24,7 @@ class RecordingBackend:
 
     def __init__(self, inner, keep_outputs: bool = True):
         self.inner, self.keep_outputs = inner, keep_outputs
-        self.config, self.io = inner.config, inner.io
+        self.config, self.io, self.device = inner.config, inner.io, inner.device
         self.records: list[tuple[dict, dict]] = []
 
     def embed(self, input_ids):
@@ -35,8 +35,8 @@ class RecordingBackend:
 
     def step(self, feeds):
         out = self.inner.step(feeds)
-        self.records.append(({k: v.clone() for k, v in feeds.items()},
-                             {k: v.clone() for k, v in out.items()} if self.keep_outputs else {}))
+        self.records.append(({k: v.cpu().clone() for k, v in feeds.items()},
+                             {k: v.cpu().clone() for k, v in out.items()} if self.keep_outputs else {}))
         return out
 
 

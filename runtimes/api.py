@@ -76,6 +76,8 @@ class Pipeline:
 
         backend "auto": torch for a checkpoint, onnxruntime for an export directory (one with manifest.json).
         variant: the export's decoder variant ("fp32", "int8"; default: the manifest's).
+        device: torch: cpu, cuda, cuda:N or auto (CUDA when present; the weights, KV buffer and decoding loop
+          live there); onnxruntime: cpu or cuda (the execution provider). TensorRT always runs on the GPU.
         """
         from bard_deploy.manifest import MANIFEST
 
@@ -96,7 +98,7 @@ class Pipeline:
                                         backend)
             from bard_deploy.converters.checkpoint import load_model
 
-            impl = TorchBackend(load_model(directory))
+            impl = TorchBackend(load_model(directory), device=device)
         else:
             if not is_export:
                 raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "

@@ -1,7 +1,8 @@
 """Backends: interchangeable step callables keyed by the IO table's names.
 
 A backend embeds token ids, encodes images, and runs the decoder step `step(feeds) -> outputs` where both
-dicts use `bard_deploy.iospec` names. The denoising loop imports none of them; it receives one.
+dicts use `bard_deploy.iospec` names. The denoising loop imports none of them; it receives one, and keeps its
+own tensors (KV buffer, canvas, logits) on the backend's `device`: where `embed` and `step` return theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bard_deploy.config import ModelConfig
 class Backend(Protocol):
     config: ModelConfig
     io: iospec.DecoderIO
+    device: torch.device          # where embed / encode_images / step return their tensors
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 -> (B, T, hidden)."""
@@ -30,25 +32,31 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The reference backend: eager PyTorch on a loaded BardVLM (read-only, so safe across threads)."""
+    """The reference backend: eager PyTorch on a loaded BardVLM (read-only, so safe across threads), on the CPU
+    or a CUDA device (`device`: cpu, cuda, cuda:N or auto; the model is moved there, in place); inputs may come
+    from anywhere, outputs stay on the device."""
 
-    def __init__(self, model):
-        self.model = model.eval()
+    def __init__(self, model, device: str | torch.device = "cpu"):
+        from bard_deploy.devices import resolve_device
+
+        self.device = resolve_device(str(device))
+        self.model = model.eval().to(self.device)
         self.config: ModelConfig = model.config
         self.io = iospec.DecoderIO.for_config(self.config)
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.language_model.embed_tokens(input_ids)
+        return self.model.language_model.embed_tokens(input_ids.to(self.device))
 
     @torch.inference_mode()
     def encode_images(self, pixel_values, grid_thw):
         from bard_deploy.vision import encode_images
 
-        return encode_images(self.model.visual, pixel_values, grid_thw)
+        return encode_images(self.model.visual, pixel_values.to(self.device), grid_thw.to(self.device))
 
     @torch.inference_mode()
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {k: v.to(self.device) for k, v in feeds.items()}
         n = self.io.num_layers
         past = None
         if iospec.past_key(0) in feeds:

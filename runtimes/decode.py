@@ -165,21 +165,26 @@ class Generation:
 
 
 class Session:
-    """One request's state: the backend, the KV buffer and the per-row rope deltas and response starts."""
+    """One request's state: the backend, the KV buffer and the per-row rope deltas and response starts.
+
+    The KV buffer, the embeddings and the logits live on the backend's device; the layout vectors, positions
+    and rope deltas are made on the CPU and sent along with each step (a few integers per token)."""
 
     def __init__(self, backend, batch: PromptBatch, max_new: int, prompt_attention: str,
                  prompt_block: int | None, stats: Stats):
         self.backend, self.stats, self.prompt_attention = backend, stats, prompt_attention
+        self.device: torch.device = backend.device
         cfg: ModelConfig = backend.config
         self.io: iospec.DecoderIO = backend.io
         B, P = batch.input_ids.shape
         if P + max_new > cfg.text.max_position_embeddings:
             raise RuntimeInputError(f"prompt of {P} tokens + {max_new} new tokens exceeds the model's context of "
                                     f"{cfg.text.max_position_embeddings}", P + max_new)
-        self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim)
         self.start = batch.lengths                                       # (B,) index of the first new token
         t0 = time.perf_counter()
         x = backend.embed(batch.input_ids)
+        self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim,
+                             dtype=x.dtype, device=self.device)
         ds = None
         if batch.pixel_values is not None:
             tv = time.perf_counter()
@@ -195,8 +200,9 @@ class Session:
 
     def _forward(self, x: torch.Tensor, pos: torch.Tensor, layout: Layout, ds: torch.Tensor | None) -> dict:
         io, cache = self.io, self.cache
-        feeds = {iospec.INPUTS_EMBEDS: x, iospec.POSITION_IDS: pos,
-                 iospec.ATTENTION_BIAS: attention_bias(layout, cache.keys_layout(layout), self.prompt_attention)}
+        bias = attention_bias(layout, cache.keys_layout(layout), self.prompt_attention, dtype=x.dtype)
+        feeds = {iospec.INPUTS_EMBEDS: x, iospec.POSITION_IDS: pos.to(self.device),
+                 iospec.ATTENTION_BIAS: bias.to(self.device)}
         for i, (k, v) in enumerate(cache.past()):
             feeds[iospec.past_key(i)], feeds[iospec.past_value(i)] = k, v
         if io.num_deepstack:
@@ -212,12 +218,19 @@ class Session:
         t0 = time.perf_counter()
         pos = (layout.index + self.delta[:, None]).unsqueeze(0).expand(3, -1, -1)
         logits = self._forward(self.backend.embed(tokens), pos, layout, None)[iospec.LOGITS]
+        if self.device.type == "cuda":                  # a step's time, not its launch time
+            torch.cuda.synchronize(self.device)
         self.stats.step_s.append(time.perf_counter() - t0)
         return logits
 
     def commit(self, layout: Layout, n: int) -> None:
         """Write the first n tokens of the last step into the cache."""
         self.cache.commit(self._new_kv, layout, n)
+
+
+def _generator(opts: DecodeOptions, device: torch.device) -> torch.Generator | None:
+    """The sampling generator (seeded), on the device the logits are on (a seed's draws differ per device)."""
+    return torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
 
 
 def _sample(logits: torch.Tensor, opts: DecodeOptions, gen: torch.Generator | None
@@ -262,7 +275,7 @@ def denoise_step(logits: torch.Tensor, canvas: torch.Tensor, masked: torch.Tenso
         commit = masked & (conf >= opts.threshold) if opts.threshold is not None else torch.zeros_like(masked)
         ranked = conf.masked_fill(~masked, -1.0).argsort(dim=1, descending=True, stable=True)
         k = masked.sum(1).clamp(max=opts.min_commit)                               # (B,)
-        top = torch.arange(masked.shape[1])[None, :] < k[:, None]                  # first k of the ranking
+        top = torch.arange(masked.shape[1], device=masked.device)[None, :] < k[:, None]   # first k of the ranking
         commit |= torch.zeros_like(masked).scatter(1, ranked, top)
     new = torch.where(commit, pred, canvas)
     # (4) revision: tokens committed at earlier steps of this block whose prediction changed confidently
@@ -271,7 +284,8 @@ def denoise_step(logits: torch.Tensor, canvas: torch.Tensor, masked: torch.Tenso
         cand = live & ~masked & (pred != canvas) & (conf >= opts.edit_threshold)
         ranked = conf.masked_fill(~cand, -1.0).argsort(dim=1, descending=True, stable=True)
         k = torch.minimum(cand.sum(1), edits_left)
-        edit = torch.zeros_like(cand).scatter(1, ranked, torch.arange(cand.shape[1])[None, :] < k[:, None])
+        first_k = torch.arange(cand.shape[1], device=cand.device)[None, :] < k[:, None]
+        edit = torch.zeros_like(cand).scatter(1, ranked, first_k)
         new = torch.where(edit, pred, new)
         edits_left -= edit.sum(1)
         n_edits = int(edit.sum())
@@ -312,17 +326,18 @@ def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
     n_blocks = -(-opts.max_new_tokens // B_sz)
     prompt_block = B_sz if cfg.bard.prompt_attention == "block" else None
     session = Session(backend, batch, n_blocks * B_sz, cfg.bard.prompt_attention, prompt_block, stats)
-    gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    dev = session.device
+    gen = _generator(opts, dev)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
     rows = batch.input_ids.shape[0]
-    done = torch.zeros(rows, dtype=torch.bool)
+    done = torch.zeros(rows, dtype=torch.bool, device=dev)
     pending: tuple[torch.Tensor, Layout] | None = None    # the finished block whose K/V are not cached yet
     t0 = time.perf_counter()
     for b in range(n_blocks):
-        canvas = torch.full((rows, B_sz), mask_id, dtype=torch.long)
+        canvas = torch.full((rows, B_sz), mask_id, dtype=torch.long, device=dev)
         canvas[done] = int(eos[0]) if len(eos) else mask_id
         noisy = response_layout(rows, session.start + b * B_sz, b, B_sz, B_sz, NOISY)
-        edits_left = torch.full((rows,), opts.max_edits, dtype=torch.long)
+        edits_left = torch.full((rows,), opts.max_edits, dtype=torch.long, device=dev)
         steps = 0
         for s in range(opts.max_steps):
             masked = canvas == mask_id
@@ -360,10 +375,10 @@ def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequenc
     yields each step's tokens (B, 1) until every row has emitted EOS or max_new_tokens."""
     opts = opts.resolved(backend.config, ar=True)
     session = Session(backend, batch, opts.max_new_tokens, "causal", None, stats)
-    gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    gen = _generator(opts, session.device)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=session.device)
     rows = batch.input_ids.shape[0]
-    done = torch.zeros(rows, dtype=torch.bool)
+    done = torch.zeros(rows, dtype=torch.bool, device=session.device)
     logits = session.last_logits                                              # (B, V): predicts token 0
     t0 = time.perf_counter()
     for j in range(opts.max_new_tokens):

@@ -34,6 +34,7 @@ class OrtBackend:
         self.manifest = m = read_manifest(directory)
         self.config = load_config(directory)
         self.io = iospec.DecoderIO.for_config(self.config)
+        self.device = torch.device("cpu")          # numpy in and out, whichever provider runs the graph
         if m.get("io") != io_table(self.io):
             raise ExportError("manifest IO table does not match the model config in the export directory", "io")
         b = self.config.bard

@@ -116,6 +116,7 @@ class TrtBackend:
         m = read_manifest(directory)
         self.config = load_config(directory)
         self.io = iospec.DecoderIO.for_config(self.config)
+        self.device = torch.device("cpu")          # step copies feeds to the GPU and its outputs back
         variant = variant or m.get("default_variant", "fp32")
         onnx_name = m["graphs"]["decoder"][variant]
         # Engines are machine-specific, so they live beside (not inside) the hashed export directory.

@@ -169,6 +169,14 @@ def test_unknown_cli_option_values_are_one_line_errors(argv, culprit, capsys):
     assert err.startswith("error: ") and culprit in err and err.count("\n") == 1
 
 
+def test_a_bad_device_is_a_one_line_error_before_any_decoding(tmp_path, capsys):
+    save_model(BardVLM(ModelConfig.from_dict(qwen3_vl_config().to_dict())), tmp_path / "ck")
+    for device in ["gpu0", "meta"] + ([] if torch.cuda.is_available() else ["cuda:1"]):
+        assert main(["generate", "--model", str(tmp_path / "ck"), "--prompt", "hi", "--ar", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and device.split(":")[0] in err and err.count("\n") == 1
+
+
 def test_block_size_larger_than_the_context_is_refused():
     cfg = ModelConfig.from_dict(qwen3_vl_config().to_dict()).with_bard(mask_token_id=MASK_ID, block_size=4)
     with pytest.raises(RuntimeInputError, match="block_size=8192"):

@@ -1,5 +1,8 @@
 """The runtime: cached block decoding == the slow reference decoder; AR == transformers' generate;
-NFE accounting; per-row EOS; batch == rows alone; invariants under random options (hypothesis)."""
+NFE accounting; per-row EOS; batch == rows alone; invariants under random options (hypothesis); the GPU
+loop == the CPU loop."""
+
+import copy
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from hypothesis import strategies as st
 
 from bard_deploy.config import ModelConfig
 from bard_deploy.converters.checkpoint import load_model
-from bard_deploy.errors import RuntimeInputError
+from bard_deploy.errors import ConfigError, RuntimeInputError
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import DecodeOptions, PromptBatch, generate_ar, generate_bard
 from bard_deploy.runtimes.reference import reference_generate
@@ -202,3 +205,43 @@ def test_invariants(model, block_size, threshold, min_commit, max_steps, max_new
     assert all(s <= (max_steps or block_size) for s in g.stats.steps_per_block)
     if temperature:                                          # sampling is reproducible with a seed
         assert generate_bard(TorchBackend(model), batch, o, eos_ids=eos).token_ids == g.token_ids
+
+
+# ---- devices -------------------------------------------------------------------------------------------
+
+def test_device_names_are_checked_before_the_model_moves(model):
+    with pytest.raises(ConfigError, match="'gpu0' is not a device"):
+        TorchBackend(model, device="gpu0")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        TorchBackend(model, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            TorchBackend(model, device="cuda")
+    assert next(model.parameters()).device.type == "cpu"
+    if not torch.cuda.is_available():
+        assert TorchBackend(model, device="auto").device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_cuda_decoding_equals_cpu_decoding(with_image, ar_pair):
+    """The loop, KV buffer and canvas on the GPU: the same tokens as on the CPU (fp32, greedy; TF32 is off by
+    default for fp32 matmuls), for thresholds, the static schedule, revision, batch 2 with EOS, and AR."""
+    cpu, gpu = TorchBackend(peaked_model()), TorchBackend(peaked_model(), device="cuda")
+    assert next(gpu.model.parameters()).is_cuda
+    batch = prompts(with_image, batch=2)
+    for o in (opts(threshold=0.6), opts(threshold=None, block_size=8), opts(threshold=0.5, edit_threshold=0.6)):
+        want = generate_bard(cpu, batch, o, eos_ids=[])
+        eos = [want.token_ids[0][5]]
+        for e in ([], eos):
+            w, g = generate_bard(cpu, batch, o, eos_ids=e), generate_bard(gpu, batch, o, eos_ids=e)
+            assert g.token_ids == w.token_ids and g.stats.steps_per_block == w.stats.steps_per_block
+    sampled = generate_bard(gpu, batch, opts(threshold=0.6, temperature=0.8, seed=3), eos_ids=[])
+    assert sampled.token_ids == generate_bard(gpu, batch, opts(threshold=0.6, temperature=0.8, seed=3),
+                                              eos_ids=[]).token_ids
+    _, ours = ar_pair
+    ar_cpu = generate_ar(TorchBackend(ours), batch, DecodeOptions(max_new_tokens=12), eos_ids=[])
+    ar_gpu = generate_ar(TorchBackend(copy.deepcopy(ours), device="cuda"), batch, DecodeOptions(max_new_tokens=12),
+                         eos_ids=[])
+    assert ar_gpu.token_ids == ar_cpu.token_ids

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from bard_deploy.converters.checkpoint import new_tmp_dir, recover_dir, replace_dir
+from bard_deploy.devices import resolve_device
 from bard_deploy.errors import CheckpointError, ConfigError
 
 
@@ -88,25 +89,6 @@ class DistInfo:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" = this process's CUDA device when there is one (LOCAL_RANK under torchrun), else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)", name) from e
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: only cpu and cuda are supported", name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available on this machine", name)
-    if device.type == "cuda" and device.index is None:             # plain "cuda": this process's GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -117,10 +117,11 @@ def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
 
     convs = synthetic_conversations("test", recipe.eval_samples)
     rows = []
-    ev = evaluate(Pipeline.load(source_dir), convs, ar=True, batch_size=1, max_new_tokens=64)
+    device = recipe.device                               # where training ran: a GPU run evaluates on the GPU
+    ev = evaluate(Pipeline.load(source_dir, device=device), convs, ar=True, batch_size=1, max_new_tokens=64)
     rows.append({"model": "source (AR)", "block_size": 1, "threshold": None, **ev.as_dict()})
     for stage in recipe.stages:
-        pipe = Pipeline.load(recipe.run_dir / stage.name)
+        pipe = Pipeline.load(recipe.run_dir / stage.name, device=device)
         ev = evaluate(pipe, convs, batch_size=1, threshold=recipe.eval_threshold, max_new_tokens=64)
         rows.append({"model": stage.name, "block_size": stage.block_size, "threshold": recipe.eval_threshold,
                      **ev.as_dict()})

@@ -1,0 +1,28 @@
+"""Where torch code runs: one rule for training and the torch runtime backend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bard_deploy.errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" = this process's CUDA device when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)", name) from e
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported", name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available on this machine", name)
+    if device.type == "cuda" and device.index is None:             # plain "cuda": this process's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
