@@ -294,9 +294,12 @@ def recover_dir(target: str | Path) -> None:
         m = pattern.match(p.name)
         if m and p.is_dir() and not _pid_alive(int(m.group(2))):
             (olds if m.group(1) == "old" else tmps).append(p)
-    olds.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    olds.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0.0, reverse=True)
     if olds and not target.exists():
-        os.replace(olds.pop(0), target)
-        _fsync_dir(target.parent)
+        try:
+            os.replace(olds.pop(0), target)
+            _fsync_dir(target.parent)
+        except FileNotFoundError:     # another reader (a second torchrun process) put it back first
+            pass
     for p in olds + tmps:
         shutil.rmtree(p, ignore_errors=True)
