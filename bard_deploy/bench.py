@@ -211,7 +211,7 @@ def _gpu_name(device: str) -> str | None:
         return None
     from bard_deploy.devices import resolve_device
 
-    dev = resolve_device(device) if device != "tensorrt" else torch.device("cuda", 0)
+    dev = resolve_device(device)
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
 
 
@@ -262,6 +262,7 @@ def bench(models: list[Path], ar_model: Path | None, backend: str = "auto", vari
         ar_model = Path(bard.source_model)
     rows: list[dict] = []
     ar_pipe = Pipeline.load(ar_model, backend=backend, variant=variant, device=device)
+    torch_device = "cuda" if "tensorrt" in (backend, device) else device   # the GPU the runtime rows used
     kind = type(ar_pipe.backend).__name__
     log(f"bench: AR baseline {ar_model} ({kind})")
     rows.append(run_config(ar_pipe, convs, "AR baseline", True, warmup, max_new_tokens=max_new_tokens).as_dict())
@@ -279,14 +280,13 @@ def bench(models: list[Path], ar_model: Path | None, backend: str = "auto", vari
             ar_model / "model.safetensors.index.json").is_file() else _source_of_export(ar_model)
         if source is not None:
             log(f"bench: transformers generate on {source}")
-            hf_device = "cuda" if device == "tensorrt" else device
-            rows.append(run_transformers(source, convs, warmup, max_new_tokens, hf_device).as_dict())
+            rows.append(run_transformers(source, convs, warmup, max_new_tokens, torch_device).as_dict())
     base = rows[0]["decode_tokens_per_s"] or 1.0
     base_e2e = rows[0]["e2e_tokens_per_s"] or 1.0
     for r in rows:
         r["speedup_decode_vs_ar"] = round(r["decode_tokens_per_s"] / base, 3)
         r["speedup_e2e_vs_ar"] = round(r["e2e_tokens_per_s"] / base_e2e, 3)
-    result = {"header": header(kind, device), "rows": rows}
+    result = {"header": header(kind, torch_device), "rows": rows}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
