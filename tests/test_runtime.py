@@ -214,11 +214,10 @@ def test_device_names_are_checked_before_the_model_moves(model):
         TorchBackend(model, device="gpu0")
     with pytest.raises(ConfigError, match="only cpu and cuda"):
         TorchBackend(model, device="meta")
+    assert next(model.parameters()).device.type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             TorchBackend(model, device="cuda")
-    assert next(model.parameters()).device.type == "cpu"
-    if not torch.cuda.is_available():
         assert TorchBackend(model, device="auto").device == torch.device("cpu")
 
 
