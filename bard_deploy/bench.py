@@ -14,12 +14,23 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import onnxruntime
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
-from bard_deploy.errors import RuntimeInputError
+from bard_deploy.checkpoint import INDEX, WEIGHTS
+from bard_deploy.config import load_config
+from bard_deploy.data.chat import assistant_text, read_conversations
+from bard_deploy.devices import resolve_device
+from bard_deploy.errors import ConfigError, RuntimeInputError
+from bard_deploy.evaluate import synthetic_conversations
+from bard_deploy.manifest import Manifest, is_export
+from bard_deploy.prompting import PromptEncoder
+from bard_deploy.runtimes.api import Pipeline, eos_ids_of
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -30,6 +41,35 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(s) - 1) * q / 100
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `bard-deploy bench` runs: every model x block size x threshold beside the AR baseline, batch 1."""
+
+    models: tuple[Path, ...] = ()              # checkpoint or export directories
+    ar_model: Path | None = None               # None: the source recorded in the first model's bard section
+    backend: str = "auto"                      # the same for AR and BARD
+    variant: str | None = None                 # export decoder variant (fp32, int8); None: the manifest's
+    device: str = "cpu"                        # Pipeline.load's device; the transformers baseline follows it
+    block_sizes: tuple[int, ...] | None = None  # None: each model's trained block size
+    thresholds: tuple[float, ...] = (0.9,)
+    requests: int = 30                         # timed requests per configuration
+    warmup: int = 3                            # untimed requests first
+    max_new_tokens: int = 64
+    data: Path | None = None                   # a JSONL of messages instead of the synthetic test split
+    out: Path | None = Path("runs/bench")      # bench.json and bench.png go here (None: not written)
+    transformers_baseline: bool = True         # also time transformers' own generate on the source
+
+    def check(self) -> BenchOptions:
+        """A copy with paths as Path; a bad value raises a typed error naming it."""
+        if not self.models:
+            raise ConfigError("give at least one --model (a checkpoint or export directory)", None)
+        if self.requests <= 0 or self.warmup < 0:
+            raise RuntimeInputError(f"--requests must be > 0 and --warmup >= 0, got {self.requests}, "
+                                    f"{self.warmup}", self.requests)
+        return replace(self, models=tuple(Path(m) for m in self.models),
+                       ar_model=None if self.ar_model is None else Path(self.ar_model))
 
 
 @dataclass
@@ -108,8 +148,6 @@ def peak_rss_mb() -> float:
 
 def run_config(pipe, convs: list[list[dict]], name: str, ar: bool, warmup: int, **options) -> Summary:
     """Time batch-1 requests of one configuration (the first `warmup` conversations are not counted)."""
-    from bard_deploy.data.chat import assistant_text
-
     block = None if ar else options.get("block_size") or pipe.config.bard.block_size
     summary = Summary(name, block, None if ar else options.get("threshold"))
     for conv in convs[:warmup]:
@@ -125,31 +163,23 @@ def run_config(pipe, convs: list[list[dict]], name: str, ar: bool, warmup: int, 
     return summary
 
 
+def _hf_model(source_dir: Path, device: torch.device):
+    """transformers' own model, tokenizer and our prompt encoder for a source checkpoint, on `device`."""
+    cfg = load_config(source_dir)
+    tok = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False)
+    proc = Qwen2VLImageProcessorPil.from_pretrained(source_dir) if cfg.has_vision else None
+    auto = AutoModelForImageTextToText if cfg.has_vision else AutoModelForCausalLM
+    model = auto.from_pretrained(source_dir, dtype=torch.float32).eval().to(device)
+    return cfg, model, tok, PromptEncoder(tok, proc, cfg.image_token_id, cfg.spatial_merge_size)
+
+
 def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max_new_tokens: int,
                      device: str = "cpu") -> Summary:
     """The AR task through transformers' own greedy `generate` on the source checkpoint, timed the same way
     (the prefill is timed as one separate forward over the prompt, to split prefill from decode), on the
     torch device the runtime rows ran on."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
-
-    from bard_deploy.config import load_config
-    from bard_deploy.data.chat import assistant_text
-    from bard_deploy.devices import resolve_device
-    from bard_deploy.prompting import PromptEncoder
-
-    cfg = load_config(source_dir)
-    tok = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False)
-    proc = Qwen2VLImageProcessorPil.from_pretrained(source_dir) if cfg.has_vision else None
-    if cfg.has_vision:
-        model = AutoModelForImageTextToText.from_pretrained(source_dir, dtype=torch.float32).eval()
-    else:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     dev = resolve_device(device)
-    model.to(dev)
-    enc = PromptEncoder(tok, proc, cfg.image_token_id, cfg.spatial_merge_size)
-    from bard_deploy.runtimes.api import eos_ids_of
-
+    cfg, model, tok, enc = _hf_model(source_dir, dev)
     eos_ids = eos_ids_of(source_dir, tok)
     summary = Summary("transformers generate (AR)", None, None)
     reset_peak_rss()
@@ -188,9 +218,7 @@ def _sync(device: torch.device) -> None:
 
 
 def header(backend: str, device: str = "cpu") -> dict:
-    import onnxruntime
-    import transformers
-
+    """The settings a bench result was measured under: date, machine, backend, device, threads, versions."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -209,8 +237,6 @@ def header(backend: str, device: str = "cpu") -> dict:
 def _gpu_name(device: str) -> str | None:
     if device == "cpu" or not torch.cuda.is_available():
         return None
-    from bard_deploy.devices import resolve_device
-
     dev = resolve_device(device)
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
 
@@ -242,93 +268,68 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def bench(models: list[Path], ar_model: Path | None, backend: str = "auto", variant: str | None = None,
-          block_sizes: list[int] | None = None, thresholds: list[float] = (0.9,), requests: int = 30,
-          warmup: int = 3, max_new_tokens: int = 64, data: Path | None = None, out: Path | None = None,
-          transformers_baseline: bool = True, device: str = "cpu", log=print) -> dict:
-    """Run every configuration; return {"header", "rows"} and write JSON + PNG next to `out`.
-
-    device: where the runtimes run (Pipeline.load's `device`); the transformers baseline follows it."""
-    from bard_deploy.runtimes.api import Pipeline
-
-    if requests <= 0 or warmup < 0:
-        raise RuntimeInputError(f"--requests must be > 0 and --warmup >= 0, got {requests}, {warmup}", requests)
-    convs = _conversations(data, requests + warmup)
-    pipes = [(m, Pipeline.load(m, backend=backend, variant=variant, device=device)) for m in models]
-    if ar_model is None:
-        bard = pipes[0][1].config.bard
-        if bard is None or not bard.source_model:
-            raise RuntimeInputError("no --ar-model given and the checkpoint records no source model", "ar-model")
-        ar_model = Path(bard.source_model)
-    rows: list[dict] = []
-    ar_pipe = Pipeline.load(ar_model, backend=backend, variant=variant, device=device)
-    torch_device = "cuda" if "tensorrt" in (backend, device) else device   # the GPU the runtime rows used
+def bench(opts: BenchOptions, log=print) -> dict:
+    """Run every configuration of `opts`; return {"header", "rows"[, "plot"]} and write JSON + PNG to `opts.out`."""
+    o = opts.check()
+    convs = _conversations(o.data, o.requests + o.warmup)
+    pipes = [(m, Pipeline.load(m, backend=o.backend, variant=o.variant, device=o.device)) for m in o.models]
+    ar_model = o.ar_model or _recorded_source(pipes[0][1])
+    ar_pipe = Pipeline.load(ar_model, backend=o.backend, variant=o.variant, device=o.device)
+    torch_device = "cuda" if "tensorrt" in (o.backend, o.device) else o.device   # the GPU the runtime rows used
     kind = type(ar_pipe.backend).__name__
     log(f"bench: AR baseline {ar_model} ({kind})")
-    rows.append(run_config(ar_pipe, convs, "AR baseline", True, warmup, max_new_tokens=max_new_tokens).as_dict())
+    rows = [run_config(ar_pipe, convs, "AR baseline", True, o.warmup, max_new_tokens=o.max_new_tokens).as_dict()]
     for path, pipe in pipes:
         trained = pipe.config.bard.block_size if pipe.config.bard else None
-        for block in block_sizes or [trained]:
-            for th in thresholds:
+        for block in o.block_sizes or [trained]:
+            for th in o.thresholds:
                 name = f"BARD {path.name}"
                 log(f"bench: {name} block {block} threshold {th}")
-                s = run_config(pipe, convs, name, False, warmup, block_size=block, threshold=th,
-                               max_new_tokens=max_new_tokens, allow_block_size_mismatch=True)
-                rows.append(s.as_dict())
-    if transformers_baseline:
-        source = ar_model if (ar_model / "model.safetensors").is_file() or (
-            ar_model / "model.safetensors.index.json").is_file() else _source_of_export(ar_model)
-        if source is not None:
-            log(f"bench: transformers generate on {source}")
-            rows.append(run_transformers(source, convs, warmup, max_new_tokens, torch_device).as_dict())
+                rows.append(run_config(pipe, convs, name, False, o.warmup, block_size=block, threshold=th,
+                                       max_new_tokens=o.max_new_tokens, allow_block_size_mismatch=True).as_dict())
+    source = _checkpoint_of(ar_model) if o.transformers_baseline else None
+    if source is not None:
+        log(f"bench: transformers generate on {source}")
+        rows.append(run_transformers(source, convs, o.warmup, o.max_new_tokens, torch_device).as_dict())
+    add_speedups(rows)
+    result = {"header": header(kind, torch_device), "rows": rows}
+    if o.out is not None:
+        o.out.mkdir(parents=True, exist_ok=True)
+        (o.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(rows, o.out / "bench.png", f"{kind}, {result['header']['machine']}, batch 1, {o.requests} requests")
+        result["plot"] = str(o.out / "bench.png")
+    return result
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Decode and end-to-end speed-ups over the first row (the AR baseline), in place."""
     base = rows[0]["decode_tokens_per_s"] or 1.0
     base_e2e = rows[0]["e2e_tokens_per_s"] or 1.0
     for r in rows:
         r["speedup_decode_vs_ar"] = round(r["decode_tokens_per_s"] / base, 3)
         r["speedup_e2e_vs_ar"] = round(r["e2e_tokens_per_s"] / base_e2e, 3)
-    result = {"header": header(kind, torch_device), "rows": rows}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(rows, out / "bench.png", f"{kind}, {result['header']['machine']}, batch 1, {requests} requests")
-        result["plot"] = str(out / "bench.png")
-    return result
 
 
-def _source_of_export(directory: Path) -> Path | None:
-    """The checkpoint an export directory was made from (recorded in its manifest)."""
-    m = directory / "manifest.json"
-    if m.is_file():
-        src = Path(json.loads(m.read_text()).get("model", ""))
+def _recorded_source(pipe: Pipeline) -> Path:
+    """The AR source a BARD checkpoint records (--ar-model's default)."""
+    bard = pipe.config.bard
+    if bard is None or not bard.source_model:
+        raise RuntimeInputError("no --ar-model given and the checkpoint records no source model", "ar-model")
+    return Path(bard.source_model)
+
+
+def _checkpoint_of(directory: Path) -> Path | None:
+    """The checkpoint behind a directory: itself, or the one an export was made from (recorded in its manifest;
+    None when it is not there any more)."""
+    if (directory / WEIGHTS).is_file() or (directory / INDEX).is_file():
+        return directory
+    if is_export(directory):
+        src = Path(Manifest.read(directory, verify=False).model)
         if (src / "config.json").is_file():
             return src
     return None
 
 
 def _conversations(data: Path | None, n: int) -> list[list[dict]]:
-    """The test split, or the first n rows of a JSONL of messages (image paths resolved inside its folder)."""
-    if data is None:
-        from bard_deploy.evaluate import synthetic_conversations
-        return synthetic_conversations("test", n)
-    from bard_deploy.data.chat import check_messages
-    from bard_deploy.errors import DataError
-    from bard_deploy.prompting import resolve_image_path
-
-    rows = []
-    with open(data, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                msgs = check_messages(json.loads(line).get("messages"))
-            except (json.JSONDecodeError, AttributeError, DataError) as e:
-                raise DataError(f"{data}:{lineno}: {e}", lineno) from e
-            for m in msgs:
-                for part in m["content"] if isinstance(m["content"], list) else []:
-                    if part["type"] == "image" and isinstance(part.get("image"), str) and not part["image"].startswith(
-                            "data:"):
-                        part["image"] = str(resolve_image_path(part["image"], Path(data).parent))
-            rows.append(msgs)
-            if len(rows) == n:
-                break
-    return rows
+    """The synthetic test split, or the first n rows of a JSONL of messages."""
+    return synthetic_conversations("test", n) if data is None else read_conversations(data, n)

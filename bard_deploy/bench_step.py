@@ -1,4 +1,4 @@
-"""`bard-deploy bench --step`: one decoder step at real model shapes with random weights, T = 1..32 tokens over
+"""`bard-deploy bench-step`: one decoder step at real model shapes with random weights, T = 1..32 tokens over
 a past of P tokens, on torch fp32, onnxruntime fp32 and onnxruntime INT8.
 
 A full 2B decoder does not fit the ONNX protobuf limit and takes long to export, so the step is timed for two
@@ -13,13 +13,19 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bard_deploy import iospec
+from bard_deploy.calibration.quantize import quantize
 from bard_deploy.config import ModelConfig
+from bard_deploy.converters.onnx_export import export_decoder
 from bard_deploy.errors import ConfigError
+from bard_deploy.runtimes.backend import TorchBackend
+from bard_deploy.runtimes.ort_backend import session, to_numpy
+from bard_deploy.vlm import BardVLM
 
 SHAPES = {
     # the text decoders of Qwen3-VL-2B / 4B (tied embeddings, vocab 151936)
@@ -30,7 +36,36 @@ SHAPES = {
 }
 
 
+BACKENDS = ("torch", "onnxruntime-fp32", "onnxruntime-int8")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What `bard-deploy bench-step` times."""
+
+    shape: str = "qwen3-vl-2b"                     # a name of SHAPES or a config.json
+    tokens: tuple[int, ...] = (1, 4, 8, 16, 32)    # tokens per step (T)
+    past: int = 512                                # cached tokens before the step
+    layers_subset: tuple[int, int] = (1, 4)        # the two layer counts timed and extrapolated
+    repeats: int = 7                               # the median of this many timings per point
+    backends: tuple[str, ...] = BACKENDS
+    out: Path | None = Path("runs/bench")          # bench_step.json goes here (None: not written)
+
+    def check(self) -> StepOptions:
+        """A typed error naming a bad value."""
+        k1, k2 = self.layers_subset if len(self.layers_subset) == 2 else (0, 0)
+        if len(self.layers_subset) != 2 or not 0 < k1 < k2:
+            raise ConfigError(f"--layers-subset needs two increasing layer counts, got {list(self.layers_subset)}",
+                              "layers-subset")
+        unknown = sorted(set(self.backends) - set(BACKENDS))
+        if unknown:
+            raise ConfigError(f"unknown step backend {unknown[0]!r} (choose from {', '.join(BACKENDS)})", unknown[0])
+        shape_config(self.shape)
+        return self
+
+
 def shape_config(shape: str) -> dict:
+    """The text decoder's dimensions of a named shape or of a config.json (flat or with text_config)."""
     if shape in SHAPES:
         return {**SHAPES[shape], "vocab_size": 151936}
     path = Path(shape)
@@ -43,9 +78,7 @@ def shape_config(shape: str) -> dict:
                                                                                        // t["num_attention_heads"])}
 
 
-def _model(dims: dict, layers: int):
-    from bard_deploy.vlm import BardVLM
-
+def _model(dims: dict, layers: int) -> BardVLM:
     torch.manual_seed(0)
     return BardVLM(_config(dims, layers)).eval()
 
@@ -56,20 +89,7 @@ def _config(dims: dict, layers: int) -> ModelConfig:
 
 
 def _feeds(config: ModelConfig, T: int, past: int) -> dict[str, torch.Tensor]:
-    io = iospec.DecoderIO.for_config(config)
-    f = {iospec.INPUTS_EMBEDS: torch.randn(1, T, io.hidden_size) * 0.02,
-         iospec.POSITION_IDS: (torch.arange(T) + past).expand(3, 1, T).contiguous(),
-         iospec.ATTENTION_BIAS: torch.zeros(1, 1, T, past + T)}
-    for i in range(io.num_layers):
-        f[iospec.past_key(i)] = torch.randn(1, io.num_kv_heads, past, io.head_dim)
-        f[iospec.past_value(i)] = torch.randn(1, io.num_kv_heads, past, io.head_dim)
-    return f
-
-
-def _torch_step(model, f: dict):
-    n = model.config.text.num_hidden_layers
-    past = [(f[iospec.past_key(i)], f[iospec.past_value(i)]) for i in range(n)]
-    return lambda: model.step(f[iospec.INPUTS_EMBEDS], f[iospec.POSITION_IDS], f[iospec.ATTENTION_BIAS], past)
+    return iospec.DecoderIO.for_config(config).dummy_feeds(batch=1, seq=T, past=past)
 
 
 def _time(fn, repeats: int) -> float:
@@ -83,6 +103,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def weight_bytes(dims: dict, layers: int, bytes_per_weight: float = 4.0) -> float:
+    """Bytes of decoder-layer and lm_head weights one step reads."""
     h, f, hd = dims["hidden_size"], dims["intermediate_size"], dims["head_dim"]
     per_layer = h * hd * (2 * dims["num_attention_heads"] + 2 * dims["num_key_value_heads"]) + 3 * h * f
     return (layers * per_layer + h * dims["vocab_size"]) * bytes_per_weight
@@ -117,45 +138,55 @@ def step_rows(raw: dict, backends: list[str], tokens: list[int], ks: tuple[int, 
     return rows
 
 
-def step_bench(shape: str = "qwen3-vl-2b", tokens=(1, 4, 8, 16, 32), past: int = 512, subset=(1, 4),
-               repeats: int = 7, backends=("torch", "onnxruntime-fp32", "onnxruntime-int8"), log=print) -> dict:
-    """Time the step for each backend and T; extrapolate to the shape's depth. Returns rows + notes."""
-    from bard_deploy.converters.export import quantize
-    from bard_deploy.converters.onnx_export import export_decoder, session, to_numpy
-
-    dims = shape_config(shape)
+def step_bench(opts: StepOptions = StepOptions(), log=print) -> dict:
+    """Time the step for each backend and T; extrapolate to the shape's depth. Returns rows + notes, and writes
+    them as JSON to `opts.out`."""
+    o = opts.check()
+    dims = shape_config(o.shape)
     L = dims["num_hidden_layers"]
-    k1, k2 = subset
+    k1, k2 = o.layers_subset
     need = weight_bytes(dims, k2) * 3.2 / 2**30   # torch + ORT fp32 (+ its optimised copy) + int8, roughly
-    log(f"bench --step: {shape}, {L} layers, timing {k1} and {k2} layers (+ lm_head) and extrapolating to {L}; "
+    log(f"bench-step: {o.shape}, {L} layers, timing {k1} and {k2} layers (+ lm_head) and extrapolating to {L}; "
         f"needs about {need:.1f} GiB of memory")
     raw: dict[tuple[str, int, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k in subset:
-            model = _model(dims, k)
-            if "torch" in backends:
-                for T in tokens:
-                    with torch.inference_mode():
-                        raw["torch", k, T] = _time(_torch_step(model, _feeds(model.config, T, past)), repeats)
-            fp32 = Path(tmp) / f"k{k}.onnx"
-            if any(b.startswith("onnxruntime") for b in backends):
-                export_decoder(model, fp32)
-            variants = []
-            if "onnxruntime-fp32" in backends:
-                variants.append(("onnxruntime-fp32", fp32))
-            if "onnxruntime-int8" in backends:
-                int8 = Path(tmp) / f"k{k}.int8.onnx"
-                quantize(fp32, int8, "cpu", [], [])
-                variants.append(("onnxruntime-int8", int8))
-            del model
-            for name, path in variants:
-                sess = session(path)
-                outs = [o.name for o in sess.get_outputs()]
-                for T in tokens:
-                    f = to_numpy(_feeds(_config(dims, k), T, past))
-                    raw[name, k, T] = _time(lambda f=f, s=sess, o=outs: s.run(o, f), repeats)
-                del sess
-    rows = step_rows(raw, backends, tokens, (k1, k2), L, past, dims)
+        for k in o.layers_subset:
+            raw.update(_time_layers(o, dims, k, Path(tmp)))
+    rows = step_rows(raw, list(o.backends), list(o.tokens), (k1, k2), L, o.past, dims)
     note = (f"timed {k1} and {k2} layers with lm_head, extrapolated linearly to {L} layers; random weights; "
-            f"batch 1; past {past}; median of {repeats}")
-    return {"shape": shape, "dims": dims, "rows": rows, "note": note}
+            f"batch 1; past {o.past}; median of {o.repeats}")
+    res = {"shape": o.shape, "dims": dims, "rows": rows, "note": note}
+    if o.out is not None:
+        o.out.mkdir(parents=True, exist_ok=True)
+        (o.out / "bench_step.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[str, int, int], float]:
+    """Median step times {(backend, k, T): seconds} of a k-layer decoder on every backend of `o`."""
+    raw = {}
+    model = _model(dims, k)
+    if "torch" in o.backends:
+        backend = TorchBackend(model)
+        for T in o.tokens:
+            f = _feeds(model.config, T, o.past)
+            raw["torch", k, T] = _time(lambda f=f: backend.step(f), o.repeats)
+    fp32 = tmp / f"k{k}.onnx"
+    if any(b.startswith("onnxruntime") for b in o.backends):
+        export_decoder(model, fp32)
+    variants = []
+    if "onnxruntime-fp32" in o.backends:
+        variants.append(("onnxruntime-fp32", fp32))
+    if "onnxruntime-int8" in o.backends:
+        int8 = tmp / f"k{k}.int8.onnx"
+        quantize(fp32, int8, "cpu", [], [])
+        variants.append(("onnxruntime-int8", int8))
+    del model
+    for name, path in variants:
+        sess = session(path)
+        outs = [x.name for x in sess.get_outputs()]
+        for T in o.tokens:
+            f = to_numpy(_feeds(_config(dims, k), T, o.past))
+            raw[name, k, T] = _time(lambda f=f, s=sess, n=outs: s.run(n, f), o.repeats)
+        del sess
+    return raw

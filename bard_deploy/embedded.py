@@ -12,14 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
+from bard_deploy.checkpoint import save_model
 from bard_deploy.config import ModelConfig
+from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer, padded_vocab_size
+from bard_deploy.vlm import BardVLM
 
 
 def embedded_config(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                     vision_depth: int = 2, vision_hidden: int = 64) -> ModelConfig:
     """A Qwen3-VL config sized for the synthetic task (about 1-2 M parameters by default)."""
-    from bard_deploy.data.tokenizer import padded_vocab_size
 
     head_dim = hidden // heads
     quarter = head_dim // 2 // 4
@@ -53,9 +56,6 @@ def embedded_config(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 
 def save_checkpoint(model, directory: str | Path, config: ModelConfig | None = None, extra: dict | None = None,
                     copy: Sequence[str | Path] = ()) -> Path:
     """A complete checkpoint of the embedded default: weights, config, tokenizer, processor, generation config."""
-    from bard_deploy.converters.checkpoint import save_model
-    from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
-
     tokenizer = build_tokenizer()
     with tempfile.TemporaryDirectory() as side:
         tokenizer.save_pretrained(side)
@@ -67,12 +67,21 @@ def save_checkpoint(model, directory: str | Path, config: ModelConfig | None = N
 
 def new_checkpoint(directory: str | Path, seed: int = 0, bard: dict | None = None, **sizes) -> Path:
     """Write a randomly initialised embedded-default checkpoint (weights, config, tokenizer, processor)."""
-    from bard_deploy.data.tokenizer import build_tokenizer
-    from bard_deploy.vlm import BardVLM
-
     tokenizer = build_tokenizer()
     cfg = embedded_config(tokenizer, **sizes)
     if bard is not None:
         cfg = cfg.with_bard(**{"mask_token_id": tokenizer.convert_tokens_to_ids("<|mask|>"), **bard})
     torch.manual_seed(seed)
     return save_checkpoint(BardVLM(cfg), directory, config=cfg)
+
+
+def is_embedded_default(directory: str | Path) -> bool:
+    """True when a checkpoint uses the embedded default's tokenizer (so it was made for the synthetic task)."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    try:
+        vocab = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception:      # the tokenizers library raises plain Exception for any unreadable file: not ours
+        return False
+    return vocab == build_tokenizer().get_vocab()

@@ -1,12 +1,17 @@
-"""Summaries of checkpoint directories for `bard-deploy inspect` (headers only: no tensor is loaded)."""
+"""Summaries of checkpoint and export directories for `bard-deploy inspect` (headers and manifests only: no
+tensor is loaded)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from rich.table import Table
+
+from bard_deploy.checkpoint import SIDE_FILES, tensor_shapes, to_ours, weight_files
 from bard_deploy.config import load_config
-from bard_deploy.converters.checkpoint import SIDE_FILES, tensor_shapes, to_ours, weight_files
 from bard_deploy.errors import CheckpointError
+from bard_deploy.manifest import Manifest, is_export
+from bard_deploy.tables import export_summary, export_table, mapping_table
 
 
 def _count(shapes: dict, arch: str, prefix: str) -> int:
@@ -62,3 +67,13 @@ def checkpoint_summary(directory: str | Path) -> dict[str, object]:
                        f"noise {b.noise}")
         out["provenance"] = f"source {b.source_model}, stage {b.stage}, parent {b.parent}, data {b.data_hash}"
     return out
+
+
+def inspect_tables(directory: str | Path) -> list[Table]:
+    """The tables `bard-deploy inspect` prints: an export's facts and graphs (after verifying its files), or a
+    checkpoint's summary."""
+    directory = Path(directory)
+    if is_export(directory):
+        m = Manifest.read(directory)
+        return [mapping_table(f"export {directory}", export_summary(m)), export_table(m, directory)]
+    return [mapping_table(f"checkpoint {directory}", checkpoint_summary(directory))]

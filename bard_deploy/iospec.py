@@ -1,48 +1,84 @@
-"""The decoder step's IO table: names, dtypes and symbolic shapes, declared once.
+"""The IO contract of the exported graphs, declared once: names, dtypes, symbolic shapes, and how feeds are built
+and outputs read back.
 
-Export, validation, calibration and every runtime backend import these names; a tensor name written as a
-literal anywhere else is a smell. KV names follow HF (`past_key_values.{i}.key|value`); the step returns only
-the new tokens' K/V as `new_key_values.{i}.key|value` (not `present.*`, which elsewhere means past + new):
-the runtime owns the cache and commits them.
+Export, validation, calibration, the manifest, the decoding loop and every runtime backend go through this module;
+a tensor name written as a literal anywhere else is a smell. KV names follow HF (`past_key_values.{i}.key|value`);
+the decoder step returns only the new tokens' K/V as `new_key_values.{i}.key|value` (not `present.*`, which
+elsewhere means past + new): the runtime owns the cache and commits them.
+
+Symbolic dimensions are strings: a name ("batch", "seq", "past") or a sum of names ("past+seq"); `concrete`
+evaluates them for given sizes (TensorRT optimisation profiles, dummy inputs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
 ATTENTION_BIAS = "attention_bias"
 DEEPSTACK_EMBEDS = "deepstack_embeds"
 LOGITS = "logits"
+PIXEL_VALUES = "pixel_values"
+IMAGE_EMBEDS = "image_embeds"
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer (K, V), each (batch, kv_heads, len, head_dim)
 
 
 def past_key(i: int) -> str:
+    """Input name of layer i's cached keys."""
     return f"past_key_values.{i}.key"
 
 
 def past_value(i: int) -> str:
+    """Input name of layer i's cached values."""
     return f"past_key_values.{i}.value"
 
 
 def new_key(i: int) -> str:
+    """Output name of layer i's keys for the step's own tokens."""
     return f"new_key_values.{i}.key"
 
 
 def new_value(i: int) -> str:
+    """Output name of layer i's values for the step's own tokens."""
     return f"new_key_values.{i}.value"
 
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One graph input or output."""
+
     name: str
     dtype: str                       # numpy / ONNX dtype name: "float32", "int64"
-    shape: tuple[str | int, ...]     # symbolic dims are strings
+    shape: tuple[str | int, ...]     # symbolic dims are strings: "seq", "past+seq"
+
+
+def concrete(shape: tuple[str | int, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape with every symbolic dimension evaluated: "past+seq" with {"past": 4, "seq": 2} is 6."""
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            try:
+                out.append(sum(sizes[name] for name in d.split("+")))
+            except KeyError as e:
+                raise AssertionError(f"no size given for dimension {e} of {shape}") from None
+    return tuple(out)
+
+
+def table(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> dict:
+    """The IO table as the manifest stores it: {"inputs": [[name, dtype, shape], ...], "outputs": [...]}."""
+    return {"inputs": [[s.name, s.dtype, list(s.shape)] for s in inputs],
+            "outputs": [[s.name, s.dtype, list(s.shape)] for s in outputs]}
 
 
 @dataclass(frozen=True)
 class DecoderIO:
-    """The step graph's inputs and outputs for one model shape."""
+    """The decoder step's inputs and outputs for one model shape (one graph: prefill, denoise, commit+denoise)."""
 
     num_layers: int
     hidden_size: int
@@ -51,8 +87,16 @@ class DecoderIO:
     vocab_size: int
     num_deepstack: int
 
+    @classmethod
+    def for_config(cls, config) -> DecoderIO:
+        """The contract of a ModelConfig's text decoder."""
+        t = config.text
+        return cls(t.num_hidden_layers, t.hidden_size, t.num_key_value_heads, t.head_dim, t.vocab_size,
+                   config.num_deepstack)
+
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
+        """Inputs in graph order: embeddings, MRoPE positions, additive bias, past K/V, DeepStack features."""
         specs = [
             TensorSpec(INPUTS_EMBEDS, "float32", ("batch", "seq", self.hidden_size)),
             TensorSpec(POSITION_IDS, "int64", (3, "batch", "seq")),
@@ -68,14 +112,126 @@ class DecoderIO:
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
+        """Outputs in graph order: logits of every step position, then the step tokens' K/V per layer."""
         specs = [TensorSpec(LOGITS, "float32", ("batch", "seq", self.vocab_size))]
         for i in range(self.num_layers):
             for name in (new_key(i), new_value(i)):
                 specs.append(TensorSpec(name, "float32", ("batch", self.num_kv_heads, "seq", self.head_dim)))
         return tuple(specs)
 
+    @property
+    def input_names(self) -> list[str]:
+        """Input names in graph order."""
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Output names in graph order."""
+        return [s.name for s in self.outputs]
+
+    def table(self) -> dict:
+        """The manifest's IO table of this graph."""
+        return table(self.inputs, self.outputs)
+
+    # ---- feeds and outputs ---------------------------------------------------------------------------------
+    def feeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_bias: torch.Tensor,
+              past: KV, deepstack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named feeds of one step. inputs_embeds (B, T, hidden), position_ids (3, B, T), attention_bias
+        (B, 1, T, P + T), past per layer (B, kv_heads, P, head_dim); deepstack (n_ds, B, T, hidden) or None
+        (zeros: no image in this step)."""
+        assert len(past) == self.num_layers, (len(past), self.num_layers)
+        f = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: position_ids, ATTENTION_BIAS: attention_bias}
+        for i, (k, v) in enumerate(past):
+            f[past_key(i)], f[past_value(i)] = k, v
+        if self.num_deepstack:
+            f[DEEPSTACK_EMBEDS] = (deepstack if deepstack is not None
+                                   else inputs_embeds.new_zeros(self.num_deepstack, *inputs_embeds.shape))
+        return f
+
+    def unpack_feeds(self, feeds: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KV, torch.Tensor | None]:
+        """Inverse of `feeds`: (inputs_embeds, position_ids, attention_bias, past, deepstack or None)."""
+        past = [(feeds[past_key(i)], feeds[past_value(i)]) for i in range(self.num_layers)]
+        return (feeds[INPUTS_EMBEDS], feeds[POSITION_IDS], feeds[ATTENTION_BIAS], past,
+                feeds.get(DEEPSTACK_EMBEDS))
+
+    def outputs_of(self, logits: torch.Tensor, new_kv: KV) -> dict[str, torch.Tensor]:
+        """Named outputs of one step from the model's (logits (B, T, V), new K/V per layer)."""
+        out = {LOGITS: logits}
+        for i, (k, v) in enumerate(new_kv):
+            out[new_key(i)], out[new_value(i)] = k, v
+        return out
+
+    def unpack_outputs(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, KV]:
+        """Inverse of `outputs_of`: (logits, new K/V per layer)."""
+        return outputs[LOGITS], [(outputs[new_key(i)], outputs[new_value(i)]) for i in range(self.num_layers)]
+
+    def dummy_feeds(self, batch: int, seq: int, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random feeds of the given sizes (tracing the export, timing a step): small embeddings, positions
+        continuing after the past, no masking, random past K/V, no DeepStack."""
+        g = torch.Generator().manual_seed(seed)
+        kv_shape = concrete(self.inputs[3].shape if self.num_layers else (), {"batch": batch, "past": past})
+        kv = [(torch.randn(kv_shape, generator=g), torch.randn(kv_shape, generator=g)) for _ in range(self.num_layers)]
+        return self.feeds(torch.randn(batch, seq, self.hidden_size, generator=g) * 0.02,
+                          (torch.arange(seq) + past).expand(3, batch, seq).contiguous(),
+                          torch.zeros(batch, 1, seq, past + seq), kv)
+
+
+@dataclass(frozen=True)
+class VisionIO:
+    """The vision graph's inputs and outputs: pixel patches of one image -> merged image embeddings and the
+    DeepStack features. Traced for one grid: `patches` = t*h*w, `tokens` = patches / merge^2."""
+
+    patch_dim: int                   # C * temporal_patch * patch * patch
+    hidden_size: int
+    num_deepstack: int
+    patches: int
+    tokens: int
+
     @classmethod
-    def for_config(cls, config) -> DecoderIO:
-        t = config.text
-        return cls(t.num_hidden_layers, t.hidden_size, t.num_key_value_heads, t.head_dim, t.vocab_size,
-                   config.num_deepstack)
+    def for_grid(cls, config, grid_thw: list[int]) -> VisionIO:
+        """The contract of a ModelConfig's vision tower for one image of grid (t, h, w) in patches."""
+        v = config.vision
+        t, h, w = grid_thw
+        patches = t * h * w
+        # transformers' Qwen3VLVisionConfig defaults for keys a config.json may leave out
+        patch_dim = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 16) ** 2
+        return cls(patch_dim, config.text.hidden_size,
+                   config.num_deepstack, patches, patches // config.spatial_merge_size ** 2)
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The pixel patches, (patches, patch_dim)."""
+        return (TensorSpec(PIXEL_VALUES, "float32", (self.patches, self.patch_dim)),)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Image embeddings (tokens, hidden) and DeepStack features (n_ds, tokens, hidden)."""
+        return (TensorSpec(IMAGE_EMBEDS, "float32", (self.tokens, self.hidden_size)),
+                TensorSpec(DEEPSTACK_EMBEDS, "float32", (self.num_deepstack, self.tokens, self.hidden_size)))
+
+    @property
+    def input_names(self) -> list[str]:
+        """Input names in graph order."""
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Output names in graph order."""
+        return [s.name for s in self.outputs]
+
+    def table(self) -> dict:
+        """The manifest's IO table of this graph."""
+        return table(self.inputs, self.outputs)
+
+    def feeds(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named feeds of one image's patches."""
+        return {PIXEL_VALUES: pixel_values}
+
+    def outputs_of(self, image_embeds: torch.Tensor, deepstack: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named outputs from the tower's (image embeds, DeepStack features)."""
+        return {IMAGE_EMBEDS: image_embeds, DEEPSTACK_EMBEDS: deepstack}
+
+    def unpack_outputs(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of `outputs_of`: (image embeds, DeepStack features)."""
+        return outputs[IMAGE_EMBEDS], outputs[DEEPSTACK_EMBEDS]

@@ -15,12 +15,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from bard_deploy import iospec
 from bard_deploy.errors import ExportError
+from bard_deploy.runtimes.ort_backend import run
 from bard_deploy.vision import encode_images
 
 FP32_TOLERANCE = 1e-4   # max abs diff, ONNX vs PyTorch, every output, on recorded real step inputs
@@ -33,15 +33,14 @@ class DecoderStep(nn.Module):
         super().__init__()
         self.model, self.io = model, io
 
-    def forward(self, inputs_embeds, position_ids, attention_bias, *rest):
-        n = self.io.num_layers
-        past = [(rest[2 * i], rest[2 * i + 1]) for i in range(n)]
-        deepstack = rest[2 * n] if self.io.num_deepstack else None
-        logits, new_kv = self.model.step(inputs_embeds, position_ids, attention_bias, past, deepstack)
-        return (logits, *[t for kv in new_kv for t in kv])
+    def forward(self, *flat):
+        x, pos, bias, past, ds = self.io.unpack_feeds(dict(zip(self.io.input_names, flat, strict=True)))
+        return tuple(self.io.outputs_of(*self.model.step(x, pos, bias, past, ds)).values())
 
 
 class VisionEncoder(nn.Module):
+    """The vision tower for one image of a fixed grid: pixel patches -> (image embeds, DeepStack features)."""
+
     def __init__(self, visual, grid_thw: torch.Tensor):
         super().__init__()
         self.visual = visual
@@ -51,80 +50,51 @@ class VisionEncoder(nn.Module):
         return encode_images(self.visual, pixel_values, self.grid)
 
 
-def _dims(spec: iospec.TensorSpec) -> dict[int, str]:
-    return {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+def _dynamic_axes(specs) -> dict[str, dict[int, str]]:
+    return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
+
+
+def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs) -> None:
+    """torch.onnx.export with our settings: TorchScript exporter, opset 17, IO names and dynamic axes from specs."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), example, str(path), input_names=[s.name for s in inputs],
+                          output_names=[s.name for s in outputs], dynamic_axes=_dynamic_axes((*inputs, *outputs)),
+                          opset_version=17, dynamo=False, do_constant_folding=True)
 
 
 def export_decoder(model, path: Path) -> iospec.DecoderIO:
-    """Write decoder.onnx (fp32, MatMul+Softmax attention)."""
+    """Write decoder.onnx (fp32, MatMul+Softmax attention); returns its IO contract."""
     io = iospec.DecoderIO.for_config(model.config)
-    c = model.config.text
-    B, T, P = 2, 3, 4      # example sizes >= 2 so no dimension is specialised to 0 or 1
-    ex = {iospec.INPUTS_EMBEDS: torch.randn(B, T, c.hidden_size),
-          iospec.POSITION_IDS: torch.arange(T).expand(3, B, T).contiguous(),
-          iospec.ATTENTION_BIAS: torch.zeros(B, 1, T, P + T)}
-    for i in range(io.num_layers):
-        ex[iospec.past_key(i)] = torch.randn(B, io.num_kv_heads, P, io.head_dim)
-        ex[iospec.past_value(i)] = torch.randn(B, io.num_kv_heads, P, io.head_dim)
-    if io.num_deepstack:
-        ex[iospec.DEEPSTACK_EMBEDS] = torch.zeros(io.num_deepstack, B, T, c.hidden_size)
-    names_in = [s.name for s in io.inputs]
-    names_out = [s.name for s in io.outputs]
-    assert list(ex) == names_in, (list(ex), names_in)
-    dynamic = {s.name: _dims(s) for s in (*io.inputs, *io.outputs)}
+    example = io.dummy_feeds(batch=2, seq=3, past=4)     # sizes >= 2 so no dimension is specialised to 0 or 1
     lm = model.language_model
     previous = lm.use_sdpa
     lm.use_sdpa = False
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(DecoderStep(model, io).eval(), tuple(ex.values()), str(path), input_names=names_in,
-                              output_names=names_out, dynamic_axes=dynamic, opset_version=17, dynamo=False,
-                              do_constant_folding=True)
+        _export(DecoderStep(model, io), tuple(example.values()), path, io.inputs, io.outputs)
     finally:
         lm.use_sdpa = previous
     return io
 
 
-VISION_PIXELS = "pixel_values"
-VISION_EMBEDS = "image_embeds"
+def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> iospec.VisionIO:
+    """Write vision.onnx for one image of the given grid (the processor's fixed resolution); returns its IO."""
+    io = iospec.VisionIO.for_grid(model.config, grid_thw[0].tolist())
+    _export(VisionEncoder(model.visual, grid_thw), (pixel_values,), path, io.inputs, io.outputs)
+    return io
 
 
-def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-    """Write vision.onnx for one image of the given grid (the processor's fixed resolution)."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(VisionEncoder(model.visual, grid_thw).eval(), (pixel_values,), str(path),
-                          input_names=[VISION_PIXELS], output_names=[VISION_EMBEDS, iospec.DEEPSTACK_EMBEDS],
-                          opset_version=17, dynamo=False, do_constant_folding=True)
-
-
-def session(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # as the runtime does
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
-
-
-def compare(name: str, sess, recorded: list[tuple[dict, dict]], tolerance: float) -> dict[str, float]:
-    """Max abs diff per output of `sess` against recorded (feeds, torch outputs); an error names the worst."""
+def compare(graph: str, sess, recorded: list[tuple[dict, dict]], tolerance: float) -> dict[str, float]:
+    """Max abs diff per output of `sess` against recorded (feeds, torch outputs); an ExportError names the worst
+    output over the tolerance. The one comparison of every exported graph (decoder and vision)."""
     worst: dict[str, float] = {}
-    out_names = [o.name for o in sess.get_outputs()]
+    names = [o.name for o in sess.get_outputs()]
     for feeds, expected in recorded:
-        got = sess.run(out_names, to_numpy(feeds))
-        for n, g in zip(out_names, got, strict=True):
-            diff = float(np.abs(g - expected[n].detach().numpy()).max()) if g.size else 0.0
+        for n, g in run(sess, names, feeds).items():
+            diff = float((g - expected[n].detach().cpu()).abs().max()) if g.numel() else 0.0
             worst[n] = max(worst.get(n, 0.0), diff)
     bad = {n: d for n, d in worst.items() if not d <= tolerance}
     if bad:
         n, d = max(bad.items(), key=lambda kv: kv[1])
-        raise ExportError(f"{name}: output '{n}' differs from PyTorch by {d:.3g} (tolerance {tolerance:g})", n)
+        raise ExportError(f"{graph}: output '{n}' differs from PyTorch by {d:.3g} (tolerance {tolerance:g})", n)
     return worst

@@ -22,8 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
+from bard_deploy.atomic import recover_dir
+from bard_deploy.checkpoint import load_model
 from bard_deploy.errors import CheckpointError, RuntimeInputError
+from bard_deploy.manifest import is_export
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import (
@@ -35,6 +39,10 @@ from bard_deploy.runtimes.decode import (
     generate,
     truncate_at_eos,
 )
+from bard_deploy.runtimes.ort_backend import OrtBackend
+from bard_deploy.runtimes.trt_backend import TrtBackend  # imports TensorRT itself only when used
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -79,45 +87,33 @@ class Pipeline:
         device: torch: cpu, cuda, cuda:N or auto (CUDA when present; the weights, KV buffer and decoding loop
           live there); onnxruntime: cpu or cuda (the execution provider). TensorRT always runs on the GPU.
         """
-        from bard_deploy.manifest import MANIFEST
-
-        if backend not in ("auto", "torch", "onnxruntime", "tensorrt"):
-            raise RuntimeInputError(f"backend must be auto, torch, onnxruntime or tensorrt, got {backend!r}", backend)
-        from bard_deploy.converters.checkpoint import recover_dir
-
+        if backend not in BACKENDS:
+            raise RuntimeInputError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}",
+                                    backend)
         directory = Path(directory)
         recover_dir(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory", str(directory))
-        is_export = (directory / MANIFEST).is_file()
+        exported = is_export(directory)
         if backend == "auto":
-            backend = "onnxruntime" if is_export else "torch"
+            backend = "onnxruntime" if exported else "torch"
         if backend == "torch":
-            if is_export:
+            if exported:
                 raise RuntimeInputError(f"{directory} is an export directory: use backend onnxruntime or tensorrt",
                                         backend)
-            from bard_deploy.converters.checkpoint import load_model
-
             impl = TorchBackend(load_model(directory), device=device)
+        elif not exported:
+            raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "
+                                    f"{directory} has no manifest.json", backend)
+        elif backend == "tensorrt":
+            impl = TrtBackend.open(directory, variant=variant)
         else:
-            if not is_export:
-                raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "
-                                        f"{directory} has no manifest.json", backend)
-            if backend == "tensorrt":
-                from bard_deploy.runtimes.trt_backend import TrtBackend
-
-                impl = TrtBackend(directory, variant=variant)
-            else:
-                from bard_deploy.runtimes.ort_backend import OrtBackend
-
-                impl = OrtBackend(directory, variant=variant, device=device)
+            impl = OrtBackend(directory, variant=variant, device=device)
         return cls.from_backend(impl, directory)
 
     @classmethod
     def from_backend(cls, backend, directory: str | Path) -> Pipeline:
         """A Pipeline over an existing backend, with the tokenizer / processor files of `directory`."""
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
         directory = Path(directory)
         if not (directory / "tokenizer_config.json").is_file() and not (directory / "tokenizer.json").is_file():
             raise CheckpointError(f"{directory}: no tokenizer files", str(directory))
@@ -130,6 +126,14 @@ class Pipeline:
         if backend.config.has_vision and (directory / "preprocessor_config.json").is_file():
             processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
         return cls(backend, tokenizer, processor, eos_ids_of(directory, tokenizer))
+
+    def with_backend(self, backend) -> Pipeline:
+        """A new Pipeline over `backend` (same model config) sharing this one's tokenizer and processor; this
+        one is left as it is (a Pipeline is shared between threads: it is never modified)."""
+        assert backend.config == self.config, "with_backend: another model's backend"
+        twin = Pipeline(backend, self.tokenizer, self.encoder.processor, self.eos_ids)
+        twin._lock = self._lock                 # the tokenizer is shared, so is the lock that guards it
+        return twin
 
     # ---- requests ------------------------------------------------------------------------------------
     def _messages(self, prompt: str | None, messages: list[dict] | None, images: Sequence[object]) -> list[dict]:
@@ -155,10 +159,11 @@ class Pipeline:
 
     def _ar(self, ar: bool) -> bool:
         if ar and self.config.bard is not None:
-            raise RuntimeInputError("this is a BARD checkpoint; the AR mode decodes an AR source model", "ar")
+            raise RuntimeInputError("this is a BARD checkpoint; the AR mode (ar=True, --ar) decodes an AR source "
+                                    "model", "ar")
         if not ar and self.config.bard is None:
-            raise RuntimeInputError("this checkpoint is an AR model (no 'bard' section): decode it with ar=True",
-                                    "ar")
+            raise RuntimeInputError("this checkpoint is an AR model (no 'bard' section): decode it in AR mode "
+                                    "(ar=True; --ar on the command line)", "ar")
         return ar
 
     def decode_text(self, ids: list[int]) -> str:

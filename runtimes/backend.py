@@ -13,6 +13,8 @@ import torch
 
 from bard_deploy import iospec
 from bard_deploy.config import ModelConfig
+from bard_deploy.devices import resolve_device
+from bard_deploy.vision import encode_images
 
 
 class Backend(Protocol):
@@ -37,8 +39,6 @@ class TorchBackend:
     from anywhere, outputs stay on the device."""
 
     def __init__(self, model, device: str | torch.device = "cpu"):
-        from bard_deploy.devices import resolve_device
-
         self.device = resolve_device(str(device))
         self.model = model.eval().to(self.device)
         self.config: ModelConfig = model.config
@@ -46,25 +46,16 @@ class TorchBackend:
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) int64 -> (B, T, hidden) on the backend's device."""
         return self.model.language_model.embed_tokens(input_ids.to(self.device))
 
     @torch.inference_mode()
     def encode_images(self, pixel_values, grid_thw):
-        from bard_deploy.vision import encode_images
-
+        """The vision tower on the backend's device: image embeds and DeepStack features."""
         return encode_images(self.model.visual, pixel_values.to(self.device), grid_thw.to(self.device))
 
     @torch.inference_mode()
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {k: v.to(self.device) for k, v in feeds.items()}
-        n = self.io.num_layers
-        past = None
-        if iospec.past_key(0) in feeds:
-            past = [(feeds[iospec.past_key(i)], feeds[iospec.past_value(i)]) for i in range(n)]
-        logits, new_kv = self.model.step(feeds[iospec.INPUTS_EMBEDS], feeds[iospec.POSITION_IDS],
-                                         feeds[iospec.ATTENTION_BIAS], past, feeds.get(iospec.DEEPSTACK_EMBEDS))
-        out = {iospec.LOGITS: logits}
-        for i, (k, v) in enumerate(new_kv):
-            out[iospec.new_key(i)] = k
-            out[iospec.new_value(i)] = v
-        return out
+        """One decoder forward; feeds (from any device) and outputs keyed by the IO table's names."""
+        x, pos, bias, past, ds = self.io.unpack_feeds({k: v.to(self.device) for k, v in feeds.items()})
+        return self.io.outputs_of(*self.model.step(x, pos, bias, past, ds))

@@ -194,30 +194,24 @@ class Session:
         pos, self.delta = rope_index(batch.input_ids, cfg.image_token_id, batch.image_grid_thw,
                                      cfg.spatial_merge_size, batch.attention_mask)
         layout = prompt_layout(batch.attention_mask, prompt_block)
-        self.last_logits = self._forward(x, pos, layout, ds)[iospec.LOGITS][:, -1]   # (B, V)
+        self.last_logits = self._forward(x, pos, layout, ds)[:, -1]                  # (B, V)
         self.cache.commit(self._new_kv, layout)
         stats.prefill_s += time.perf_counter() - t0
 
-    def _forward(self, x: torch.Tensor, pos: torch.Tensor, layout: Layout, ds: torch.Tensor | None) -> dict:
-        io, cache = self.io, self.cache
-        bias = attention_bias(layout, cache.keys_layout(layout), self.prompt_attention, dtype=x.dtype)
-        feeds = {iospec.INPUTS_EMBEDS: x, iospec.POSITION_IDS: pos.to(self.device),
-                 iospec.ATTENTION_BIAS: bias.to(self.device)}
-        for i, (k, v) in enumerate(cache.past()):
-            feeds[iospec.past_key(i)], feeds[iospec.past_value(i)] = k, v
-        if io.num_deepstack:
-            feeds[iospec.DEEPSTACK_EMBEDS] = ds if ds is not None else x.new_zeros(io.num_deepstack, *x.shape)
-        out = self.backend.step(feeds)
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, layout: Layout, ds: torch.Tensor | None) -> torch.Tensor:
+        """One backend step over the cache + `x`; returns the logits and keeps the new K/V for `commit`."""
+        bias = attention_bias(layout, self.cache.keys_layout(layout), self.prompt_attention, dtype=x.dtype)
+        feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), self.cache.past(), ds)
+        logits, self._new_kv = self.io.unpack_outputs(self.backend.step(feeds))
         self.stats.nfe += 1
-        self._new_kv = [(out[iospec.new_key(i)], out[iospec.new_value(i)]) for i in range(io.num_layers)]
-        return out
+        return logits
 
     def step(self, tokens: torch.Tensor, layout: Layout) -> torch.Tensor:
         """One cached decode forward over `tokens` (B, T) -> logits (B, T, V). Response tokens are text, so
         all three MRoPE rows are index + delta. The new K/V wait in `_new_kv` until `commit`."""
         t0 = time.perf_counter()
         pos = (layout.index + self.delta[:, None]).unsqueeze(0).expand(3, -1, -1)
-        logits = self._forward(self.backend.embed(tokens), pos, layout, None)[iospec.LOGITS]
+        logits = self._forward(self.backend.embed(tokens), pos, layout, None)
         if self.device.type == "cuda":                  # a step's time, not its launch time
             torch.cuda.synchronize(self.device)
         self.stats.step_s.append(time.perf_counter() - t0)

@@ -16,11 +16,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from bard_deploy import iospec
 from bard_deploy.config import load_config
 from bard_deploy.errors import ExportError, RuntimeInputError
-from bard_deploy.manifest import read_manifest, sha256
+from bard_deploy.manifest import Manifest, sha256
+from bard_deploy.runtimes.ort_backend import OrtBackend
 
 
 def _trt():
@@ -50,7 +52,7 @@ def check_engine_metadata(meta: dict, facts: dict, onnx_sha256: str) -> None:
         raise ExportError("TensorRT engine was built from another decoder.onnx: rebuild it", "onnx_sha256")
 
 
-def profiles(io: iospec.DecoderIO, block_size: int, max_prompt: int, max_len: int) -> list[dict]:
+def profiles(block_size: int, max_prompt: int, max_len: int) -> list[dict]:
     """(min, opt, max) sequence / past lengths of the two optimisation profiles."""
     return [
         {"name": "prefill", "seq": (1, min(256, max_prompt), max_prompt), "past": (0, 0, max_len)},
@@ -76,26 +78,13 @@ def build_engine(onnx_path: Path, engine_path: Path, io: iospec.DecoderIO, block
     cache_path = engine_path.with_suffix(".timing.cache")
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    profs = profiles(io, block_size, max_prompt, max_len)
+    profs = profiles(block_size, max_prompt, max_len)
     for p in profs:
         prof = builder.create_optimization_profile()
         for spec in io.inputs:
-            shapes = []
-            for which in range(3):
-                dims = []
-                for d in spec.shape:
-                    if d == "batch":
-                        dims.append(1)
-                    elif d == "seq":
-                        dims.append(p["seq"][which])
-                    elif d == "past":
-                        dims.append(p["past"][which])
-                    elif d == "past+seq":
-                        dims.append(p["past"][which] + p["seq"][which])
-                    else:
-                        dims.append(int(d))
-                shapes.append(dims)
-            prof.set_shape(spec.name, *shapes)
+            # (min, opt, max) shapes: the profile's sequence and past lengths, batch 1
+            prof.set_shape(spec.name, *(iospec.concrete(spec.shape, {"batch": 1, "seq": p["seq"][i],
+                                                                     "past": p["past"][i]}) for i in range(3)))
         config.add_optimization_profile(prof)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -107,46 +96,70 @@ def build_engine(onnx_path: Path, engine_path: Path, io: iospec.DecoderIO, block
     return meta
 
 
-class TrtBackend:
-    """Runs `<export>/decoder.<variant>.engine` (built on first use when absent) on the GPU."""
+def engine_file(directory: Path, variant: str) -> Path:
+    """Where the engine of an export's decoder variant lives. Engines are machine-specific, so they sit beside
+    (not inside) the hashed export directory."""
+    return directory.parent / f"{directory.name}.{variant}.engine"
 
-    def __init__(self, directory: str | Path, variant: str | None = None):
+
+def ensure_engine(directory: str | Path, m: Manifest, variant: str | None = None) -> Path:
+    """Build the engine of an export's (verified) decoder variant unless it exists; returns its path."""
+    directory = Path(directory)
+    variant, graph = m.decoder_graph(variant)
+    engine = engine_file(directory, variant)
+    if not engine.is_file():
+        cfg = load_config(directory)
+        block = cfg.bard.block_size if cfg.bard else 1
+        build_engine(directory / graph, engine, iospec.DecoderIO.for_config(cfg), block,
+                     strongly_typed=variant != "fp32")
+    return engine
+
+
+class TrtBackend:
+    """Runs `<export>.<variant>.engine` on the GPU; `TrtBackend.open` builds it first when absent."""
+
+    @classmethod
+    def open(cls, directory: str | Path, variant: str | None = None) -> TrtBackend:
+        """The backend of an export directory, building its engine on first use for this GPU."""
+        m = Manifest.read(directory)
+        ensure_engine(directory, m, variant)
+        return cls(directory, variant, manifest=m)
+
+    def __init__(self, directory: str | Path, variant: str | None = None, manifest: Manifest | None = None):
         trt = _trt()
         directory = Path(directory)
-        m = read_manifest(directory)
+        m = manifest if manifest is not None else Manifest.read(directory)
         self.config = load_config(directory)
+        m.check_config(self.config)
         self.io = iospec.DecoderIO.for_config(self.config)
         self.device = torch.device("cpu")          # step copies feeds to the GPU and its outputs back
-        variant = variant or m.get("default_variant", "fp32")
-        onnx_name = m["graphs"]["decoder"][variant]
-        # Engines are machine-specific, so they live beside (not inside) the hashed export directory.
-        engine = directory.parent / f"{directory.name}.{variant}.engine"
-        meta_path = engine.with_suffix(".json")
+        variant, graph = m.decoder_graph(variant)
+        engine = engine_file(directory, variant)
         if not engine.is_file():
-            block = self.config.bard.block_size if self.config.bard else 1
-            build_engine(directory / onnx_name, engine, self.io, block, strongly_typed=variant != "fp32")
-        check_engine_metadata(json.loads(meta_path.read_text()), machine_facts(), sha256(directory / onnx_name))
+            raise ExportError(f"no TensorRT engine {engine} (TrtBackend.open builds it)", str(engine))
+        check_engine_metadata(json.loads(engine.with_suffix(".json").read_text()), machine_facts(),
+                              sha256(directory / graph))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(engine.read_bytes())
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
-        from safetensors.torch import load_file
-        self.embeddings = load_file(str(directory / m["embeddings"]))["embed_tokens"]
+        self.embeddings = load_file(str(directory / m.embeddings))["embed_tokens"]
         self.block_size = self.config.bard.block_size if self.config.bard else 1
-        self.vision = None
-        if m.get("vision"):
-            from bard_deploy.runtimes.ort_backend import OrtBackend
-            self.vision = OrtBackend(directory, variant="fp32")   # the vision graph runs once per image
+        # the vision graph runs once per image: onnxruntime is enough
+        self.vision = OrtBackend(directory, variant="fp32", manifest=m) if m.vision is not None else None
 
     def embed(self, input_ids):
+        """(B, T) int64 -> (B, T, hidden), a lookup in the exported table."""
         return self.embeddings[input_ids]
 
     def encode_images(self, pixel_values, grid_thw):
+        """The vision graph through onnxruntime."""
         if self.vision is None:
             raise RuntimeInputError("this export has no vision graph but an image was given", "image")
         return self.vision.encode_images(pixel_values, grid_thw)
 
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One engine run (prefill or denoise profile by the step's length); outputs copied back to the CPU."""
         seq = feeds[iospec.INPUTS_EMBEDS].shape[1]
         profile = 1 if seq in (self.block_size, 2 * self.block_size) and self.block_size > 1 else 0
         self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
@@ -163,6 +176,3 @@ class TrtBackend:
             raise ExportError("TensorRT execution failed", "execute_async_v3")
         self.stream.synchronize()
         return {k: v.cpu() for k, v in outs.items()}
-
-
-

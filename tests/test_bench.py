@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bard_deploy.bench import Request, Summary, bench, percentile
+from bard_deploy.bench import BenchOptions, Request, Summary, bench, percentile
 from bard_deploy.cli import main
 from bard_deploy.embedded import new_checkpoint
 
@@ -50,7 +50,7 @@ def run(tmp_path_factory):
 
 def test_tiny_bench_end_to_end(run):
     src, b4, root = run
-    res = bench([b4], None, thresholds=[0.5, 0.9], requests=3, warmup=1, max_new_tokens=12, out=root / "out",
+    res = bench(BenchOptions((b4,), thresholds=(0.5, 0.9), requests=3, warmup=1, max_new_tokens=12, out=root / "out"),
                 log=lambda *a: None)
     names = [r["name"] for r in res["rows"]]
     assert names == ["AR baseline", "BARD b4", "BARD b4", "transformers generate (AR)"]
@@ -105,7 +105,7 @@ def test_step_mode_on_a_small_shape(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
                                "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
-    assert main(["bench", "--step", "--shape", str(cfg), "--tokens", "1,4", "--past", "16", "--layers-subset", "1,2",
+    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1,4", "--past", "16", "--layers-subset", "1,2",
                  "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {r["backend"] for r in res["rows"]} == {"torch", "onnxruntime-fp32", "onnxruntime-int8"}

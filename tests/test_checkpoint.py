@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bard_deploy.checkpoint import INDEX, WEIGHTS, load_model, save_model
 from bard_deploy.config import BARD_VL_MASK_TOKEN_ID, ModelConfig, load_config
-from bard_deploy.converters.checkpoint import INDEX, WEIGHTS, load_model, save_model
 from bard_deploy.errors import CheckpointError, ConfigError
 from tiny import MASK_ID, hf_qwen3, hf_qwen3_vl, qwen3_vl_config
 

@@ -7,8 +7,9 @@ import onnx
 import pytest
 
 from bard_deploy import iospec
+from bard_deploy.calibration.gate import Int8Options
 from bard_deploy.cli import main
-from bard_deploy.converters.export import Int8Options, export
+from bard_deploy.converters.export import export
 from bard_deploy.data.synthetic import make_sample
 from bard_deploy.embedded import new_checkpoint
 from bard_deploy.errors import ExportError

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bard_deploy.converters.checkpoint import load_model
+from bard_deploy.checkpoint import load_model
 from bard_deploy.diffusion.mask import attention_bias, prompt_layout
 from tiny import IMG, hf_qwen3, hf_qwen3_vl, image_inputs, image_prompt
 

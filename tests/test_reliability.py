@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from bard_deploy.atomic import recover_dir
+from bard_deploy.checkpoint import load_model, save_model
 from bard_deploy.cli import main
 from bard_deploy.config import ModelConfig
-from bard_deploy.converters.checkpoint import load_model, recover_dir, save_model
 from bard_deploy.data.chat import check_messages
 from bard_deploy.errors import BardError, CheckpointError, ExportError, RuntimeInputError
 from bard_deploy.runtimes.decode import DecodeOptions
@@ -115,7 +116,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    import bard_deploy.converters.checkpoint as ckpt
+    import bard_deploy.checkpoint as ckpt
     monkeypatch.setattr(ckpt, "save_file", full)
     with pytest.raises(CheckpointError, match="No space left on device"):
         save_model(m, tmp_path / "ck")
@@ -159,8 +160,8 @@ def test_engine_for_another_gpu_or_version_is_refused():
     (["train", "--prompt-attention", "sideways", "--stages", "b4:4:1"], "sideways"),
     (["export", "--model", "x", "--out", "y", "--int8", "--target", "fpga"], "fpga"),
     (["bench", "--model", "x", "--thresholds", "fast"], "fast"),
-    (["bench", "--step", "--layers-subset", "4,1"], "layers-subset"),
-    (["bench", "--step", "--shape", "qwen9-huge"], "qwen9-huge"),
+    (["bench-step", "--layers-subset", "4,1"], "layers-subset"),
+    (["bench-step", "--shape", "qwen9-huge"], "qwen9-huge"),
     (["generate", "--model", "x", "--prompt", "hi", "--backend", "fpga"], "fpga"),
 ])
 def test_unknown_cli_option_values_are_one_line_errors(argv, culprit, capsys):

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bard_deploy.checkpoint import load_model
 from bard_deploy.config import ModelConfig
-from bard_deploy.converters.checkpoint import load_model
 from bard_deploy.errors import ConfigError, RuntimeInputError
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import DecodeOptions, PromptBatch, generate_ar, generate_bard

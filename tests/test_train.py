@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bard_deploy.converters.checkpoint import load_model
+from bard_deploy.checkpoint import load_model
 from bard_deploy.data.chat import encode_example
 from bard_deploy.data.collate import collate_ar, collate_diffusion
 from bard_deploy.data.synthetic import make_sample
@@ -16,17 +16,8 @@ from bard_deploy.embedded import embedded_config
 from bard_deploy.errors import CheckpointError, ConfigError
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.train.loop import Schedule, Trainer, step_indices
-from bard_deploy.train.recipe import (
-    LossSetup,
-    Recipe,
-    Stage,
-    ar_hidden_before,
-    bard_loss,
-    load_recipe,
-    parse_stages,
-    text_token_ids,
-    with_block_size,
-)
+from bard_deploy.train.objective import LossSetup, ar_hidden_before, bard_loss, text_token_ids, with_block_size
+from bard_deploy.train.recipe import Recipe, Stage, load_recipe, parse_stages
 from bard_deploy.train.run import train
 from bard_deploy.train.source import SourceRecipe, build_source, synthetic_examples
 from bard_deploy.vlm import BardVLM

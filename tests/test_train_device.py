@@ -17,7 +17,7 @@ from bard_deploy.embedded import embedded_config
 from bard_deploy.errors import ConfigError
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.train.loop import resolve_device, resolve_precision
-from bard_deploy.train.recipe import LossSetup, bard_loss, text_token_ids
+from bard_deploy.train.objective import LossSetup, bard_loss, text_token_ids
 from bard_deploy.vlm import BardVLM
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -83,13 +83,13 @@ def _loss_and_grads(model, batch, setup, **autocast):
 def test_training_loss_through_flex_attention_equals_sdpa(tiny_batch, monkeypatch):
     """The packed training forward gives the same per-sample losses under both mask backends (forward only:
     FlexAttention has no backward on CPU; the CUDA test below checks gradients)."""
-    import bard_deploy.train.recipe as recipe
+    import bard_deploy.train.objective as objective
 
     model, batch, setup = tiny_batch
     gens = [torch.Generator().manual_seed(i) for i in range(batch.num_samples)]
     with torch.no_grad():
         ref, _ = bard_loss(setup)(model, batch, gens)
-        monkeypatch.setattr(recipe, "training_mask", lambda lay, pa: training_mask(lay, pa, backend="flex"))
+        monkeypatch.setattr(objective, "training_mask", lambda lay, pa: training_mask(lay, pa, backend="flex"))
         gens = [torch.Generator().manual_seed(i) for i in range(batch.num_samples)]
         got, _ = bard_loss(setup)(model, batch, gens)
     assert (got - ref).abs().max() < 1e-5

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bard_deploy.errors import DataError
-from bard_deploy.prompting import CompressedImages, PromptEncoder
+from bard_deploy.prompting import CompressedImages, PromptEncoder, resolve_image_path
 
 ROLES = ("system", "user", "assistant")
 
@@ -149,3 +149,26 @@ def read_jsonl(path: str | Path, encoder: PromptEncoder, max_len: int, image_roo
                     if on_error == "fail":
                         raise DataError(f"{where}: {e}", e.value) from e
                     report.skipped.append(f"{where}: {e}")
+
+
+def read_conversations(path: str | Path, n: int) -> list[list[dict]]:
+    """The first `n` conversations of a JSONL of `{"messages": [...]}` rows, checked, with relative image paths
+    resolved inside the file's folder (and confined to it)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                msgs = check_messages(json.loads(line).get("messages"))
+            except (json.JSONDecodeError, AttributeError, DataError) as e:
+                raise DataError(f"{path}:{lineno}: {e}", lineno) from e
+            for m in msgs:
+                for part in m["content"] if isinstance(m["content"], list) else []:
+                    image = part.get("image") if part["type"] == "image" else None
+                    if isinstance(image, str) and not image.startswith("data:"):
+                        part["image"] = str(resolve_image_path(image, Path(path).parent))
+            rows.append(msgs)
+            if len(rows) == n:
+                break
+    return rows

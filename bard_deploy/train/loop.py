@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from bard_deploy.converters.checkpoint import new_tmp_dir, recover_dir, replace_dir
+from bard_deploy.atomic import atomic_dir, recover_dir
 from bard_deploy.devices import resolve_device
 from bard_deploy.errors import CheckpointError, ConfigError
 
@@ -206,8 +206,7 @@ class Trainer:
         weights, moments = self._full_state()
         if not self.dist.main:
             return
-        tmp = new_tmp_dir(self.state_dir)
-        try:
+        with atomic_dir(self.state_dir, CheckpointError, "training state") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
             opt = {}
             for i, state in enumerate(moments):
@@ -219,17 +218,6 @@ class Trainer:
                     "fingerprint": self.fingerprint,
                     "torch_rng": torch.get_rng_state().tolist(), "python_rng": _py_rng_to_json(random.getstate())}
             (tmp / "state.json").write_text(json.dumps(meta))
-            for f in tmp.iterdir():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            replace_dir(tmp, self.state_dir)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write training state {self.state_dir}: {e.strerror or e}; the "
-                                  "previous state is kept", str(self.state_dir)) from e
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def load_state(self) -> bool:
         """Resume from `state/` when it exists; True if resumed."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bard_deploy.converters.checkpoint import recover_dir
+from bard_deploy.atomic import is_built
 from bard_deploy.data.chat import Example, encode_example
 from bard_deploy.data.collate import collate_ar
 from bard_deploy.data.synthetic import samples
@@ -70,19 +70,13 @@ def ar_loss(model, batch, gens):
     return next_token_ce(getattr(model, "module", model), h, batch.input_ids, batch.loss_mask)
 
 
-def is_built(directory: Path, recipe: SourceRecipe) -> bool:
-    recover_dir(directory)
-    marker = directory / "build.json"
-    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == recipe.fingerprint()
-
-
 def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), resume: bool = True,
                  progress: bool = True, dist_info: DistInfo | None = None, log=print, device: str = "cpu",
                  precision: str = "fp32", strategy: str = "ddp") -> Path:
     """Train (or reuse) the source model into `directory`; returns it."""
     directory = Path(directory)
     dist_info = dist_info or DistInfo()
-    if is_built(directory, recipe):
+    if is_built(directory, recipe.fingerprint()):
         log(f"source model: reusing {directory}")
         return directory
     torch.manual_seed(recipe.seed)

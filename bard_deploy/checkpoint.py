@@ -8,10 +8,7 @@ Writes are atomic: everything goes to a temporary sibling directory that is rena
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from bard_deploy.atomic import atomic_dir, recover_dir, write_json
 from bard_deploy.config import ModelConfig, load_config
 from bard_deploy.errors import CheckpointError
 from bard_deploy.vlm import BardVLM
@@ -161,22 +159,6 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
 
 # ---- writing --------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -203,8 +185,7 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
     """
     directory = Path(directory)
     config = config or model.config
-    tmp = new_tmp_dir(directory)
-    try:
+    with atomic_dir(directory, CheckpointError, "checkpoint") as tmp:
         tensors = {to_file(k, config.arch): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
@@ -216,90 +197,15 @@ def save_model(model: BardVLM, directory: str | Path, config: ModelConfig | None
                 save_file(shard, tmp / name, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        _write_json(tmp / "config.json", config.to_dict())
+            write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(tmp / "config.json", config.to_dict())
         if side_files_from is not None:
             for name in SIDE_FILES:
                 src = Path(side_files_from) / name
                 if src.is_file() and not (tmp / name).exists():
                     shutil.copy2(src, tmp / name)
         for name, obj in (extra_files or {}).items():
-            _write_json(tmp / name, obj)
+            write_json(tmp / name, obj)
         for f in copy_files:
             shutil.copy2(f, tmp / Path(f).name)
-        _fsync_dir(tmp)
-        replace_dir(tmp, directory)
-    except OSError as e:   # disk full, permissions, ...: the previous checkpoint is untouched
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {directory}: {e.strerror or e}; the previous one (if any) "
-                              "is kept", str(directory)) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def new_tmp_dir(target: Path) -> Path:
-    """A fresh temporary directory beside `target` for `replace_dir`; its name carries our pid so that
-    `recover_dir` can tell a killed writer's leftovers from a live one's."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move the complete directory `new` to `target`, replacing an older one only after it is in place.
-
-    Two renames: `target` -> `.<name>.old-<pid>`, then `new` -> `target`. A process killed between them
-    leaves no `target` but the complete old copy; `recover_dir` (called by every reader) puts it back."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:                 # an error or an interrupt between the renames: put the old one back
-        if old is not None:
-            os.replace(old, target)
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:       # exists, owned by someone else
-        return True
-    return True
-
-
-def recover_dir(target: str | Path) -> None:
-    """Finish what a killed `replace_dir` / `new_tmp_dir` writer left beside `target`.
-
-    Only leftovers of processes that are no longer alive are touched: with `target` missing, the newest old
-    copy is moved back (the kill fell between the two renames); the other old copies and the half-written
-    temporary directories are removed. A live writer's files are left alone."""
-    target = Path(target)
-    if not target.parent.is_dir():
-        return
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(old|tmp)-(\d+)(?:-.*)?$")
-    olds, tmps = [], []
-    for p in target.parent.iterdir():
-        m = pattern.match(p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(2))):
-            (olds if m.group(1) == "old" else tmps).append(p)
-    olds.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0.0, reverse=True)
-    if olds and not target.exists():
-        try:
-            os.replace(olds.pop(0), target)
-            _fsync_dir(target.parent)
-        except FileNotFoundError:     # another reader (a second torchrun process) put it back first
-            pass
-    for p in olds + tmps:
-        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""The human tables of the CLI, built from the library's results (the CLI only prints them).
+
+Each function takes what a library call returned (a bench result, a manifest, decoding statistics, a summary
+mapping) and returns a rich Table; none computes anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.table import Table
+
+from bard_deploy.manifest import Manifest
+
+BENCH_COLUMNS = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "steps/blk", "tok/fwd",
+                 "NFE/tok", "decode tok/s", "e2e tok/s", "prefill ms", "vision ms", "peak MB", "speed-up")
+
+
+def mapping_table(title: str, rows: Mapping[str, object]) -> Table:
+    """Two columns, key and value, no header."""
+    table = Table(title=title, show_header=False)
+    for key, value in rows.items():
+        table.add_row(str(key), str(value))
+    return table
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    return table
+
+
+def bench_table(result: dict) -> Table:
+    """`bard-deploy bench`: one row per configuration, the settings in the title."""
+    h = result["header"]
+    where = f"{h['gpu']} ({h['device']})" if h["gpu"] else h["machine"]
+    requests = result["rows"][0]["requests"] if result["rows"] else 0
+    table = _table(f"{h['backend']} on {where} ({h['cores']} cores, {h['torch_threads']} threads), {h['date']}, "
+                   f"batch 1, {requests} requests", BENCH_COLUMNS)
+    for r in result["rows"]:
+        steps = ("-" if r["step_ms_p50"] is None else
+                 f"{r['step_ms_p50']:.2f}/{r['step_ms_p90']:.2f}/{r['step_ms_p99']:.2f}")
+        table.add_row(r["name"], str(r["block_size"] or "-"), str(r["threshold"] or "-"),
+                      f"{100 * r['exact_match']:.1f}%", f"{r['ttft_ms']:.1f}", steps,
+                      str(r["steps_per_block"] or "-"), f"{r['tokens_per_forward']:.2f}", f"{r['nfe_per_token']:.2f}",
+                      f"{r['decode_tokens_per_s']:.0f}", f"{r['e2e_tokens_per_s']:.0f}", f"{r['prefill_ms']:.1f}",
+                      f"{r['vision_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['speedup_decode_vs_ar']:.2f}x")
+    return table
+
+
+def step_table(result: dict) -> Table:
+    """`bard-deploy bench-step`: one row per backend and tokens per step."""
+    table = _table(f"decoder step, {result['shape']} ({result['note']})",
+                   ("backend", "T", "ms/step", "ms/token", "cost vs T=1", "weights GB/s", "note"))
+    for r in result["rows"]:
+        table.add_row(r["backend"], str(r["T"]), f"{r['ms_per_step']:.1f}", f"{r['ms_per_token']:.2f}",
+                      "-" if r["cost_vs_T1"] is None else f"{r['cost_vs_T1']:.2f}x",
+                      "-" if r["weight_GBps"] is None else f"{r['weight_GBps']:.1f}",
+                      "" if r["reliable"] else "unreliable: timing noise swamped the layer slope")
+    return table
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.2f} MiB" if path.is_file() else "missing"
+
+
+def export_table(m: Manifest, directory: Path) -> Table:
+    """`bard-deploy export` / `inspect EXPORT_DIR`: every graph with its size and what checked it."""
+    table = _table(f"export {directory}", ("graph", "size", "check"))
+    p = m.parity
+    table.add_row(m.graphs["decoder"]["fp32"], _size(directory / m.graphs["decoder"]["fp32"]),
+                  f"max |ONNX - torch| logits {p['decoder']['logits']:.2e} over {p['steps']} real steps "
+                  f"(tol {p['tolerance']:g})")
+    if m.vision is not None:
+        table.add_row(m.vision.graph, _size(directory / m.vision.graph),
+                      f"max diff {max(p['vision'].values()):.2e}, grid {m.vision.grid_thw} "
+                      f"({m.vision.image_size} px)")
+    if m.int8 is not None:
+        g = m.int8
+        table.add_row(m.graphs["decoder"]["int8"], _size(directory / m.graphs["decoder"]["int8"]),
+                      f"{g['scheme']}; top-1 {g['top1_agreement']:.4f} on {g['held_out_steps']} held-out steps; "
+                      f"exact match {g['exact_match_fp32']:.3f} -> {g['exact_match_int8']:.3f} ({g['attempt']})")
+    table.add_row(m.embeddings, _size(directory / m.embeddings), "")
+    return table
+
+
+def export_summary(m: Manifest) -> dict[str, object]:
+    """The facts of an export beside its graph table (`inspect EXPORT_DIR`)."""
+    kind = "AR" if m.block_size is None else f"BARD, block size {m.block_size}, mask id {m.mask_token_id}"
+    out: dict[str, object] = {
+        "model": m.model, "kind": kind,
+        "decoder": f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_kv_heads} kv heads x {m.head_dim}, "
+                   f"vocab {m.vocab_size}",
+        "variants": ", ".join(f"{v}{' (default)' if v == m.default_variant else ''}" for v in m.variants),
+        "vision": "none" if m.vision is None else f"{m.vision.image_size} px, grid {m.vision.grid_thw}",
+        "parity": f"{m.parity['steps']} recorded steps, tolerance {m.parity['tolerance']:g}",
+        "exporter": m.exporter,
+    }
+    if m.int8 is not None:
+        g = m.int8
+        out["int8 gate"] = (f"{'passed' if g['passed'] else 'FAILED'} ({g['attempt']}): top-1 {g['top1_agreement']} "
+                            f"(min {g['thresholds']['top1']}), exact-match drop {g['exact_match_drop']} "
+                            f"(max {g['thresholds']['em_drop']}) on {g['eval_samples']} prompts")
+    if m.calibration is not None:
+        out["calibration"] = f"{m.calibration['steps']} steps, sha256 {m.calibration['sha256'][:16]}..."
+    out["files"] = f"{len(m.files)} (sha256 verified)"
+    return out

@@ -1,0 +1,108 @@
+"""INT8 with its accuracy gate: calibrate on recorded trajectories, quantize, compare with fp32, retry with the
+sensitive layers in fp32, fail with a typed error when even that is not good enough.
+
+The gate has two parts, both on the caller's prompts (`ExportPrompts`): top-1 agreement of the INT8 decoder with
+fp32 PyTorch where the decoder is read (AR: the next token; BARD: the block's canvas) on held-out trajectory
+steps, and the end-to-end exact-match drop of INT8 against fp32 onnxruntime on the evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bard_deploy import iospec
+from bard_deploy.calibration.collect import Record, record, save_calibration
+from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
+from bard_deploy.calibration.quantize import SCHEMES, TARGETS, int8_graph_name, quantize, sensitive_matmuls
+from bard_deploy.errors import ExportError
+from bard_deploy.evaluate import evaluate
+from bard_deploy.manifest import Manifest
+from bard_deploy.runtimes.api import Pipeline
+from bard_deploy.runtimes.ort_backend import OrtBackend, run, session
+
+CALIBRATION_FILE = "calibration.safetensors"
+ATTEMPTS = ("all MatMuls", "lm_head and first/last layers kept fp32")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How `export --int8` quantizes and what its gate accepts."""
+
+    target: str = "cpu"                # cpu (ORT dynamic), cuda or tensorrt (static Q/DQ)
+    calibration_samples: int = 16      # prompts whose trajectories calibrate (static) / are held out (gate)
+    gate_top1: float = 0.95            # min top-1 agreement with fp32 on held-out trajectory steps
+    gate_em_drop: float = 0.01         # max end-to-end exact-match drop (fraction) on the evaluation prompts
+    eval_samples: int = 100            # evaluation prompts of the end-to-end gate
+
+    def check(self) -> Int8Options:
+        """ExportError naming a bad value."""
+        if self.target not in TARGETS:
+            raise ExportError(f"--target must be one of {TARGETS}, got {self.target!r}", self.target)
+        return self
+
+
+def top1_agreement(sess, records: list[Record], decision: int) -> float:
+    """Fraction of *decision* positions whose argmax equals the fp32 PyTorch one, over recorded steps.
+
+    Decision positions are the ones the decoder reads: the last `decision` positions of each step (AR: 1, the
+    next token; BARD: the block's canvas). BARD never reads prefill logits, so prefills (empty past) are skipped;
+    prompt positions would only measure noise in predictions nobody uses.
+    """
+    agree = total = 0
+    for feeds, expected in records:
+        if decision > 1 and feeds[iospec.past_key(0)].shape[2] == 0:
+            continue
+        logits = run(sess, [iospec.LOGITS], feeds)[iospec.LOGITS][:, -decision:]
+        ref = expected[iospec.LOGITS][:, -decision:]
+        agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        total += ref.shape[0] * ref.shape[1]
+    return agree / max(total, 1)
+
+
+def exact_match(directory: Path, manifest: Manifest, variant: str, prompts: ExportPrompts, ar: bool) -> float:
+    """Exact match of one decoder variant of a (just written) export directory on the evaluation prompts."""
+    pipe = Pipeline.from_backend(OrtBackend(directory, variant=variant, manifest=manifest), directory)
+    ev = evaluate(pipe, prompts.evaluation, ar=ar, batch_size=16, **trajectory_options(pipe.config))
+    return round(ev.exact_match, 4)
+
+
+def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest, prompts: ExportPrompts,
+                      o: Int8Options, log=print) -> Manifest:
+    """Write the INT8 decoder and calibration file into `directory`; returns the manifest with the INT8 variant
+    as the default, its gate report and the calibration entry. ExportError when the gate fails."""
+    t0 = time.perf_counter()
+    cfg = torch_pipe.config
+    ar = cfg.bard is None
+    opts = trajectory_options(cfg)
+    calib = record(torch_pipe, prompts.calibration, ar=ar, **opts)
+    held_out = record(torch_pipe, prompts.held_out, ar=ar, **opts)
+    calib_hash = save_calibration(directory / CALIBRATION_FILE, calib, {"samples": len(prompts.calibration),
+                                                                         "steps": len(calib), "source": prompts.source})
+    _, fp32 = manifest.decoder_graph("fp32")
+    name = int8_graph_name(o.target)
+    with_int8 = manifest.with_decoder("int8", name, default=True)
+    decision = 1 if ar else cfg.bard.block_size
+    em_fp32 = exact_match(directory, with_int8, "fp32", prompts, ar)
+    exclude: list[str] = []
+    for attempt in ATTEMPTS:
+        quantize(directory / fp32, directory / name, o.target, [f for f, _ in calib], exclude)
+        top1 = top1_agreement(session(directory / name), held_out, decision)
+        em = (em_fp32, exact_match(directory, with_int8, "int8", prompts, ar))
+        gate = {"target": o.target, "scheme": SCHEMES[o.target], "top1_agreement": round(top1, 4),
+                "held_out_steps": len(held_out), "exact_match_fp32": em[0], "exact_match_int8": em[1],
+                "exact_match_drop": round(em[0] - em[1], 4), "attempt": attempt, "excluded_nodes": len(exclude),
+                "thresholds": {"top1": o.gate_top1, "em_drop": o.gate_em_drop},
+                "eval_samples": len(prompts.evaluation)}
+        gate["passed"] = top1 >= o.gate_top1 and gate["exact_match_drop"] <= o.gate_em_drop
+        log(f"export: int8 gate ({attempt}): top-1 {top1:.4f}, exact match {em[0]:.3f} -> {em[1]:.3f} "
+            f"({'pass' if gate['passed'] else 'fail'})")
+        if gate["passed"]:
+            log(f"export: int8 done in {time.perf_counter() - t0:.1f} s")
+            return replace(with_int8, int8=gate, calibration={"file": CALIBRATION_FILE, "sha256": calib_hash,
+                                                              "steps": len(calib)})
+        exclude = sensitive_matmuls(directory / fp32, cfg.text.num_hidden_layers)
+    raise ExportError(f"INT8 accuracy gate failed even with sensitive layers in fp32: top-1 "
+                      f"{gate['top1_agreement']} (min {o.gate_top1}), exact-match drop {gate['exact_match_drop']} "
+                      f"(max {o.gate_em_drop})", gate)
