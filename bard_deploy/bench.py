@@ -19,8 +19,6 @@ from pathlib import Path
 
 import onnxruntime
 import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
 from bard_deploy.checkpoint import INDEX, WEIGHTS
 from bard_deploy.config import load_config
@@ -94,6 +92,8 @@ class Request:
 
 @dataclass
 class Summary:
+    """The timed requests of one configuration."""
+
     name: str
     block_size: int | None
     threshold: float | None
@@ -101,6 +101,7 @@ class Summary:
     peak_rss_mb: float = 0.0
 
     def as_dict(self) -> dict:
+        """The configuration's bench row: accuracy, tokens per forward, latency percentiles, throughput, memory."""
         r = self.requests
         tokens = sum(x.tokens for x in r)
         nfe = sum(x.nfe for x in r)
@@ -136,6 +137,7 @@ def reset_peak_rss() -> None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB) since the last `reset_peak_rss`."""
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
@@ -165,6 +167,9 @@ def run_config(pipe, convs: list[list[dict]], name: str, ar: bool, warmup: int, 
 
 def _hf_model(source_dir: Path, device: torch.device):
     """transformers' own model, tokenizer and our prompt encoder for a source checkpoint, on `device`."""
+    # transformers takes ~2 s to import: only commands that use it pay for it (not `bard-deploy --help`)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
+
     cfg = load_config(source_dir)
     tok = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False)
     proc = Qwen2VLImageProcessorPil.from_pretrained(source_dir) if cfg.has_vision else None
@@ -219,6 +224,8 @@ def _sync(device: torch.device) -> None:
 
 def header(backend: str, device: str = "cpu") -> dict:
     """The settings a bench result was measured under: date, machine, backend, device, threads, versions."""
+    import transformers
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):

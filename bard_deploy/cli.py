@@ -33,7 +33,7 @@ from bard_deploy.train.run import train as run_train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,           # plain help: "[default: ...]" and brackets are shown as written
-                  context_settings={"help_option_names": ["-h", "--help"]},
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
                   help="Convert Qwen3-VL models into BARD block-diffusion models, export and run them.")
 console = Console()
 DEVICE_HELP = ("Where to run: torch backend cpu, cuda, cuda:N or auto; onnxruntime cpu, cuda or tensorrt "
@@ -169,7 +169,8 @@ def generate(
     ctx: typer.Context,
     model: Path = typer.Option(..., "--model", help="A checkpoint or export directory."),
     prompt: str = typer.Option(..., "--prompt", help="The user's question."),
-    image: list[Path] = typer.Option([], "--image", help="An image file (repeatable).", show_default=False),
+    image: list[Path] = typer.Option([], "--image", help="An image file (repeatable).", show_default=False,
+                                     metavar="PATH"),
     block_size: int | None = typer.Option(D.block_size, help="Tokens per block.",
                                           show_default="the trained block size"),
     threshold: float = typer.Option(D.threshold, help="Commit masked tokens with confidence >= this, in (0, 1]."),
@@ -222,7 +223,8 @@ B = BenchOptions
 
 @app.command()
 def bench(
-    model: list[Path] = typer.Option([], "--model", help="Checkpoint or export directory (repeatable)."),
+    model: list[Path] = typer.Option([], "--model", help="Checkpoint or export directory (repeatable).",
+                                     show_default=False, metavar="PATH"),
     backend: str = typer.Option(B.backend, help=BACKEND_HELP + " The same for AR and BARD."),
     variant: str | None = typer.Option(B.variant, help="Export decoder variant: fp32 or int8.",
                                        show_default="the manifest's"),

@@ -77,6 +77,9 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str, tie_word_embeddings: bool) -> TextConfig:
+        """Parse and validate an HF text config dict (`where` names it in errors); reads transformers 5.x
+        `rope_parameters` or 4.x `rope_theta` + `rope_scaling`. `tie_word_embeddings` is passed in:
+        Qwen3-VL keeps it at the top level."""
         ints = {}
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads"):
@@ -126,6 +129,7 @@ class TextConfig:
         )
 
     def to_hf(self) -> dict:
+        """The HF text_config fields this dataclass models, in transformers 5.x form (`rope_parameters`)."""
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.mrope_section is not None:
             rope.update(mrope_section=list(self.mrope_section), mrope_interleaved=True)
@@ -154,6 +158,8 @@ class BardSection:
 
     @classmethod
     def from_dict(cls, d: Any, vocab_size: int) -> BardSection:
+        """Parse and validate a `bard` section: unknown fields are refused, mask_token_id must lie in
+        [0, vocab_size)."""
         where = "config.json 'bard'"
         if not isinstance(d, dict):
             raise ConfigError(f"{where} must be an object, got {d!r}", d)
@@ -193,14 +199,17 @@ class ModelConfig:
     # ---- derived facts the rest of the code asks for ----------------------------------------------
     @property
     def has_vision(self) -> bool:
+        """True when the checkpoint has a vision tower (Qwen3-VL; False for text-only Qwen3)."""
         return self.vision is not None
 
     @property
     def num_deepstack(self) -> int:
+        """Number of DeepStack vision features added after the first decoder layers (0 without vision)."""
         return len(self.vision.get("deepstack_visual_indexes", [])) if self.vision else 0
 
     @property
     def spatial_merge_size(self) -> int:
+        """Side of the patch square merged into one LM image token (HF default 2; 1 without vision)."""
         return int(self.vision.get("spatial_merge_size", 2)) if self.vision else 1
 
     def with_bard(self, **changes: Any) -> ModelConfig:

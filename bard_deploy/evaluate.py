@@ -7,10 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bard_deploy.data.chat import assistant_text
+from bard_deploy.data.synthetic import samples
 
 
 @dataclass
 class EvalResult:
+    """Accuracy and cost of decoding a set of conversations."""
+
     n: int
     exact_match: float                 # fraction of answers whose text equals the reference
     token_accuracy: float              # fraction of reference tokens (EOS included) reproduced in place
@@ -22,6 +25,7 @@ class EvalResult:
     failures: list[dict] = field(default_factory=list)   # the first few mismatches, for a human to look at
 
     def as_dict(self) -> dict:
+        """The JSON row (rounded; failures left out)."""
         return {"n": self.n, "exact_match": round(self.exact_match, 4), "token_accuracy": round(self.token_accuracy, 4),
                 "tokens_per_forward": round(self.tokens_per_forward, 3), "nfe": self.nfe, "tokens": self.tokens,
                 "decode_s": round(self.decode_s, 3), "prefill_s": round(self.prefill_s, 3)}
@@ -57,6 +61,5 @@ def evaluate(pipe, conversations: Sequence[list[dict]], ar: bool = False, batch_
 
 
 def synthetic_conversations(split: str, n: int) -> list[list[dict]]:
-    from bard_deploy.data.synthetic import samples
-
+    """The first n conversations (question and reference answer) of a split of the synthetic task."""
     return [s.messages() for s in samples(split, n)]

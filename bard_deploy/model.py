@@ -35,12 +35,15 @@ def flex_attention_fn():
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim with a learned per-channel scale (no bias, no mean removal)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> the same shape: normalised in fp32, cast back, then scaled by `weight`."""
         # Normalise in fp32 whatever the activation dtype (as HF does), scale in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -73,11 +76,15 @@ def rotary(position_ids: torch.Tensor, inv_freq: torch.Tensor, rows: torch.Tenso
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the halves of the last dim: RoPE's rotation in its cos/sin form."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 class Attention(nn.Module):
+    """GQA self-attention with per-head q/k RMSNorm and MRoPE; all structure comes from the bias (no causal
+    assumption), so AR prefill, training and cached denoising share it."""
+
     def __init__(self, c: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -90,6 +97,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                 past: KV | None, use_sdpa: bool) -> tuple[torch.Tensor, KV]:
+        """x (B, T, hidden), cos/sin (B, T, D) -> output (B, T, hidden) and the new tokens' (k, v), each (B, Hkv, T, D).
+        `past` (B, Hkv, P, D) is prepended to the keys; `bias` is additive or bool (B, 1, T, P+T), or a BlockMask."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)     # (B, Hkv, T, D)
@@ -122,6 +131,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
     def __init__(self, c: TextConfig):
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
@@ -129,10 +140,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., hidden)."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, c: TextConfig):
         super().__init__()
         self.self_attn = Attention(c)
@@ -141,6 +155,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, bias, past: KV | None, use_sdpa: bool) -> tuple[torch.Tensor, KV]:
+        """One layer on x (B, T, hidden): the new hidden states and this layer's new-token K/V
+        (see `Attention.forward`)."""
         h, new = self.self_attn(self.input_layernorm(x), cos, sin, bias, past, use_sdpa)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new

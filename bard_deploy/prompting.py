@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bard_deploy.errors import DataError
+from bard_deploy.vision import image_token_count
 
 MAX_IMAGE_PIXELS = 8192 * 8192     # a larger image is refused before decoding (decompression bombs)
 MIN_IMAGE_SIDE = 1
@@ -120,9 +121,11 @@ class CompressedImages:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of PNG held."""
         return sum(len(b) for b in self.png)
 
     def pixel_values(self) -> torch.Tensor:
+        """The processor's pixel values of the images (checked to give the grids the prompt was encoded for)."""
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in self.png]
         out = self.processor(images=images, return_tensors="pt")
         if not torch.equal(out["image_grid_thw"], self.grid):
@@ -153,6 +156,8 @@ def predicted_grid(processor, images: list[Image.Image]) -> torch.Tensor | None:
 
 @dataclass
 class EncodedPrompt:
+    """A conversation encoded for the model: token ids with image pads expanded, and the images' patches."""
+
     input_ids: list[int]
     pixel_values: torch.Tensor | None      # (patches, C * tps * ps * ps)
     image_grid_thw: torch.Tensor | None    # (images, 3)
@@ -188,7 +193,7 @@ class PromptEncoder:
             sizes = [f"{im.width}x{im.height}" for im in images]
             raise DataError(f"image ({', '.join(sizes)}) refused by the image processor: {e}", sizes) from e
         grid = out["image_grid_thw"] if grid is None else grid
-        counts = [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
+        counts = image_token_count(grid, self.merge)
         pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(pads) != len(counts):
             raise DataError(f"the chat template produced {len(pads)} image pads for {len(counts)} images",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from bard_deploy import iospec
 from bard_deploy.manifest import Manifest
 
 BENCH_COLUMNS = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "steps/blk", "tok/fwd",
@@ -71,7 +72,7 @@ def export_table(m: Manifest, directory: Path) -> Table:
     table = _table(f"export {directory}", ("graph", "size", "check"))
     p = m.parity
     table.add_row(m.graphs["decoder"]["fp32"], _size(directory / m.graphs["decoder"]["fp32"]),
-                  f"max |ONNX - torch| logits {p['decoder']['logits']:.2e} over {p['steps']} real steps "
+                  f"max |ONNX - torch| logits {p['decoder'][iospec.LOGITS]:.2e} over {p['steps']} real steps "
                   f"(tol {p['tolerance']:g})")
     if m.vision is not None:
         table.add_row(m.vision.graph, _size(directory / m.vision.graph),

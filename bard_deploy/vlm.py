@@ -18,6 +18,9 @@ from bard_deploy.vision import build_vision_tower, encode_images, merge_image_fe
 
 
 class BardVLM(nn.Module):
+    """Decoder, optional vision tower and LM head under HF checkpoint names (`model.language_model`,
+    `model.visual`, `lm_head`; the head is None when tied to the input embedding)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -45,10 +48,12 @@ class BardVLM(nn.Module):
     # ---- parts -------------------------------------------------------------------------------------
     @property
     def language_model(self) -> TextModel:
+        """The text decoder (`model.language_model`)."""
         return self.model["language_model"]
 
     @property
     def visual(self) -> nn.Module | None:
+        """The vision tower (`model.visual`), None for a text-only model."""
         return self.model["visual"] if "visual" in self.model else None
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -99,5 +104,6 @@ class BardVLM(nn.Module):
         return h
 
     def num_parameters(self) -> int:
+        """Total number of parameters, vision tower included (shared tensors counted once)."""
         return sum(p.numel() for p in self.parameters())
 

@@ -35,6 +35,7 @@ class _Reader(CalibrationDataReader):
         self.it = iter(steps)
 
     def get_next(self):
+        """The next step's feeds as numpy, or None when all were given."""
         feeds = next(self.it, None)
         return None if feeds is None else to_numpy(feeds)
 

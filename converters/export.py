@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from bard_deploy import iospec
 from bard_deploy.atomic import atomic_dir, recover_dir
 from bard_deploy.calibration.collect import record, record_vision
 from bard_deploy.calibration.gate import Int8Options, quantize_and_gate
@@ -114,7 +115,7 @@ def validate(pipe: Pipeline, directory: Path, manifest: Manifest, prompts: Expor
         if not images:
             raise ExportError("no validation prompt has an image: vision.onnx cannot be validated", VISION)
         parity["vision"] = compare(VISION, session(directory / VISION), images, FP32_TOLERANCE)
-    worst = parity["decoder"]["logits"]
+    worst = parity["decoder"][iospec.LOGITS]
     log(f"export: parity logits {worst:.2e} (max over {parity['steps']} recorded steps; tolerance "
         f"{FP32_TOLERANCE:g})")
     return replace(manifest, parity=parity)

@@ -34,6 +34,7 @@ class DecoderStep(nn.Module):
         self.model, self.io = model, io
 
     def forward(self, *flat):
+        """Flat inputs in IO-table order -> flat outputs in IO-table order."""
         x, pos, bias, past, ds = self.io.unpack_feeds(dict(zip(self.io.input_names, flat, strict=True)))
         return tuple(self.io.outputs_of(*self.model.step(x, pos, bias, past, ds)).values())
 
@@ -47,6 +48,7 @@ class VisionEncoder(nn.Module):
         self.register_buffer("grid", grid_thw, persistent=False)
 
     def forward(self, pixel_values):
+        """(patches, patch_dim) -> image embeds (tokens, hidden), DeepStack features (n_ds, tokens, hidden)."""
         return encode_images(self.visual, pixel_values, self.grid)
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
 from bard_deploy.atomic import recover_dir
 from bard_deploy.checkpoint import load_model
@@ -47,6 +46,8 @@ BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 @dataclass
 class Result:
+    """One decoded answer: its text, its token ids (up to and including EOS) and the call's statistics."""
+
     text: str
     token_ids: list[int]
     stats: Stats
@@ -114,6 +115,9 @@ class Pipeline:
     @classmethod
     def from_backend(cls, backend, directory: str | Path) -> Pipeline:
         """A Pipeline over an existing backend, with the tokenizer / processor files of `directory`."""
+        # transformers takes ~2 s to import: only commands that decode pay for it (not `bard-deploy --help`)
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
         directory = Path(directory)
         if not (directory / "tokenizer_config.json").is_file() and not (directory / "tokenizer.json").is_file():
             raise CheckpointError(f"{directory}: no tokenizer files", str(directory))
@@ -167,6 +171,7 @@ class Pipeline:
         return ar
 
     def decode_text(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens skipped (thread-safe)."""
         with self._lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 

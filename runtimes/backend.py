@@ -18,6 +18,8 @@ from bard_deploy.vision import encode_images
 
 
 class Backend(Protocol):
+    """What the decoding loop needs of a backend."""
+
     config: ModelConfig
     io: iospec.DecoderIO
     device: torch.device          # where embed / encode_images / step return their tensors

@@ -110,6 +110,7 @@ class PromptBatch:
     @classmethod
     def from_rows(cls, rows: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
                   image_grid_thw: torch.Tensor | None = None, pad_id: int = 0) -> PromptBatch:
+        """Left-pad token id rows into one batch; an empty row is a RuntimeInputError."""
         if not rows or any(len(r) == 0 for r in rows):
             raise RuntimeInputError("every prompt needs at least one token", [len(r) for r in rows])
         L = max(len(r) for r in rows)
@@ -119,6 +120,7 @@ class PromptBatch:
 
     @property
     def lengths(self) -> torch.Tensor:
+        """(B,) real prompt lengths."""
         return self.attention_mask.sum(1)
 
 
@@ -137,6 +139,7 @@ class Stats:
 
     @property
     def total_tokens(self) -> int:
+        """Tokens of all rows (each up to and including its first EOS)."""
         return sum(self.tokens)
 
     @property
@@ -146,6 +149,7 @@ class Stats:
         return self.total_tokens / len(self.tokens) / self.nfe if self.nfe and self.tokens else 0.0
 
     def as_dict(self) -> dict:
+        """The statistics as a JSON-able dict (step times left out)."""
         return {"nfe": self.nfe, "tokens": self.tokens, "tokens_per_forward": round(self.tokens_per_forward, 4),
                 "steps_per_block": self.steps_per_block, "mean_steps_per_block":
                     round(sum(self.steps_per_block) / len(self.steps_per_block), 3) if self.steps_per_block else 0.0,
@@ -155,6 +159,8 @@ class Stats:
 
 @dataclass
 class Generation:
+    """What `generate` returns: token ids per row and the call's statistics."""
+
     token_ids: list[list[int]]   # per row, up to and including the first EOS, at most max_new_tokens
     stats: Stats
 
@@ -287,6 +293,7 @@ def denoise_step(logits: torch.Tensor, canvas: torch.Tensor, masked: torch.Tenso
 
 
 def truncate_at_eos(rows: list[list[int]], eos_ids: set[int], max_new: int) -> list[list[int]]:
+    """Each row cut to max_new tokens, then after its first EOS (kept)."""
     out = []
     for r in rows:
         r = r[:max_new]
@@ -400,8 +407,10 @@ def generate(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence
 
 
 def generate_bard(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
+    """`generate` with block-parallel denoising."""
     return generate(backend, batch, opts, eos_ids, ar=False)
 
 
 def generate_ar(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int]) -> Generation:
+    """`generate` with the AR baseline's next-token rule."""
     return generate(backend, batch, opts, eos_ids, ar=True)

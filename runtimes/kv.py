@@ -14,6 +14,8 @@ from bard_deploy.errors import RuntimeInputError
 
 
 class KVCache:
+    """The preallocated K/V of one request; `commit` appends a step's tokens, nothing else writes."""
+
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (layers, batch, kv_heads, max_len, head_dim)

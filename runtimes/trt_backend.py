@@ -37,6 +37,7 @@ def _trt():
 
 
 def machine_facts() -> dict:
+    """TensorRT version, GPU name and compute capability of this machine (what an engine is built for)."""
     trt = _trt()
     props = torch.cuda.get_device_properties(0)
     return {"tensorrt": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}

@@ -41,3 +41,32 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_unknown_command_exits_2():
     assert main(["frobnicate"]) == 2
+
+
+def test_short_help_version_and_real_defaults(capsys):
+    assert main(["-h"]) == 0 and "bench-step" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    from bard_deploy import __version__
+    assert capsys.readouterr().out.strip() == f"bard-deploy {__version__}"
+    assert main(["train", "-h"]) == 0
+    out = " ".join(capsys.readouterr().out.split())          # help lines wrap with the terminal
+    # the defaults come from the Recipe dataclass and are printed as written (not eaten as markup)
+    assert "[default: runs]" in out and "[default: 0.05]" in out and "[default: (the embedded default)]" in out
+    assert main(["generate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[default: 0.9]" in out and "[default: 256]" in out and "[default: (the trained block size)]" in out
+
+
+def test_debug_is_accepted_after_the_subcommand(tmp_path):
+    from bard_deploy.errors import CheckpointError
+    with pytest.raises(CheckpointError):
+        main(["inspect", str(tmp_path / "nope"), "--debug"])
+    with pytest.raises(CheckpointError):
+        main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi", "--debug"])
+
+
+def test_an_ar_model_given_to_generate_names_the_flag(tmp_path, capsys):
+    from bard_deploy.embedded import new_checkpoint
+    ar = new_checkpoint(tmp_path / "ar", hidden=64, layers=2)
+    assert main(["generate", "--model", str(ar), "--prompt", "hi"]) == 2
+    assert "--ar" in capsys.readouterr().err

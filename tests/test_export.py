@@ -12,7 +12,7 @@ from bard_deploy.cli import main
 from bard_deploy.converters.export import export
 from bard_deploy.data.synthetic import make_sample
 from bard_deploy.embedded import new_checkpoint
-from bard_deploy.errors import ExportError
+from bard_deploy.errors import BardError, ExportError
 from bard_deploy.runtimes.api import Pipeline
 
 SIZES = dict(hidden=64, layers=2)
@@ -109,3 +109,41 @@ def test_export_into_non_empty_directory_needs_force(ckpt, tmp_path, capsys):
     assert main(["export", "--model", str(ckpt), "--out", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
     assert "decoder.onnx" in capsys.readouterr().out
+
+
+def test_inspect_summarises_an_export(exported, capsys):
+    assert main(["inspect", str(exported)]) == 0
+    out = capsys.readouterr().out
+    assert "int8 (default)" in out and "fp32" in out and "passed" in out and "grid [1, 6, 6]" in out
+    assert "sha256 verified" in out and "decoder.int8.onnx" in out
+
+
+def test_the_manifest_is_one_dataclass_with_one_reader(exported, tmp_path):
+    import shutil
+
+    from bard_deploy.manifest import Manifest
+    m = Manifest.read(exported)
+    assert json.loads((exported / "manifest.json").read_text()) == m.to_dict()       # the file is the dataclass
+    assert m.variants == ["fp32", "int8"] and m.decoder_graph() == ("int8", "decoder.int8.onnx")
+    with pytest.raises(ExportError, match="'int4'"):
+        m.decoder_graph("int4")
+    d = tmp_path / "unknown-key"
+    shutil.copytree(exported, d)
+    raw = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**raw, "surprise": 1}))
+    with pytest.raises(ExportError, match="unknown key 'surprise'"):
+        Manifest.read(d)
+
+
+def test_calibration_prompts_are_the_synthetic_task_only_for_the_embedded_default(ckpt, tmp_path):
+    from bard_deploy.calibration.prompts import ExportPrompts
+    from tiny import hf_qwen3_vl
+    p = ExportPrompts.for_checkpoint(ckpt, int8=True, calibration_samples=4, eval_samples=8)
+    assert (len(p.validation), len(p.calibration), len(p.held_out), len(p.evaluation)) == (3, 4, 4, 8)
+    other = tmp_path / "other"
+    hf_qwen3_vl().save_pretrained(other)                     # not the embedded default's tokenizer
+    assert len(ExportPrompts.for_checkpoint(other, int8=False).validation) == 3
+    with pytest.raises(ExportError, match="not the embedded default"):
+        ExportPrompts.for_checkpoint(other, int8=True)
+    with pytest.raises(BardError, match="no config.json"):
+        ExportPrompts.for_checkpoint(tmp_path / "nothing", int8=False)

@@ -48,10 +48,13 @@ class Example:
 
 @dataclass
 class Report:
+    """The tally of a `read_jsonl` pass: rows read, and each skipped row as "file:line: reason"."""
+
     rows: int = 0
     skipped: list[str] = field(default_factory=list)   # "file:line: reason"
 
     def summary(self) -> str:
+        """One line for the log: "N rows read, M skipped"."""
         return f"{self.rows} rows read, {len(self.skipped)} skipped"
 
 
@@ -85,6 +88,7 @@ def check_messages(messages: object) -> list[dict]:
 
 
 def assistant_text(message: dict) -> str:
+    """The text of a message: its string content, or its text parts joined (image parts dropped)."""
     content = message["content"]
     return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
 
@@ -111,6 +115,8 @@ def encode_example(encoder: PromptEncoder, messages: list[dict], max_len: int, i
 
 
 def jsonl_files(path: str | Path) -> list[Path]:
+    """The JSONL files of `path`: the file itself, or every *.jsonl under a directory (recursive, sorted).
+    A DataError when the file is missing or the directory holds none."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.rglob("*.jsonl"))

@@ -26,6 +26,9 @@ from bard_deploy.vision import rope_index
 
 @dataclass
 class TrainBatch:
+    """A collated batch of N samples right-padded to L tokens (AR or the packed diffusion layout, see the module
+    docstring), as the loss functions take it."""
+
     input_ids: torch.Tensor          # (N, L) clean tokens (the noisy copy holds the clean targets until corrupted)
     position_ids: torch.Tensor       # (3, N, L)
     layout: Layout                   # (N, L) kind / block / index
@@ -37,6 +40,7 @@ class TrainBatch:
 
     @property
     def num_samples(self) -> int:
+        """N, the number of samples in the batch."""
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> TrainBatch:

@@ -41,17 +41,22 @@ TEMPLATE_WORDS = (
 
 @dataclass(frozen=True)
 class Item:
+    """One object on the 3x3 grid: a coloured shape or a word, in one cell."""
+
     cell: int                   # 0..8, row-major
     kind: str                   # "shape" or "word"
     name: str                   # shape name or the word
     color: str | None = None    # shapes only
 
     def phrase(self) -> str:
+        """How answers name it: "a red circle" or "the word cat"."""
         return f"a {self.color} {self.name}" if self.kind == "shape" else f"the word {self.name}"
 
 
 @dataclass(frozen=True)
 class Sample:
+    """One task sample: its seed, the objects, the question type (`task`), the question and the reference answer."""
+
     seed: int
     items: tuple[Item, ...]
     task: str
@@ -59,6 +64,7 @@ class Sample:
     answer: str
 
     def image(self) -> Image.Image:
+        """The IMAGE_SIZE x IMAGE_SIZE picture, redrawn from the items and seed on each call (not cached)."""
         return render(self.items, self.seed)
 
     def messages(self, image: object | None = None) -> list[dict]:
@@ -71,6 +77,8 @@ class Sample:
 
     @property
     def content_hash(self) -> str:
+        """SHA-256 of the objects (order-free) and the question, not the seed: decides the split, so equal
+        content drawn from two seeds never lands in two splits."""
         key = repr((sorted((i.cell, i.kind, i.name, i.color) for i in self.items), self.question))
         return hashlib.sha256(key.encode()).hexdigest()
 
@@ -145,6 +153,7 @@ def make_sample(seed: int) -> Sample:
 
 
 def split_of(sample: Sample) -> str:
+    """The split ("train", "validation" or "test") of a sample: its content-hash bucket mod 10, as in SPLITS."""
     bucket = int(sample.content_hash[:8], 16) % 10
     return next(name for name, buckets in SPLITS.items() if bucket in buckets)
 

@@ -29,6 +29,8 @@ VOCAB_MULTIPLE = 64
 
 
 def vocabulary() -> list[str]:
+    """The tokenizer's tokens in id order: special tokens first (stable ids), punctuation, digits and letters,
+    then every task word in lower case and capitalised."""
     words = vocabulary_words()
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     digits = [str(d) for d in range(10)]
@@ -57,6 +59,8 @@ def build_tokenizer():
 
 
 def padded_vocab_size(tokenizer) -> int:
+    """The model's vocab_size: len(tokenizer) rounded up to a multiple of VOCAB_MULTIPLE (aligned embedding and
+    head shapes, as Qwen pads its own); the extra ids are never produced."""
     n = len(tokenizer)
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 

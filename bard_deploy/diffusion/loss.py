@@ -40,6 +40,7 @@ def chunked_logsumexp_and_target(h: torch.Tensor, weight: torch.Tensor, targets:
 
 
 def head_weight(model) -> torch.Tensor:
+    """The LM head's (V, hidden) weight: the input embedding when the head is tied (`lm_head` is None)."""
     return model.language_model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
 
 

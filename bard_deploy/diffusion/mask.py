@@ -44,10 +44,12 @@ class Layout:
 
     @property
     def shape(self) -> torch.Size:
+        """(B, L), the shape shared by the three vectors."""
         return self.kind.shape
 
     @staticmethod
     def cat(parts: list[Layout]) -> Layout:
+        """Concatenate layouts along the sequence dim (e.g. `[prompt | clean | noisy]`)."""
         return Layout(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("kind", "block", "index")))
 
 

@@ -24,6 +24,9 @@ from bard_deploy.diffusion.mask import NOISY, Layout
 
 @dataclass
 class Corruption:
+    """What `corrupt` returns: the corrupted inputs, which noisy positions changed (where the loss is taken)
+    and each position's block time t (for the min(1/t, cap) weight)."""
+
     input_ids: torch.Tensor   # (N, L) with the noisy copy corrupted
     corrupted: torch.Tensor   # (N, L) bool: noisy positions whose input differs from the clean target
     t: torch.Tensor           # (N, L) the block time of every noisy position (1 elsewhere)

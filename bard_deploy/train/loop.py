@@ -34,6 +34,8 @@ from bard_deploy.errors import CheckpointError, ConfigError
 
 @dataclass(frozen=True)
 class Schedule:
+    """The optimisation recipe of one training run: steps, global batch, AdamW, LR schedule and clipping."""
+
     steps: int
     lr: float
     batch_size: int                    # global samples per optimizer step
@@ -47,6 +49,7 @@ class Schedule:
     betas: tuple[float, float] = (0.9, 0.95)
 
     def check(self) -> Schedule:
+        """Validate the fields (a ConfigError names a bad one); returns self so a call can be chained."""
         for name in ("steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}", getattr(self, name))
@@ -66,11 +69,14 @@ class Schedule:
 
 @dataclass
 class DistInfo:
+    """This process's rank and the world size (rank 0 of 1 outside torchrun)."""
+
     rank: int = 0
     world: int = 1
 
     @property
     def main(self) -> bool:
+        """True on rank 0, the process that writes files and logs."""
         return self.rank == 0
 
     def close(self) -> None:
@@ -106,6 +112,8 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The dataset permutation of one epoch, from its own generator seeded by (seed, epoch) only: every process
+    and a resumed run compute the same order without sharing RNG state."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7 + epoch)).tolist()
 
 
@@ -133,6 +141,8 @@ def shard(model: torch.nn.Module) -> None:
 
 
 def param_groups(model: torch.nn.Module, sched: Schedule) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed norms / biases / embeddings, and the vision tower (not its
+    mergers) at `lr_scale` vision_lr_ratio; empty groups are dropped."""
     vision, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -194,10 +204,12 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------------------
     @property
     def state_dir(self) -> Path:
+        """The resumable training state: `work_dir/state`."""
         return self.work / "state"
 
     @property
     def metrics_path(self) -> Path:
+        """The logged per-step metrics, one JSON object a line: `work_dir/metrics.jsonl`."""
         return self.work / "metrics.jsonl"
 
     def save_state(self) -> None:
@@ -323,6 +335,8 @@ class Trainer:
         return [([idx[j] for j in mine[i:i + size]], mine[i:i + size]) for i in range(0, len(mine), size)]
 
     def train_step(self) -> dict:
+        """One optimizer step over the global batch, accumulated over this process's micro-batches.
+        Returns the step's metrics: step, mean per-sample loss, lr, grad_norm and the loss's own metrics."""
         model = self.ddp or self.model
         model.train()
         for g in self.opt.param_groups:

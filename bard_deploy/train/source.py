@@ -31,6 +31,8 @@ DATA_VERSION = "synthetic-v2"   # bump when the generator's output changes
 
 @dataclass(frozen=True)
 class SourceRecipe:
+    """Everything that determines a source-model build: data size, schedule, model size and seeds."""
+
     train_samples: int = 8000
     steps: int = 1500
     batch_size: int = 32
@@ -48,18 +50,24 @@ class SourceRecipe:
     max_len: int = 256
 
     def fingerprint(self) -> str:
+        """16-hex hash of the recipe and DATA_VERSION: a cached build or a training state is reused
+        only when it matches."""
         return hashlib.sha256(json.dumps([asdict(self), DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def data_hash(split: str, n: int) -> str:
+    """16-hex id of the synthetic data (generator version, split, sample count: the data is a pure function of
+    them), recorded as provenance in the checkpoint."""
     return hashlib.sha256(f"{DATA_VERSION}:{split}:{n}".encode()).hexdigest()[:16]
 
 
 def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int) -> list[Example]:
+    """The first n samples of a synthetic split, encoded as Examples (source "split:seed")."""
     return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}") for s in samples(split, n)]
 
 
 def make_encoder(tokenizer, processor, cfg) -> PromptEncoder:
+    """The PromptEncoder of a tokenizer and image processor for a model config (its image token id and merge size)."""
     return PromptEncoder(tokenizer, processor, cfg.image_token_id, cfg.spatial_merge_size)
 
 

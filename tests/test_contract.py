@@ -1,0 +1,45 @@
+"""The IO contract (iospec): feeds and outputs round-trip, symbolic shapes evaluate, the graph order is the
+table's; recording trajectories leaves the Pipeline it was given untouched."""
+
+import torch
+
+from bard_deploy import iospec
+from bard_deploy.calibration.collect import record
+from bard_deploy.config import ModelConfig
+from bard_deploy.embedded import new_checkpoint
+from bard_deploy.runtimes.api import Pipeline
+from tiny import qwen3_vl_config
+
+
+def test_concrete_shapes():
+    assert iospec.concrete(("batch", 1, "seq", "past+seq"), {"batch": 2, "seq": 3, "past": 4}) == (2, 1, 3, 7)
+    assert iospec.concrete((3, "batch"), {"batch": 1}) == (3, 1)
+
+
+def test_feeds_and_outputs_round_trip_in_table_order():
+    io = iospec.DecoderIO.for_config(ModelConfig.from_dict(qwen3_vl_config().to_dict()))
+    f = io.dummy_feeds(batch=2, seq=3, past=4)
+    assert list(f) == io.input_names
+    for spec in io.inputs:
+        assert tuple(f[spec.name].shape) == iospec.concrete(spec.shape, {"batch": 2, "seq": 3, "past": 4})
+    x, pos, bias, past, ds = io.unpack_feeds(f)
+    assert ds.shape == (io.num_deepstack, 2, 3, io.hidden_size) and not ds.any()      # no image: zeros
+    assert io.feeds(x, pos, bias, past, ds).keys() == f.keys()
+    new_kv = [(torch.zeros(2, io.num_kv_heads, 3, io.head_dim),) * 2 for _ in range(io.num_layers)]
+    out = io.outputs_of(torch.zeros(2, 3, io.vocab_size), new_kv)
+    assert list(out) == io.output_names
+    logits, kv = io.unpack_outputs(out)
+    assert logits.shape == (2, 3, io.vocab_size) and len(kv) == io.num_layers
+    assert io.table()["inputs"][2] == [iospec.ATTENTION_BIAS, "float32", ["batch", 1, "seq", "past+seq"]]
+
+
+def test_recording_does_not_touch_the_callers_pipeline(tmp_path):
+    from bard_deploy.data.synthetic import make_sample
+
+    pipe = Pipeline.load(new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=64, layers=2))
+    backend = pipe.backend
+    s = make_sample(0)
+    steps = record(pipe, [s.messages()], max_new_tokens=8, threshold=0.9)
+    assert pipe.backend is backend and len(steps) >= 3                 # prefill + at least one step per block
+    feeds, outputs = steps[0]
+    assert list(feeds) == backend.io.input_names and list(outputs) == backend.io.output_names
