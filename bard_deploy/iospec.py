@@ -76,8 +76,29 @@ def table(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> di
             "outputs": [[s.name, s.dtype, list(s.shape)] for s in outputs]}
 
 
+class GraphIO:
+    """What every graph's contract offers on top of its `inputs` and `outputs` specs."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        """Input names in graph order."""
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Output names in graph order."""
+        return [s.name for s in self.outputs]
+
+    def table(self) -> dict:
+        """The manifest's IO table of this graph."""
+        return table(self.inputs, self.outputs)
+
+
 @dataclass(frozen=True)
-class DecoderIO:
+class DecoderIO(GraphIO):
     """The decoder step's inputs and outputs for one model shape (one graph: prefill, denoise, commit+denoise)."""
 
     num_layers: int
@@ -118,20 +139,6 @@ class DecoderIO:
             for name in (new_key(i), new_value(i)):
                 specs.append(TensorSpec(name, "float32", ("batch", self.num_kv_heads, "seq", self.head_dim)))
         return tuple(specs)
-
-    @property
-    def input_names(self) -> list[str]:
-        """Input names in graph order."""
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        """Output names in graph order."""
-        return [s.name for s in self.outputs]
-
-    def table(self) -> dict:
-        """The manifest's IO table of this graph."""
-        return table(self.inputs, self.outputs)
 
     # ---- feeds and outputs ---------------------------------------------------------------------------------
     def feeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_bias: torch.Tensor,
@@ -178,7 +185,7 @@ class DecoderIO:
 
 
 @dataclass(frozen=True)
-class VisionIO:
+class VisionIO(GraphIO):
     """The vision graph's inputs and outputs: pixel patches of one image -> merged image embeddings and the
     DeepStack features. Traced for one grid: `patches` = t*h*w, `tokens` = patches / merge^2."""
 
@@ -209,20 +216,6 @@ class VisionIO:
         """Image embeddings (tokens, hidden) and DeepStack features (n_ds, tokens, hidden)."""
         return (TensorSpec(IMAGE_EMBEDS, "float32", (self.tokens, self.hidden_size)),
                 TensorSpec(DEEPSTACK_EMBEDS, "float32", (self.num_deepstack, self.tokens, self.hidden_size)))
-
-    @property
-    def input_names(self) -> list[str]:
-        """Input names in graph order."""
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        """Output names in graph order."""
-        return [s.name for s in self.outputs]
-
-    def table(self) -> dict:
-        """The manifest's IO table of this graph."""
-        return table(self.inputs, self.outputs)
 
     def feeds(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named feeds of one image's patches."""

@@ -184,7 +184,7 @@ def save_stage(ctx: StageContext, stage: Stage, model: BardVLM, history: dict[st
 
 
 def save_stage_checkpoint(model: BardVLM, directory: Path, source_dir: Path, extra: dict[str, dict],
-                    copies: Sequence[Path]) -> None:
+                          copies: Sequence[Path]) -> None:
     """Save a stage checkpoint: it carries the source's tokenizer / processor files and its
     generation_config.json, so that every stage loads and decodes on its own."""
     gen = source_dir / "generation_config.json"
