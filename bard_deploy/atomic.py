@@ -89,9 +89,12 @@ def atomic_dir(target: str | Path, error: type[BardError], what: str) -> Iterato
     tmp = new_tmp_dir(target)
     try:
         yield tmp
+        mask = _umask()
         for f in tmp.iterdir():
             if f.is_file():
+                os.chmod(f, 0o666 & ~mask)       # safetensors writes 0600 files: give them the usual mode
                 fsync_file(f)
+        os.chmod(tmp, 0o777 & ~mask)             # mkdtemp made it 0700: readable like any other directory
         fsync_dir(tmp)
         replace_dir(tmp, target)
     except OSError as e:
@@ -101,6 +104,17 @@ def atomic_dir(target: str | Path, error: type[BardError], what: str) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask can only set it); 0o022 where unreadable."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _pid_alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ import torch
 from bard_deploy.checkpoint import INDEX, WEIGHTS
 from bard_deploy.config import load_config
 from bard_deploy.data.chat import assistant_text, read_conversations
-from bard_deploy.devices import resolve_device
+from bard_deploy.devices import resolve_device, resolve_dtype
 from bard_deploy.errors import ConfigError, RuntimeInputError
 from bard_deploy.evaluate import synthetic_conversations
 from bard_deploy.manifest import Manifest, is_export
@@ -50,6 +50,7 @@ class BenchOptions:
     backend: str = "auto"                      # the same for AR and BARD
     variant: str | None = None                 # export decoder variant (fp32, int8); None: the manifest's
     device: str = "cpu"                        # Pipeline.load's device; the transformers baseline follows it
+    dtype: str = "fp32"                        # the torch backend's weights; the transformers baseline follows it
     block_sizes: tuple[int, ...] | None = None  # None: each model's trained block size
     thresholds: tuple[float, ...] = (0.9,)
     requests: int = 30                         # timed requests per configuration
@@ -63,6 +64,7 @@ class BenchOptions:
         """A copy with paths as Path; a bad value raises a typed error naming it."""
         if not self.models:
             raise ConfigError("give at least one --model (a checkpoint or export directory)", None)
+        resolve_dtype(self.dtype)
         if self.requests <= 0 or self.warmup < 0:
             raise RuntimeInputError(f"--requests must be > 0 and --warmup >= 0, got {self.requests}, "
                                     f"{self.warmup}", self.requests)
@@ -165,8 +167,9 @@ def run_config(pipe, convs: list[list[dict]], name: str, ar: bool, warmup: int, 
     return summary
 
 
-def _hf_model(source_dir: Path, device: torch.device):
-    """transformers' own model, tokenizer and our prompt encoder for a source checkpoint, on `device`."""
+def _hf_model(source_dir: Path, device: torch.device, dtype: torch.dtype):
+    """transformers' own model (in `dtype`, on `device`), its tokenizer and our prompt encoder for a source
+    checkpoint."""
     # transformers takes ~2 s to import: only commands that use it pay for it (not `bard-deploy --help`)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
@@ -174,17 +177,17 @@ def _hf_model(source_dir: Path, device: torch.device):
     tok = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False)
     proc = Qwen2VLImageProcessorPil.from_pretrained(source_dir) if cfg.has_vision else None
     auto = AutoModelForImageTextToText if cfg.has_vision else AutoModelForCausalLM
-    model = auto.from_pretrained(source_dir, dtype=torch.float32).eval().to(device)
+    model = auto.from_pretrained(source_dir, dtype=dtype).eval().to(device)
     return cfg, model, tok, PromptEncoder(tok, proc, cfg.image_token_id, cfg.spatial_merge_size)
 
 
 def run_transformers(source_dir: Path, convs: list[list[dict]], warmup: int, max_new_tokens: int,
-                     device: str = "cpu") -> Summary:
+                     device: str = "cpu", dtype: str = "fp32") -> Summary:
     """The AR task through transformers' own greedy `generate` on the source checkpoint, timed the same way
     (the prefill is timed as one separate forward over the prompt, to split prefill from decode), on the
-    torch device the runtime rows ran on."""
+    torch device and in the dtype the runtime rows ran with."""
     dev = resolve_device(device)
-    cfg, model, tok, enc = _hf_model(source_dir, dev)
+    cfg, model, tok, enc = _hf_model(source_dir, dev, resolve_dtype(dtype))
     eos_ids = eos_ids_of(source_dir, tok)
     summary = Summary("transformers generate (AR)", None, None)
     reset_peak_rss()
@@ -222,7 +225,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def header(backend: str, device: str = "cpu") -> dict:
+def header(backend: str, device: str = "cpu", dtype: str = "fp32") -> dict:
     """The settings a bench result was measured under: date, machine, backend, device, threads, versions."""
     import transformers
 
@@ -235,7 +238,7 @@ def header(backend: str, device: str = "cpu") -> dict:
     except OSError:
         pass
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": cpu, "cores": os.cpu_count(),
-            "backend": backend, "device": device, "gpu": _gpu_name(device),
+            "backend": backend, "device": device, "dtype": dtype, "gpu": _gpu_name(device),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -279,9 +282,10 @@ def bench(opts: BenchOptions, log=print) -> dict:
     """Run every configuration of `opts`; return {"header", "rows"[, "plot"]} and write JSON + PNG to `opts.out`."""
     o = opts.check()
     convs = _conversations(o.data, o.requests + o.warmup)
-    pipes = [(m, Pipeline.load(m, backend=o.backend, variant=o.variant, device=o.device)) for m in o.models]
+    load = {"backend": o.backend, "variant": o.variant, "device": o.device, "dtype": o.dtype}
+    pipes = [(m, Pipeline.load(m, **load)) for m in o.models]
     ar_model = o.ar_model or _recorded_source(pipes[0][1])
-    ar_pipe = Pipeline.load(ar_model, backend=o.backend, variant=o.variant, device=o.device)
+    ar_pipe = Pipeline.load(ar_model, **load)
     torch_device = "cuda" if "tensorrt" in (o.backend, o.device) else o.device   # the GPU the runtime rows used
     kind = type(ar_pipe.backend).__name__
     log(f"bench: AR baseline {ar_model} ({kind})")
@@ -297,9 +301,9 @@ def bench(opts: BenchOptions, log=print) -> dict:
     source = _checkpoint_of(ar_model) if o.transformers_baseline else None
     if source is not None:
         log(f"bench: transformers generate on {source}")
-        rows.append(run_transformers(source, convs, o.warmup, o.max_new_tokens, torch_device).as_dict())
+        rows.append(run_transformers(source, convs, o.warmup, o.max_new_tokens, torch_device, o.dtype).as_dict())
     add_speedups(rows)
-    result = {"header": header(kind, torch_device), "rows": rows}
+    result = {"header": header(kind, torch_device, o.dtype), "rows": rows}
     if o.out is not None:
         o.out.mkdir(parents=True, exist_ok=True)
         (o.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -88,14 +88,22 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) over every weight file; a corrupt, truncated or renamed pickle file is an error."""
+    """(key, tensor) over every weight file; a corrupt, truncated or renamed pickle file is an error.
+
+    Each tensor comes from its own opening of the file: safetensors maps the file, and a mapping kept open for a
+    whole 2 GB shard keeps every page read so far in this process's RSS (1.2x the weights for a bf16 -> fp32
+    load instead of ~1.05x). A tensor the caller keeps as it is still references its pages (zero copy)."""
     for path in weight_files(directory):
         if path.stat().st_size == 0:
             raise CheckpointError(f"weight file {path.name} is empty", str(path))
         try:
             with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+                keys = list(f.keys())
+            for key in keys:
+                with safe_open(path, framework="pt") as f:
+                    tensor = f.get_tensor(key)
+                yield key, tensor
+                del tensor
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"weight file {path.name} is not a valid safetensors file ({e})", str(path)) from e
 
@@ -116,18 +124,21 @@ def tensor_shapes(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
                block_size: int | None = None) -> BardVLM:
-    """Load a checkpoint directory (qwen3_vl, bard_vl or qwen3 layout) into a BardVLM in eval mode.
+    """Load a checkpoint directory (qwen3_vl, bard_vl or qwen3 layout) into a BardVLM in eval mode, its
+    parameters in `dtype` (buffers stay fp32).
 
-    Every key of the file must map to one of our parameters and every parameter must be present with the
-    same shape; otherwise the error names the key. `block_size` fills an imported Bard-VL config's bard section.
+    Lean at any size: the model is built on the meta device and each tensor is read from its (memory-mapped)
+    file, converted and assigned one at a time, so the peak is about the weights once in `dtype` plus one tensor.
+    Every key of the file must map to one of our parameters and every parameter must be present with the same
+    shape; otherwise the error names the key. `block_size` fills an imported Bard-VL config's bard section.
     """
     directory = Path(directory)
     recover_dir(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist", str(directory))
     config = load_config(directory, block_size=block_size)
-    model = BardVLM(config)
-    ours = model.state_dict()
+    model = BardVLM.on_meta(config)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     arch = config.arch
     loaded: dict[str, torch.Tensor] = {}
     tied_head: torch.Tensor | None = None
@@ -136,25 +147,26 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
         if name == "lm_head.weight" and config.text.tie_word_embeddings:
             tied_head = tensor  # some exporters write the tied head too; it must equal the embedding
             continue
-        if name is None or name not in ours:
+        if name is None or name not in shapes:
             raise CheckpointError(f"unknown checkpoint key '{key}' (not a parameter of a {arch} model)", key)
         if name in loaded:
             raise CheckpointError(f"checkpoint key '{key}' appears twice", key)
-        if tuple(tensor.shape) != tuple(ours[name].shape):
+        if tuple(tensor.shape) != shapes[name]:
             raise CheckpointError(f"checkpoint key '{key}' has shape {tuple(tensor.shape)}, the config implies "
-                                  f"{tuple(ours[name].shape)}", key)
-        loaded[name] = tensor
-    missing = [n for n in ours if n not in loaded]
+                                  f"{shapes[name]}", key)
+        loaded[name] = tensor.to(dtype)            # the file's copy goes as soon as it is converted
+        del tensor
+    missing = [n for n in shapes if n not in loaded]
     if missing:
         raise CheckpointError(f"checkpoint is missing key '{to_file(missing[0], arch)}'"
                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}", missing[0])
     if tied_head is not None:
         emb = loaded["model.language_model.embed_tokens.weight"]
-        if tied_head.shape != emb.shape or not torch.equal(tied_head, emb):
+        if tied_head.shape != emb.shape or not torch.equal(tied_head.to(dtype), emb):
             raise CheckpointError("lm_head.weight differs from embed_tokens but tie_word_embeddings is true",
                                   "lm_head.weight")
-    model.load_state_dict(loaded, strict=True)
-    return model.to(dtype).eval()
+    model.load_state_dict(loaded, strict=True, assign=True)
+    return model.eval()
 
 
 # ---- writing --------------------------------------------------------------------------------------

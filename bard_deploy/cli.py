@@ -27,6 +27,7 @@ from bard_deploy.errors import BardError, ConfigError, RuntimeInputError
 from bard_deploy.inspect import inspect_tables
 from bard_deploy.runtimes.api import BACKENDS, Pipeline
 from bard_deploy.runtimes.decode import DecodeOptions, Stats
+from bard_deploy.standins import SIZES, write_standin
 from bard_deploy.tables import bench_table, mapping_table, step_table
 from bard_deploy.train.recipe import Recipe, recipe_from_cli
 from bard_deploy.train.run import train as run_train
@@ -38,6 +39,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 DEVICE_HELP = ("Where to run: torch backend cpu, cuda, cuda:N or auto; onnxruntime cpu, cuda or tensorrt "
                "(execution provider); TensorRT engines always run on the GPU.")
+DTYPE_HELP = "Torch backend weights: fp32, bf16 or fp16 (loaded straight into that dtype)."
 BACKEND_HELP = f"{', '.join(BACKENDS)} (auto: torch for a checkpoint, onnxruntime for an export directory)."
 
 
@@ -54,7 +56,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ):
-    """bard-deploy: train, export, generate, bench, bench-step, inspect."""
+    """bard-deploy: train, export, generate, bench, bench-step, inspect, standin."""
 
 
 def _given(ctx: typer.Context, names) -> dict:
@@ -191,6 +193,7 @@ def generate(
     variant: str | None = typer.Option(None, help="Export decoder variant: fp32 or int8.",
                                        show_default="the manifest's"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("fp32", help=DTYPE_HELP),
     allow_block_size_mismatch: bool = typer.Option(D.allow_block_size_mismatch, "--allow-block-size-mismatch",
                                                    help="Allow a block size other than the trained one."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer block by block as it is decoded."),
@@ -203,7 +206,7 @@ def generate(
                    max_steps=max_steps, max_new_tokens=max_new_tokens, edit_threshold=edit_threshold,
                    max_edits=max_edits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    allow_block_size_mismatch=allow_block_size_mismatch)
-    pipe = Pipeline.load(model, backend=backend, variant=variant, device=device)
+    pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype)
     images = [str(p) for p in image]
     st = Stats()
     if stream:
@@ -229,6 +232,7 @@ def bench(
     variant: str | None = typer.Option(B.variant, help="Export decoder variant: fp32 or int8.",
                                        show_default="the manifest's"),
     device: str = typer.Option(B.device, help=DEVICE_HELP),
+    dtype: str = typer.Option(B.dtype, help=DTYPE_HELP + " The transformers baseline uses it too."),
     ar_model: Path | None = typer.Option(B.ar_model, help="AR baseline.", show_default="the checkpoint's source"),
     block_sizes: str | None = typer.Option(None, help="Comma-separated block sizes, e.g. 4,8,16.",
                                            show_default="each model's trained size"),
@@ -242,7 +246,7 @@ def bench(
                                                help="Also time transformers' generate on the source."),
 ):
     """AR vs BARD latency and throughput, side by side, on the same backend and prompts; one JSON line last."""
-    o = BenchOptions(tuple(model), ar_model, backend, variant, device,
+    o = BenchOptions(tuple(model), ar_model, backend, variant, device, dtype,
                      _ints(block_sizes, "block-sizes") if block_sizes else None, _floats(thresholds, "thresholds"),
                      requests, warmup, max_new_tokens, data, out, transformers_baseline)
     res = run_bench(o, log=console.print)
@@ -269,6 +273,21 @@ def bench_step(
     res = step_bench(o, log=console.print)
     console.print(step_table(res))
     print(json.dumps(res))
+
+
+@app.command()
+def standin(
+    out: Path = typer.Option(..., "--out", help="The checkpoint directory to write."),
+    size: str = typer.Option("2b", help=f"{', '.join(SIZES)} (tiny: the official layout at tiny widths)."),
+    layers: int | None = typer.Option(None, help="Decoder layers (real widths and vocabulary).",
+                                      show_default="the official depth"),
+    bard_vl: bool = typer.Option(False, "--bard-vl", help="Relabel it as an official Bard-VL checkpoint."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+):
+    """Write a random-weight stand-in of an official Qwen3-VL (or Bard-VL) checkpoint, in its on-disk format."""
+    write_standin(out, size, layers, bard_vl, seed)
+    for table in inspect_tables(out):
+        console.print(table)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Where torch code runs: one rule for training and the torch runtime backend."""
+"""Where torch code runs and in which dtype: one rule for training, loading and the torch runtime backend."""
 
 from __future__ import annotations
 
@@ -26,3 +26,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None:             # plain "cuda": this process's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype name (fp32, bf16, fp16)."""
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}", name)
+    return DTYPES[name]

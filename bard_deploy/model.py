@@ -171,13 +171,19 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("rope_rows", mrope_rows(c.head_dim, c.mrope_section), persistent=False)
+        self.rotary_tables()
         # "sdpa" is the fast path for torch; exporters switch to the explicit MatMul+Softmax form.
         self.use_sdpa = True
         # Per-layer activation checkpointing (training only; set by the trainer).
         self.checkpoint_layers = False
+
+    def rotary_tables(self) -> None:
+        """(Re)compute the rotary buffers from the config: inv_freq (head_dim/2,) fp32 and the MRoPE row of each
+        frequency. Called by the constructor, and again on the CPU after a construction on the meta device."""
+        c = self.config
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rope_rows", mrope_rows(c.head_dim, c.mrope_section), persistent=False)
 
     def forward(
         self,
@@ -191,8 +197,9 @@ class TextModel(nn.Module):
         """One decoder step. Returns the final-normed hidden states (B, T, hidden) and the new tokens'
         K/V per layer (each (B, Hkv, T, D)); past K/V are read, never written."""
         assert position_ids.dim() == 3 and position_ids.shape[0] == 3, position_ids.shape
-        cos, sin = rotary(position_ids, self.inv_freq, self.rope_rows)
         x = inputs_embeds
+        cos, sin = rotary(position_ids, self.inv_freq, self.rope_rows)             # fp32 tables, as HF, then
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)                                # in the activations' dtype
         n_ds = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
         new_kv: list[KV] = []
         for i, layer in enumerate(self.layers):

@@ -32,6 +32,19 @@ class BardVLM(nn.Module):
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.init_weights()
 
+    @classmethod
+    def on_meta(cls, config: ModelConfig) -> BardVLM:
+        """The model with its parameters on the meta device (no memory, no initialisation) and its buffers (rotary
+        tables, functions of the config) on the CPU: the shell a checkpoint loader assigns tensors into."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.language_model.rotary_tables()
+        if model.visual is not None:                   # transformers' tower: its rotary module recomputes them
+            rot = model.visual.rotary_pos_emb
+            model.visual.rotary_pos_emb = type(rot)(rot.config)
+        assert not any(b.is_meta for b in model.buffers()), "a buffer was left on the meta device"
+        return model
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """HF's initialisation of the decoder (normal(0, std) for linear and embedding weights, norms at 1);

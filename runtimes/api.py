@@ -25,6 +25,7 @@ import torch
 
 from bard_deploy.atomic import recover_dir
 from bard_deploy.checkpoint import load_model
+from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import CheckpointError, RuntimeInputError
 from bard_deploy.manifest import is_export
 from bard_deploy.prompting import PromptEncoder
@@ -80,29 +81,35 @@ class Pipeline:
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "auto", variant: str | None = None,
-             device: str = "cpu") -> Pipeline:
+             device: str = "cpu", dtype: str = "fp32") -> Pipeline:
         """Load a checkpoint directory (torch backend) or an export directory (onnxruntime / tensorrt) once.
 
         backend "auto": torch for a checkpoint, onnxruntime for an export directory (one with manifest.json).
         variant: the export's decoder variant ("fp32", "int8"; default: the manifest's).
         device: torch: cpu, cuda, cuda:N or auto (CUDA when present; the weights, KV buffer and decoding loop
           live there); onnxruntime: cpu or cuda (the execution provider). TensorRT always runs on the GPU.
+        dtype: the torch backend's weights: fp32, bf16 or fp16 (loaded lean, straight into that dtype); an export
+          runs the graphs it holds (choose those with `variant`).
         """
         if backend not in BACKENDS:
             raise RuntimeInputError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}",
                                     backend)
+        torch_dtype = resolve_dtype(dtype)
         directory = Path(directory)
         recover_dir(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory", str(directory))
         exported = is_export(directory)
+        if exported and dtype != "fp32":
+            raise RuntimeInputError(f"dtype {dtype} applies to the torch backend; an export runs the graphs it holds "
+                                    "(choose one with variant / --variant)", dtype)
         if backend == "auto":
             backend = "onnxruntime" if exported else "torch"
         if backend == "torch":
             if exported:
                 raise RuntimeInputError(f"{directory} is an export directory: use backend onnxruntime or tensorrt",
                                         backend)
-            impl = TorchBackend(load_model(directory), device=device)
+            impl = TorchBackend(load_model(directory, dtype=torch_dtype), device=device)
         elif not exported:
             raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "
                                     f"{directory} has no manifest.json", backend)

@@ -122,3 +122,16 @@ def test_kv_buffers_are_released_after_each_call(pipe, monkeypatch):
     list(pipe.stream(s.question, images=[s.image()], max_new_tokens=8))
     gc.collect()
     assert len(refs) == 5 and all(r() is None for r in refs)
+
+
+def test_bf16_weights_decode_on_the_torch_backend(bard_dir, capsys):
+    import torch
+
+    pipe = Pipeline.load(bard_dir, dtype="bf16")
+    assert {p.dtype for p in pipe.backend.model.parameters()} == {torch.bfloat16}
+    s = make_sample(2)
+    r = pipe.generate(s.question, images=[s.image()], max_new_tokens=8)
+    assert len(r.token_ids) == 8 and r.stats.nfe == 1 + sum(r.stats.steps_per_block)
+    assert main(["generate", "--model", str(bard_dir), "--prompt", "hi", "--dtype", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "int3" in err and err.count("\n") == 1

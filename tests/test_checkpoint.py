@@ -153,3 +153,68 @@ def test_tied_head_must_equal_embedding(tmp_path):
         t["model.language_model.embed_tokens.weight"])})
     with pytest.raises(CheckpointError, match="lm_head.weight"):
         load_model(tmp_path / "c")
+
+
+# ---- lean loading: meta construction, tensors assigned one at a time, a chosen dtype --------------------
+
+def test_lean_load_equals_an_eager_load_exactly(vl_dir):
+    from safetensors.torch import load_file
+
+    from bard_deploy.vlm import BardVLM
+    m = load_model(vl_dir)
+    eager = BardVLM(m.config)
+    eager.load_state_dict(load_file(vl_dir / WEIGHTS))
+    assert_same(m, eager)                                         # parameters, bitwise
+    for (n, a), (_, b) in zip(m.named_buffers(), eager.named_buffers(), strict=True):
+        assert torch.equal(a, b) and a.device.type == "cpu", n    # the rotary tables rebuilt off the meta device
+    assert not any(p.is_meta for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_in_a_lower_precision(vl_dir, dtype):
+    from tiny import image_inputs
+    ref = load_model(vl_dir)
+    m = load_model(vl_dir, dtype=dtype)
+    assert {p.dtype for p in m.parameters()} == {dtype}
+    assert {b.dtype for b in m.buffers()} <= {torch.float32, torch.int64}     # rotary tables stay exact
+    pv, grid, n = image_inputs()
+    ids = torch.tensor([[5] + [990] * n + [7, 8]])
+    with torch.no_grad():
+        a = ref.step(*_step_inputs(ref, ids, pv, grid))[0]
+        b = m.step(*_step_inputs(m, ids, pv, grid))[0]
+    assert b.dtype == dtype and (a - b.float()).abs().max() < 0.05 * a.abs().max()
+
+
+def _step_inputs(model, ids, pv, grid):
+    x, ds = model.embed(ids, pv, grid)
+    pos, _ = model.positions(ids, grid, torch.ones_like(ids))
+    L = ids.shape[1]
+    bias = torch.full((1, 1, L, L), float("-inf")).triu(1).to(x.dtype)
+    return x, pos, bias, None, ds
+
+
+def test_written_directories_get_the_usual_modes(vl_dir, tmp_path):
+    """mkdtemp makes 0700 directories and safetensors 0600 files: a checkpoint must be readable like any file."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        out = save_model(load_model(vl_dir), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) & 0o055 == 0o055
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in out.iterdir())
+
+
+def test_updating_a_loaded_model_in_place_never_writes_its_file(vl_dir, tmp_path):
+    """Tensors loaded without conversion may share the file's pages (zero copy): training them must not write
+    through to the checkpoint."""
+    import hashlib
+    save_model(load_model(vl_dir), tmp_path / "ck")
+    f = tmp_path / "ck" / WEIGHTS
+    before = hashlib.sha256(f.read_bytes()).hexdigest()
+    m = load_model(tmp_path / "ck")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    assert hashlib.sha256(f.read_bytes()).hexdigest() == before
