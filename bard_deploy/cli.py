@@ -1,6 +1,6 @@
 """`bard-deploy`: a thin typer CLI over the library (no tensor code, no tables, no defaults of its own).
 
-Each command's options take their defaults from the library's option dataclasses (`Recipe`, `Int8Options`,
+Each command's options take their defaults from the library's option dataclasses (`Recipe`, `QuantOptions`,
 `DecodeOptions`, `BenchOptions`, `StepOptions`), builds one, calls the library and prints the table the library
 builds. Every `BardError` reaches the user as one line (`error: ...`) and exit code 2; `--debug` (anywhere on
 the command line) shows the traceback instead.
@@ -20,7 +20,7 @@ from bard_deploy import __version__
 from bard_deploy.bench import BenchOptions
 from bard_deploy.bench import bench as run_bench
 from bard_deploy.bench_step import StepOptions, step_bench
-from bard_deploy.calibration.gate import Int8Options
+from bard_deploy.calibration.gate import QuantOptions
 from bard_deploy.calibration.prompts import ExportPrompts
 from bard_deploy.converters.export import export as export_model
 from bard_deploy.errors import BardError, ConfigError, RuntimeInputError
@@ -136,7 +136,7 @@ def train(
                   f"({results['train_seconds']} s)")
 
 
-I8 = Int8Options
+Q = QuantOptions
 
 
 @app.command()
@@ -144,21 +144,34 @@ def export(
     model: Path = typer.Option(..., "--model", help="A checkpoint directory (BARD stage or AR source)."),
     out: Path = typer.Option(..., "--out", help="The export directory to write."),
     int8: bool = typer.Option(False, "--int8", help="Also write an INT8 decoder (with its accuracy gate)."),
-    target: str = typer.Option(I8.target, help="INT8 target: cpu (ORT dynamic), cuda or tensorrt (Q/DQ)."),
-    calibration_samples: int = typer.Option(I8.calibration_samples, help="Calibration prompts."),
-    gate_top1: float = typer.Option(I8.gate_top1, help="Min top-1 agreement with fp32 (held-out steps)."),
-    gate_em_drop: float = typer.Option(I8.gate_em_drop, help="Max exact-match drop (fraction)."),
-    eval_samples: int = typer.Option(I8.eval_samples, help="Prompts of the end-to-end gate."),
+    int4: bool = typer.Option(False, "--int4", help="Also write a weight-only INT4 decoder (MatMulNBits, with "
+                              "its accuracy gate)."),
+    target: str = typer.Option(Q.target, help="INT8 target: cpu (ORT dynamic), cuda or tensorrt (Q/DQ)."),
+    int4_block_size: int = typer.Option(Q.int4_block_size, help="INT4: weights per scale (32 or 128 usually)."),
+    int4_accuracy_level: int = typer.Option(Q.int4_accuracy_level, help="INT4 kernel compute type: 0 unset, "
+                                            "1 fp32, 2 fp16, 3 bf16, 4 int8."),
+    int4_lm_head: bool = typer.Option(Q.int4_lm_head, "--int4-lm-head/--int4-keep-lm-head",
+                                      help="INT4: quantize the LM head too, or keep it fp32."),
+    calibration_samples: int = typer.Option(Q.calibration_samples, help="Calibration prompts."),
+    gate_top1: float = typer.Option(Q.gate_top1, help="Min top-1 agreement with fp32 (held-out steps)."),
+    gate_em_drop: float = typer.Option(Q.gate_em_drop, help="Max exact-match drop (fraction)."),
+    eval_samples: int = typer.Option(Q.eval_samples, help="Prompts of the end-to-end gate."),
     image_size: int | None = typer.Option(None, help="Square image size vision.onnx is traced at.",
                                           show_default="the processor's smallest"),
+    block_size: int | None = typer.Option(None, help="Trained block size of an imported Bard-VL checkpoint (its "
+                                          "config does not record it).", show_default="the checkpoint's"),
+    external_data: bool | None = typer.Option(None, "--external-data/--no-external-data",
+                                              help="Graph weights in <graph>.onnx.data beside each graph.",
+                                              show_default="above the 2 GB protobuf limit"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
 ):
-    """Export the decoder step and vision tower to ONNX (validated against PyTorch), optionally INT8."""
-    o = Int8Options(target, calibration_samples, gate_top1, gate_em_drop, eval_samples).check()
+    """Export the decoder step and vision tower to ONNX (validated against PyTorch), optionally INT8 / INT4."""
+    o = QuantOptions(target, calibration_samples, gate_top1, gate_em_drop, eval_samples, int4_block_size,
+                     int4_accuracy_level, int4_lm_head).check()
     # the synthetic task for the embedded default only; other models validate on its image prompts, no INT8
-    prompts = ExportPrompts.for_checkpoint(model, int8, o.calibration_samples, o.eval_samples)
-    export_model(model, out, prompts, int8=int8, int8_options=o, force=force, image_size=image_size,
-                 log=console.print)
+    prompts = ExportPrompts.for_checkpoint(model, int8 or int4, o.calibration_samples, o.eval_samples)
+    export_model(model, out, prompts, int8=int8, int4=int4, quant_options=o, force=force, image_size=image_size,
+                 block_size=block_size, external_data=external_data, log=console.print)
     for table in inspect_tables(out):
         console.print(table)
 

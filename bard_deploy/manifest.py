@@ -65,6 +65,7 @@ class Manifest:
     parity: dict                                # ONNX vs PyTorch: tolerance, steps, worst diff per output
     exporter: str
     int8: dict | None = None                    # the INT8 gate's report (when an INT8 decoder exists)
+    int4: dict | None = None                    # the INT4 gate's report (when an INT4 decoder exists)
     calibration: dict | None = None             # file, sha256 and step count of the calibration inputs
     files: dict[str, str] = field(default_factory=dict)   # name -> sha256 of every other file
     format_version: int = FORMAT_VERSION

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from bard_deploy import iospec
 from bard_deploy.manifest import Manifest
+from bard_deploy.onnx_files import graph_bytes
 
 BENCH_COLUMNS = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "steps/blk", "tok/fwd",
                  "NFE/tok", "decode tok/s", "e2e tok/s", "prefill ms", "vision ms", "peak MB", "speed-up")
@@ -64,7 +65,14 @@ def step_table(result: dict) -> Table:
 
 
 def _size(path: Path) -> str:
-    return f"{path.stat().st_size / 2**20:.2f} MiB" if path.is_file() else "missing"
+    """A graph's size with its external data (`<graph>.data`), or a file's size."""
+    return f"{graph_bytes(path) / 2**20:.2f} MiB" if path.is_file() else "missing"
+
+
+def _gate_row(m: Manifest, variant: str) -> str:
+    g = getattr(m, variant)
+    return (f"{g['scheme']}; top-1 {g['top1_agreement']:.4f} on {g['held_out_steps']} held-out steps; "
+            f"exact match {g['exact_match_fp32']:.3f} -> {g[f'exact_match_{variant}']:.3f} ({g['attempt']})")
 
 
 def export_table(m: Manifest, directory: Path) -> Table:
@@ -78,11 +86,10 @@ def export_table(m: Manifest, directory: Path) -> Table:
         table.add_row(m.vision.graph, _size(directory / m.vision.graph),
                       f"max diff {max(p['vision'].values()):.2e}, grid {m.vision.grid_thw} "
                       f"({m.vision.image_size} px)")
-    if m.int8 is not None:
-        g = m.int8
-        table.add_row(m.graphs["decoder"]["int8"], _size(directory / m.graphs["decoder"]["int8"]),
-                      f"{g['scheme']}; top-1 {g['top1_agreement']:.4f} on {g['held_out_steps']} held-out steps; "
-                      f"exact match {g['exact_match_fp32']:.3f} -> {g['exact_match_int8']:.3f} ({g['attempt']})")
+    for variant in ("int8", "int4"):
+        if getattr(m, variant) is not None:
+            table.add_row(m.graphs["decoder"][variant], _size(directory / m.graphs["decoder"][variant]),
+                          _gate_row(m, variant))
     table.add_row(m.embeddings, _size(directory / m.embeddings), "")
     return table
 
@@ -99,11 +106,13 @@ def export_summary(m: Manifest) -> dict[str, object]:
         "parity": f"{m.parity['steps']} recorded steps, tolerance {m.parity['tolerance']:g}",
         "exporter": m.exporter,
     }
-    if m.int8 is not None:
-        g = m.int8
-        out["int8 gate"] = (f"{'passed' if g['passed'] else 'FAILED'} ({g['attempt']}): top-1 {g['top1_agreement']} "
-                            f"(min {g['thresholds']['top1']}), exact-match drop {g['exact_match_drop']} "
-                            f"(max {g['thresholds']['em_drop']}) on {g['eval_samples']} prompts")
+    for variant in ("int8", "int4"):
+        g = getattr(m, variant)
+        if g is not None:
+            out[f"{variant} gate"] = (f"{'passed' if g['passed'] else 'FAILED'} ({g['attempt']}): top-1 "
+                                      f"{g['top1_agreement']} (min {g['thresholds']['top1']}), exact-match drop "
+                                      f"{g['exact_match_drop']} (max {g['thresholds']['em_drop']}) on "
+                                      f"{g['eval_samples']} prompts")
     if m.calibration is not None:
         out["calibration"] = f"{m.calibration['steps']} steps, sha256 {m.calibration['sha256'][:16]}..."
     out["files"] = f"{len(m.files)} (sha256 verified)"

@@ -1,5 +1,5 @@
-"""INT8 with its accuracy gate: calibrate on recorded trajectories, quantize, compare with fp32, retry with the
-sensitive layers in fp32, fail with a typed error when even that is not good enough.
+"""INT8 and INT4 with their accuracy gate: calibrate on recorded trajectories (INT8), quantize, compare with fp32,
+retry with the sensitive layers in fp32, fail with a typed error when even that is not good enough.
 
 The gate has two parts, both on the caller's prompts (`ExportPrompts`): top-1 agreement of the INT8 decoder with
 fp32 PyTorch where the decoder is read (AR: the next token; BARD: the block's canvas) on held-out trajectory
@@ -15,7 +15,16 @@ from pathlib import Path
 from bard_deploy import iospec
 from bard_deploy.calibration.collect import Record, record, save_calibration
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
-from bard_deploy.calibration.quantize import SCHEMES, TARGETS, int8_graph_name, quantize, sensitive_matmuls
+from bard_deploy.calibration.quantize import (
+    SCHEMES,
+    TARGETS,
+    graph_name,
+    int4_scheme,
+    lm_head_matmuls,
+    quantize,
+    quantize_int4,
+    sensitive_matmuls,
+)
 from bard_deploy.errors import ExportError
 from bard_deploy.evaluate import evaluate
 from bard_deploy.manifest import Manifest
@@ -27,19 +36,28 @@ ATTEMPTS = ("all MatMuls", "lm_head and first/last layers kept fp32")
 
 
 @dataclass(frozen=True)
-class Int8Options:
-    """How `export --int8` quantizes and what its gate accepts."""
+class QuantOptions:
+    """How `export --int8 / --int4` quantize and what their gate accepts."""
 
-    target: str = "cpu"                # cpu (ORT dynamic), cuda or tensorrt (static Q/DQ)
+    target: str = "cpu"                # INT8: cpu (ORT dynamic), cuda or tensorrt (static Q/DQ)
     calibration_samples: int = 16      # prompts whose trajectories calibrate (static) / are held out (gate)
     gate_top1: float = 0.95            # min top-1 agreement with fp32 on held-out trajectory steps
     gate_em_drop: float = 0.01         # max end-to-end exact-match drop (fraction) on the evaluation prompts
     eval_samples: int = 100            # evaluation prompts of the end-to-end gate
+    int4_block_size: int = 32          # INT4: weights per scale along the input dimension (32 or 128)
+    int4_accuracy_level: int = 0       # INT4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    int4_lm_head: bool = True          # INT4: quantize the LM head too (False: keep it fp32)
 
-    def check(self) -> Int8Options:
+    def check(self) -> QuantOptions:
         """ExportError naming a bad value."""
         if self.target not in TARGETS:
             raise ExportError(f"--target must be one of {TARGETS}, got {self.target!r}", self.target)
+        if self.int4_block_size not in (16, 32, 64, 128, 256):
+            raise ExportError(f"--int4-block-size must be 16, 32, 64, 128 or 256, got {self.int4_block_size}",
+                              self.int4_block_size)
+        if self.int4_accuracy_level not in range(5):
+            raise ExportError(f"--int4-accuracy-level must be 0..4, got {self.int4_accuracy_level}",
+                              self.int4_accuracy_level)
         return self
 
 
@@ -69,40 +87,49 @@ def exact_match(directory: Path, manifest: Manifest, variant: str, prompts: Expo
 
 
 def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest, prompts: ExportPrompts,
-                      o: Int8Options, log=print) -> Manifest:
-    """Write the INT8 decoder and calibration file into `directory`; returns the manifest with the INT8 variant
-    as the default, its gate report and the calibration entry. ExportError when the gate fails."""
+                      o: QuantOptions, variant: str = "int8", log=print) -> Manifest:
+    """Write the `variant` ("int8" or "int4") decoder (and, for INT8, the calibration file) into `directory`;
+    returns the manifest with the variant, its gate report and the calibration entry. ExportError when the gate
+    fails even with the sensitive layers in fp32."""
     t0 = time.perf_counter()
     cfg = torch_pipe.config
     ar = cfg.bard is None
     opts = trajectory_options(cfg)
-    calib = record(torch_pipe, prompts.calibration, ar=ar, **opts)
-    held_out = record(torch_pipe, prompts.held_out, ar=ar, **opts)
-    calib_hash = save_calibration(directory / CALIBRATION_FILE, calib, {"samples": len(prompts.calibration),
+    calibration, calib = None, []
+    if variant == "int8":      # weight-only INT4 needs no activations; INT8 keeps them with the export
+        calib = record(torch_pipe, prompts.calibration, ar=ar, **opts)
+        digest = save_calibration(directory / CALIBRATION_FILE, calib, {"samples": len(prompts.calibration),
                                                                          "steps": len(calib), "source": prompts.source})
+        calibration = {"file": CALIBRATION_FILE, "sha256": digest, "steps": len(calib)}
+    held_out = record(torch_pipe, prompts.held_out, ar=ar, **opts)
     _, fp32 = manifest.decoder_graph("fp32")
-    name = int8_graph_name(o.target)
-    with_int8 = manifest.with_decoder("int8", name, default=True)
+    name = graph_name(variant, o.target)
+    quantized = manifest.with_decoder(variant, name, default=variant == "int8" or manifest.default_variant == "fp32")
     decision = 1 if ar else cfg.bard.block_size
-    em_fp32 = exact_match(directory, with_int8, "fp32", prompts, ar)
-    exclude: list[str] = []
+    em_fp32 = exact_match(directory, quantized, "fp32", prompts, ar)
+    head = [] if o.int4_lm_head else lm_head_matmuls(directory / fp32)
+    exclude: list[str] = head if variant == "int4" else []
     for attempt in ATTEMPTS:
-        quantize(directory / fp32, directory / name, o.target, [f for f, _ in calib], exclude)
+        if variant == "int8":
+            quantize(directory / fp32, directory / name, o.target, [f for f, _ in calib], exclude)
+        else:
+            quantize_int4(directory / fp32, directory / name, o.int4_block_size, o.int4_accuracy_level, exclude)
         top1 = top1_agreement(session(directory / name), held_out, decision)
-        em = (em_fp32, exact_match(directory, with_int8, "int8", prompts, ar))
-        gate = {"target": o.target, "scheme": SCHEMES[o.target], "top1_agreement": round(top1, 4),
-                "held_out_steps": len(held_out), "exact_match_fp32": em[0], "exact_match_int8": em[1],
+        em = (em_fp32, exact_match(directory, quantized, variant, prompts, ar))
+        scheme = (SCHEMES[o.target] if variant == "int8" else
+                  int4_scheme(o.int4_block_size, o.int4_accuracy_level, o.int4_lm_head and attempt == ATTEMPTS[0]))
+        gate = {"target": o.target if variant == "int8" else "cpu", "scheme": scheme, "top1_agreement": round(top1, 4),
+                "held_out_steps": len(held_out), "exact_match_fp32": em[0], f"exact_match_{variant}": em[1],
                 "exact_match_drop": round(em[0] - em[1], 4), "attempt": attempt, "excluded_nodes": len(exclude),
                 "thresholds": {"top1": o.gate_top1, "em_drop": o.gate_em_drop},
                 "eval_samples": len(prompts.evaluation)}
         gate["passed"] = top1 >= o.gate_top1 and gate["exact_match_drop"] <= o.gate_em_drop
-        log(f"export: int8 gate ({attempt}): top-1 {top1:.4f}, exact match {em[0]:.3f} -> {em[1]:.3f} "
+        log(f"export: {variant} gate ({attempt}): top-1 {top1:.4f}, exact match {em[0]:.3f} -> {em[1]:.3f} "
             f"({'pass' if gate['passed'] else 'fail'})")
         if gate["passed"]:
-            log(f"export: int8 done in {time.perf_counter() - t0:.1f} s")
-            return replace(with_int8, int8=gate, calibration={"file": CALIBRATION_FILE, "sha256": calib_hash,
-                                                              "steps": len(calib)})
-        exclude = sensitive_matmuls(directory / fp32, cfg.text.num_hidden_layers)
-    raise ExportError(f"INT8 accuracy gate failed even with sensitive layers in fp32: top-1 "
+            log(f"export: {variant} done in {time.perf_counter() - t0:.1f} s")
+            return replace(quantized, **{variant: gate}, **({"calibration": calibration} if calibration else {}))
+        exclude = sorted(set(sensitive_matmuls(directory / fp32, cfg.text.num_hidden_layers)) | set(head))
+    raise ExportError(f"{variant.upper()} accuracy gate failed even with sensitive layers in fp32: top-1 "
                       f"{gate['top1_agreement']} (min {o.gate_top1}), exact-match drop {gate['exact_match_drop']} "
                       f"(max {o.gate_em_drop})", gate)

@@ -1,31 +1,50 @@
-"""INT8 recipes for the decoder graph: ORT dynamic quantization for CPUs, static Q/DQ for TensorRT and CUDA.
+"""Quantization recipes for the decoder graph, each writing one graph (+ its one external-data file when the fp32
+graph has one): INT8 for CPUs (ORT dynamic), INT8 Q/DQ for TensorRT and CUDA, INT4 weight-only (MatMulNBits).
 
-CPU target: dynamic int8 with 7-bit weights (reduce_range: U8S8 saturates on AVX2 without VNNI; S8S8 QDQ is 10x
-slower there), per channel, MatMul only. tensorrt / cuda targets: static per-channel S8S8 Q/DQ from the
-calibration steps (TensorRT's explicit quantization). `sensitive_matmuls` names the nodes kept in fp32 when the
+INT8, CPU target: dynamic int8 with 7-bit weights (reduce_range: U8S8 saturates on AVX2 without VNNI; S8S8 QDQ
+is 10x slower there), per channel, MatMul only. tensorrt / cuda targets: static per-channel S8S8 Q/DQ from the
+calibration steps (TensorRT's explicit quantization). INT4: onnxruntime's MatMulNBits, symmetric, in blocks of
+32 or 128 weights along the input dimension, `accuracy_level` choosing the compute type of the kernel
+(0 = unset, 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8). `sensitive_matmuls` names the nodes kept in fp32 when the
 accuracy gate fails with everything quantized: lm_head and the first and last decoder layers.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from bard_deploy import iospec
+from bard_deploy.onnx_files import data_file, gather_external_data
 from bard_deploy.runtimes.ort_backend import to_numpy
 
 TARGETS = ("cpu", "cuda", "tensorrt")
+VARIANTS = ("int8", "int4")
 SCHEMES = {"cpu": "dynamic, per-channel s8 weights with reduce_range (7-bit), MatMul only",
            "cuda": "static QDQ S8S8, per-channel weights", "tensorrt": "static QDQ S8S8, per-channel weights"}
 
 
-def int8_graph_name(target: str) -> str:
-    """The file name of the INT8 decoder for a target."""
+def graph_name(variant: str, target: str = "cpu") -> str:
+    """The file name of a quantized decoder."""
+    if variant == "int4":
+        return "decoder.int4.onnx"
     return "decoder.int8.onnx" if target == "cpu" else "decoder.qdq.onnx"
+
+
+def int4_scheme(block_size: int, accuracy_level: int, lm_head: bool) -> str:
+    """What an INT4 graph holds, for the manifest and the export table."""
+    return (f"weight-only int4 MatMulNBits, symmetric, blocks of {block_size}, accuracy_level {accuracy_level}, "
+            f"lm_head {'int4' if lm_head else 'fp32'}")
 
 
 class _Reader(CalibrationDataReader):
@@ -40,30 +59,78 @@ class _Reader(CalibrationDataReader):
         return None if feeds is None else to_numpy(feeds)
 
 
+def _publish(scratch_graph: Path, out: Path) -> None:
+    """Gather a quantizer's output into `<graph>` + `<graph>.data` and move both to `out` (the ORT tools leave
+    large scratch files behind: they stay in the scratch directory)."""
+    leftovers = [p for p in scratch_graph.parent.iterdir() if p.name.startswith(scratch_graph.name + ".")
+                 or p.suffix == ".data"]
+    gather_external_data(scratch_graph, leftovers)
+    shutil.move(scratch_graph, out)
+    if data_file(scratch_graph).is_file():
+        shutil.move(data_file(scratch_graph), data_file(out))
+
+
 def quantize(fp32: Path, out: Path, target: str, calibration: list[dict[str, torch.Tensor]],
              exclude: list[str]) -> None:
-    """Write an INT8 copy of the decoder graph `fp32` to `out` (scratch in a temp dir: the ORT tools leave large
-    files behind). `calibration`: step feeds (static targets only); `exclude`: node names kept in fp32."""
-    with tempfile.TemporaryDirectory() as scratch:
-        pre = Path(scratch) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    """Write an INT8 copy of the decoder graph `fp32` to `out`. `calibration`: step feeds (static targets only);
+    `exclude`: node names kept in fp32."""
+    external = data_file(fp32).is_file()
+    with tempfile.TemporaryDirectory() as scratch, _quiet_quantizer():
+        pre, q = Path(scratch) / "pre.onnx", Path(scratch) / out.name
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
+                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
         if target == "cpu":
-            quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             reduce_range=True, per_channel=True, nodes_to_exclude=exclude)
-            return
-        quantize_static(str(pre), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+            quantize_dynamic(str(pre), str(q), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             reduce_range=True, per_channel=True, nodes_to_exclude=exclude,
+                             use_external_data_format=external)
+        else:
+            quantize_static(str(pre), str(q), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
+                            use_external_data_format=external,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        _publish(q, out)
+
+
+def quantize_int4(fp32: Path, out: Path, block_size: int = 32, accuracy_level: int = 0,
+                  exclude: list[str] = ()) -> None:
+    """Write a weight-only INT4 (MatMulNBits) copy of the decoder graph `fp32` to `out`; `exclude`: node names
+    kept in fp32 (lm_head among them to keep it fp32)."""
+    with _quiet_quantizer():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level or None, nodes_to_exclude=list(exclude),
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    with tempfile.TemporaryDirectory() as scratch:
+        q = Path(scratch) / out.name
+        quantizer.model.save_model_to_file(str(q), use_external_data_format=data_file(fp32).is_file())
+        del quantizer
+        _publish(q, out)
+
+
+def lm_head_matmuls(model_path: Path) -> list[str]:
+    """The MatMul nodes of the LM head: the one that writes the logits output (a tied head is a bare `/MatMul`
+    over the transposed embedding, with no lm_head in its name) and any named after lm_head."""
+    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node
+            if n.op_type == "MatMul" and (iospec.LOGITS in n.output or "lm_head" in n.name)]
 
 
 def sensitive_matmuls(model_path: Path, layers: int) -> list[str]:
-    """MatMul nodes of lm_head and of the first and last decoder layers (kept fp32 when the gate fails)."""
-    keep = []
+    """MatMul nodes of the LM head and of the first and last decoder layers (kept fp32 when the gate fails)."""
+    keep = lm_head_matmuls(model_path)
     for node in onnx.load(str(model_path), load_external_data=False).graph.node:
-        if node.op_type != "MatMul":
-            continue
-        name = node.name
-        if "lm_head" in name or "embed_tokens" in name or "layers.0/" in name or f"layers.{layers - 1}/" in name:
-            keep.append(name)
+        if node.op_type == "MatMul" and ("layers.0/" in node.name or f"layers.{layers - 1}/" in node.name):
+            keep.append(node.name)
     return keep
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ORT's quantizers log every node at INFO on the root logger: keep that out of the user's terminal."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -6,7 +6,7 @@ Everything goes into a temporary sibling directory that is put in place only whe
       1. write_graphs      decoder.onnx, vision.onnx, embeddings.safetensors, config and tokenizer / processor files
       2. validate          ONNX vs PyTorch on inputs recorded from real generations (image prompts, every
                            denoising step): max abs diff per output <= 1e-4, else an ExportError naming the output
-      3. quantize_and_gate (--int8, calibration/gate.py) INT8 decoder from real trajectories + its accuracy gate
+      3. quantize_and_gate (--int8 / --int4, calibration/gate.py) each quantized decoder + its accuracy gate
       4. Manifest.write    IO tables, model facts, parity and gate numbers, calibration hash, sha256 of every file
 
 `prompts` (calibration/prompts.py) are the conversations decoded for steps 2 and 3: the synthetic task for the
@@ -25,11 +25,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bard_deploy import iospec
-from bard_deploy.atomic import atomic_dir, recover_dir
+from bard_deploy.atomic import atomic_dir, recover_dir, write_json
 from bard_deploy.calibration.collect import record, record_vision
-from bard_deploy.calibration.gate import Int8Options, quantize_and_gate
+from bard_deploy.calibration.gate import QuantOptions, quantize_and_gate
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.checkpoint import SIDE_FILES, load_model
+from bard_deploy.config import ModelConfig, load_config
 from bard_deploy.converters.onnx_export import FP32_TOLERANCE, compare, export_decoder, export_vision
 from bard_deploy.errors import ExportError
 from bard_deploy.manifest import Manifest, VisionGraph
@@ -41,48 +42,58 @@ DECODER, VISION, EMBEDDINGS = "decoder.onnx", "vision.onnx", "embeddings.safeten
 
 
 def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | None = None, int8: bool = False,
-           int8_options: Int8Options = Int8Options(), force: bool = False, image_size: int | None = None,
+           int4: bool = False, quant_options: QuantOptions = QuantOptions(), force: bool = False,
+           image_size: int | None = None, block_size: int | None = None, external_data: bool | None = None,
            log=print) -> Manifest:
     """Export a checkpoint directory into `out_dir`; returns the manifest written there.
 
     prompts: the conversations to validate and calibrate on (default: `ExportPrompts.for_checkpoint`).
     image_size: the square image size vision.onnx is traced at (default: the processor's smallest).
+    block_size: the trained block size of an imported Bard-VL checkpoint (its config does not record it).
+    external_data: graph weights in `<graph>.onnx.data` (None: only above the 2 GB protobuf limit).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    o = int8_options.check()
+    o = quant_options.check()
+    config = load_config(model_dir, block_size=block_size)        # checked before any heavy work
+    if config.bard is not None and config.bard.block_size is None:
+        raise ExportError(f"{model_dir} is a Bard-VL checkpoint that records no block size: pass --block-size "
+                          "(the size it was trained with)", "block_size")
     recover_dir(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ExportError(f"{out_dir} exists and is not empty (use --force to replace it)", str(out_dir))
     if prompts is None:
-        prompts = ExportPrompts.for_checkpoint(model_dir, int8, o.calibration_samples, o.eval_samples)
+        prompts = ExportPrompts.for_checkpoint(model_dir, int8 or int4, o.calibration_samples, o.eval_samples)
     with atomic_dir(out_dir, ExportError, "export") as tmp:
         t0 = time.perf_counter()
-        pipe = Pipeline.from_backend(TorchBackend(load_model(model_dir)), copy_side_files(model_dir, tmp))
-        manifest = write_graphs(pipe, model_dir, tmp, image_size)
+        model = load_model(model_dir, block_size=block_size)
+        pipe = Pipeline.from_backend(TorchBackend(model), copy_side_files(model_dir, model.config, tmp))
+        manifest = write_graphs(pipe, model_dir, tmp, image_size, external_data)
         log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
         manifest = validate(pipe, tmp, manifest, prompts, log)
-        if int8:
-            manifest = quantize_and_gate(pipe, tmp, manifest, prompts, o, log)
+        for variant in [v for v, wanted in (("int8", int8), ("int4", int4)) if wanted]:
+            manifest = quantize_and_gate(pipe, tmp, manifest, prompts, o, variant, log)
         manifest = manifest.write(tmp)
     return manifest
 
 
-def copy_side_files(model_dir: Path, directory: Path) -> Path:
-    """Copy config.json and the tokenizer / processor / generation files of a checkpoint; returns `directory`."""
-    shutil.copy2(model_dir / "config.json", directory / "config.json")
+def copy_side_files(model_dir: Path, config: ModelConfig, directory: Path) -> Path:
+    """Write the (resolved) config and copy the tokenizer / processor / generation files of a checkpoint; returns
+    `directory`. The config is written, not copied: an imported Bard-VL one gains its bard section here."""
+    write_json(directory / "config.json", config.to_dict())
     for name in SIDE_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, directory / name)
     return directory
 
 
-def write_graphs(pipe: Pipeline, model_dir: Path, directory: Path, image_size: int | None) -> Manifest:
+def write_graphs(pipe: Pipeline, model_dir: Path, directory: Path, image_size: int | None,
+                 external_data: bool | None = None) -> Manifest:
     """decoder.onnx, embeddings.safetensors and (for a VLM) vision.onnx; the manifest so far (no parity yet)."""
     model, cfg = pipe.backend.model, pipe.config
-    io = export_decoder(model, directory / DECODER)
+    io = export_decoder(model, directory / DECODER, external_data)
     save_file({"embed_tokens": model.language_model.embed_tokens.weight.detach().contiguous()},
               directory / EMBEDDINGS)
-    vision = write_vision(pipe, model_dir, directory, image_size) if cfg.has_vision else None
+    vision = write_vision(pipe, model_dir, directory, image_size, external_data) if cfg.has_vision else None
     return Manifest(model=str(model_dir), io=io.table(), num_layers=io.num_layers, num_kv_heads=io.num_kv_heads,
                     head_dim=io.head_dim, hidden_size=io.hidden_size, vocab_size=io.vocab_size,
                     mask_token_id=cfg.bard.mask_token_id if cfg.bard else None,
@@ -92,14 +103,16 @@ def write_graphs(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
                     exporter=f"torch {torch.__version__} TorchScript exporter, opset 17")
 
 
-def write_vision(pipe: Pipeline, model_dir: Path, directory: Path, image_size: int | None) -> VisionGraph:
+def write_vision(pipe: Pipeline, model_dir: Path, directory: Path, image_size: int | None,
+                 external_data: bool | None = None) -> VisionGraph:
     """vision.onnx traced on a grey square image of `image_size` (default: the processor's smallest)."""
     processor = pipe.encoder.processor
     if processor is None:
         raise ExportError(f"{model_dir} has a vision tower but no preprocessor_config.json", str(model_dir))
     size = image_size or int(round((4 * processor.size["shortest_edge"]) ** 0.5))
     out = processor(images=[Image.new("RGB", (size, size), (128, 128, 128))], return_tensors="pt")
-    io = export_vision(pipe.backend.model, directory / VISION, out["pixel_values"], out["image_grid_thw"])
+    io = export_vision(pipe.backend.model, directory / VISION, out["pixel_values"], out["image_grid_thw"],
+                       external_data)
     return VisionGraph(VISION, size, out["image_grid_thw"][0].tolist(), io.table())
 
 
@@ -111,7 +124,7 @@ def validate(pipe: Pipeline, directory: Path, manifest: Manifest, prompts: Expor
               "decoder": compare(DECODER, session(directory / DECODER), steps, FP32_TOLERANCE)}
     del steps                                               # recorded steps hold every K/V: free them now
     if manifest.vision is not None:
-        images = record_vision(pipe, prompts.validation)
+        images = record_vision(pipe, prompts.validation, manifest.vision.image_size)
         if not images:
             raise ExportError("no validation prompt has an image: vision.onnx cannot be validated", VISION)
         parity["vision"] = compare(VISION, session(directory / VISION), images, FP32_TOLERANCE)

@@ -20,6 +20,7 @@ from torch import nn
 
 from bard_deploy import iospec
 from bard_deploy.errors import ExportError
+from bard_deploy.onnx_files import gather_external_data
 from bard_deploy.runtimes.ort_backend import run
 from bard_deploy.vision import encode_images
 
@@ -56,33 +57,41 @@ def _dynamic_axes(specs) -> dict[str, dict[int, str]]:
     return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
 
 
-def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs) -> None:
-    """torch.onnx.export with our settings: TorchScript exporter, opset 17, IO names and dynamic axes from specs."""
+def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs, external_data: bool | None) -> None:
+    """torch.onnx.export with our settings: TorchScript exporter, opset 17, IO names and dynamic axes from specs.
+
+    external_data: weights in one `<graph>.data` file beside the graph; None = only when the graph would pass
+    protobuf's 2 GB limit (the exporter then writes one file per tensor, which this gathers into one)."""
+    before = set(path.parent.iterdir())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), example, str(path), input_names=[s.name for s in inputs],
                           output_names=[s.name for s in outputs], dynamic_axes=_dynamic_axes((*inputs, *outputs)),
                           opset_version=17, dynamo=False, do_constant_folding=True)
+    written = [p for p in set(path.parent.iterdir()) - before if p != path]      # per-tensor files, if any
+    if written or external_data:
+        gather_external_data(path, written)
 
 
-def export_decoder(model, path: Path) -> iospec.DecoderIO:
-    """Write decoder.onnx (fp32, MatMul+Softmax attention); returns its IO contract."""
+def export_decoder(model, path: Path, external_data: bool | None = None) -> iospec.DecoderIO:
+    """Write decoder.onnx (fp32, MatMul+Softmax attention; `external_data` as in `_export`); returns its IO."""
     io = iospec.DecoderIO.for_config(model.config)
     example = io.dummy_feeds(batch=2, seq=3, past=4)     # sizes >= 2 so no dimension is specialised to 0 or 1
     lm = model.language_model
     previous = lm.use_sdpa
     lm.use_sdpa = False
     try:
-        _export(DecoderStep(model, io), tuple(example.values()), path, io.inputs, io.outputs)
+        _export(DecoderStep(model, io), tuple(example.values()), path, io.inputs, io.outputs, external_data)
     finally:
         lm.use_sdpa = previous
     return io
 
 
-def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> iospec.VisionIO:
+def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                  external_data: bool | None = None) -> iospec.VisionIO:
     """Write vision.onnx for one image of the given grid (the processor's fixed resolution); returns its IO."""
     io = iospec.VisionIO.for_grid(model.config, grid_thw[0].tolist())
-    _export(VisionEncoder(model.visual, grid_thw), (pixel_values,), path, io.inputs, io.outputs)
+    _export(VisionEncoder(model.visual, grid_thw), (pixel_values,), path, io.inputs, io.outputs, external_data)
     return io
 
 

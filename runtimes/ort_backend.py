@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from safetensors.torch import load_file
 
 from bard_deploy import iospec
@@ -18,6 +19,9 @@ from bard_deploy.config import load_config
 from bard_deploy.errors import ExportError, RuntimeInputError
 from bard_deploy.manifest import Manifest
 
+# what onnxruntime raises (plain Exception subclasses): turned into one-line typed errors here
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException, ort_state.InvalidGraph,
+              ort_state.NoSuchFile, ort_state.InvalidProtobuf)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -34,7 +38,14 @@ def session(path: Path, threads: int = 0, device: str = "cpu") -> ort.InferenceS
     if threads:
         opts.intra_op_num_threads = threads
     providers = [p for p in PROVIDERS[device] if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except ORT_ERRORS as e:
+        raise ExportError(f"onnxruntime cannot load {path.name}: {_first_line(e)}", str(path)) from e
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -44,7 +55,11 @@ def to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def run(sess: ort.InferenceSession, names: list[str], feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One run of `sess`: named torch feeds in, the named outputs `names` out as torch tensors."""
-    outs = sess.run(names, to_numpy(feeds))
+    try:
+        outs = sess.run(names, to_numpy(feeds))
+    except ORT_ERRORS as e:
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        raise RuntimeInputError(f"onnxruntime refused the inputs {shapes}: {_first_line(e)}", shapes) from e
     return {k: torch.from_numpy(v) for k, v in zip(names, outs, strict=True)}
 
 

@@ -5,9 +5,10 @@ import json
 
 import onnx
 import pytest
+import torch
 
 from bard_deploy import iospec
-from bard_deploy.calibration.gate import Int8Options
+from bard_deploy.calibration.gate import QuantOptions
 from bard_deploy.cli import main
 from bard_deploy.converters.export import export
 from bard_deploy.data.synthetic import make_sample
@@ -27,7 +28,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("ex") / "export"
-    export(ckpt, out, int8=True, int8_options=Int8Options(calibration_samples=4, eval_samples=8, gate_top1=0.5,
+    export(ckpt, out, int8=True, quant_options=QuantOptions(calibration_samples=4, eval_samples=8, gate_top1=0.5,
                                                           gate_em_drop=1.0), **QUIET)
     return out
 
@@ -72,7 +73,7 @@ def test_int8_variant_runs_and_reports_its_gate(exported):
 
 def test_failed_gate_is_an_error_and_leaves_nothing(ckpt, tmp_path):
     with pytest.raises(ExportError, match="accuracy gate failed"):
-        export(ckpt, tmp_path / "x", int8=True, int8_options=Int8Options(calibration_samples=2, eval_samples=4,
+        export(ckpt, tmp_path / "x", int8=True, quant_options=QuantOptions(calibration_samples=2, eval_samples=4,
                                                                         gate_top1=1.01), **QUIET)
     assert list(tmp_path.iterdir()) == []
 
@@ -147,3 +148,90 @@ def test_calibration_prompts_are_the_synthetic_task_only_for_the_embedded_defaul
         ExportPrompts.for_checkpoint(other, int8=True)
     with pytest.raises(BardError, match="no config.json"):
         ExportPrompts.for_checkpoint(tmp_path / "nothing", int8=False)
+
+
+# ---- any size: external data, INT4, Bard-VL block size, typed errors ---------------------------------------
+
+@pytest.fixture(scope="module")
+def exported_external(ckpt, tmp_path_factory):
+    """External data forced at a tiny size (CI covers the > 2 GB path's layout), INT8 and INT4."""
+    out = tmp_path_factory.mktemp("ext") / "export"
+    export(ckpt, out, int8=True, int4=True, external_data=True, quant_options=QuantOptions(
+        calibration_samples=4, eval_samples=8, gate_top1=0.5, gate_em_drop=1.0), **QUIET)
+    return out
+
+
+def test_external_data_is_one_file_per_graph_and_hashed(exported_external):
+    m = json.loads((exported_external / "manifest.json").read_text())
+    for graph in ("decoder.onnx", "decoder.int8.onnx", "decoder.int4.onnx", "vision.onnx"):
+        assert graph in m["files"] and graph + ".data" in m["files"], graph
+    proto = onnx.load(str(exported_external / "decoder.onnx"), load_external_data=False)
+    assert {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"} \
+        == {"decoder.onnx.data"}
+    assert m["int4"]["passed"] and m["default_variant"] == "int8" and m["graphs"]["decoder"]["int4"]
+
+
+def test_external_data_and_int4_graphs_decode(ckpt, exported_external):
+    s = make_sample(4)
+    ref = Pipeline.load(ckpt).generate(s.question, images=[s.image()], max_new_tokens=12)
+    got = Pipeline.load(exported_external, variant="fp32").generate(s.question, images=[s.image()], max_new_tokens=12)
+    assert got.token_ids == ref.token_ids
+    int4 = Pipeline.load(exported_external, variant="int4").generate(s.question, images=[s.image()],
+                                                                      max_new_tokens=8)
+    assert len(int4.token_ids) == 8
+    g = onnx.load(str(exported_external / "decoder.int4.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "MatMulNBits" for n in g.node)
+
+
+def test_inspect_counts_external_data_in_graph_sizes(exported_external, capsys):
+    from bard_deploy.onnx_files import graph_bytes
+    assert main(["inspect", str(exported_external)]) == 0
+    out = capsys.readouterr().out
+    assert "int4 gate" in out and "MatMulNBits" in out
+    assert f"{graph_bytes(exported_external / 'decoder.onnx') / 2**20:.2f} MiB" in out
+    assert graph_bytes(exported_external / "decoder.onnx") > 5 * (exported_external / "decoder.onnx").stat().st_size
+
+
+def test_per_tensor_external_data_is_gathered_into_one_file(ckpt, tmp_path):
+    """What torch's exporter writes above 2 GB (one file per tensor) becomes one page-aligned data file."""
+    from bard_deploy.checkpoint import load_model
+    from bard_deploy.converters.onnx_export import export_decoder
+    from bard_deploy.onnx_files import gather_external_data
+    from bard_deploy.runtimes.ort_backend import run, session
+    model = load_model(ckpt)
+    io = export_decoder(model, tmp_path / "decoder.onnx")
+    ref = run(session(tmp_path / "decoder.onnx"), io.output_names, io.dummy_feeds(1, 3, 2))
+    proto = onnx.load(str(tmp_path / "decoder.onnx"))
+    (tmp_path / "decoder.onnx").unlink()
+    onnx.save_model(proto, str(tmp_path / "decoder.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    pieces = [p for p in tmp_path.iterdir() if p.name != "decoder.onnx"]
+    assert len(pieces) > 10
+    gather_external_data(tmp_path / "decoder.onnx", pieces)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    got = run(session(tmp_path / "decoder.onnx"), io.output_names, io.dummy_feeds(1, 3, 2))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_bard_vl_checkpoint_exports_with_its_block_size(tmp_path):
+    from bard_deploy.standins import write_standin
+    src = write_standin(tmp_path / "bard-vl", "tiny", bard_vl=True)
+    with pytest.raises(ExportError, match="--block-size"):
+        export(src, tmp_path / "no-block", **QUIET)                   # refused before any graph is written
+    assert not (tmp_path / "no-block").exists()
+    m = export(src, tmp_path / "ex", block_size=4, **QUIET)
+    assert m.block_size == 4 and m.mask_token_id == 151671 and m.vision.grid_thw == [1, 32, 32]
+    pipe = Pipeline.load(tmp_path / "ex")                             # the export's config has its bard section
+    assert pipe.config.bard.prompt_attention == "block" and pipe.config.bard.block_size == 4
+    assert len(pipe.generate("Describe the picture.", max_new_tokens=8).token_ids) == 8
+
+
+def test_onnxruntime_errors_are_typed(exported):
+    from bard_deploy.errors import RuntimeInputError
+    from bard_deploy.runtimes.ort_backend import run, session
+    sess = session(exported / "vision.onnx")
+    with pytest.raises(RuntimeInputError, match="onnxruntime refused the inputs"):
+        run(sess, ["image_embeds"], {"pixel_values": torch.zeros(3, 5)})
+    (exported.parent / "bad.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ExportError, match="cannot load bad.onnx"):
+        session(exported.parent / "bad.onnx")
