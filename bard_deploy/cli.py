@@ -154,7 +154,11 @@ def export(
                                       help="INT4: quantize the LM head too, or keep it fp32."),
     calibration_samples: int = typer.Option(Q.calibration_samples, help="Calibration prompts."),
     gate_top1: float = typer.Option(Q.gate_top1, help="Min top-1 agreement with fp32 (held-out steps)."),
-    gate_em_drop: float = typer.Option(Q.gate_em_drop, help="Max exact-match drop (fraction)."),
+    gate_em_drop: float = typer.Option(Q.gate_em_drop, help="Max exact-match drop (fraction; synthetic task)."),
+    gate_token_agreement: float = typer.Option(Q.gate_token_agreement, help="Min generated-token agreement with "
+                                               "fp32 (--calib-data)."),
+    calib_data: Path | None = typer.Option(None, help="Chat JSONL (the rows of train --data) to calibrate and gate "
+                                           "on.", show_default="the synthetic task, for the embedded default only"),
     eval_samples: int = typer.Option(Q.eval_samples, help="Prompts of the end-to-end gate."),
     image_size: int | None = typer.Option(None, help="Square image size vision.onnx is traced at.",
                                           show_default="the processor's smallest"),
@@ -166,10 +170,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
 ):
     """Export the decoder step and vision tower to ONNX (validated against PyTorch), optionally INT8 / INT4."""
-    o = QuantOptions(target, calibration_samples, gate_top1, gate_em_drop, eval_samples, int4_block_size,
-                     int4_accuracy_level, int4_lm_head).check()
-    # the synthetic task for the embedded default only; other models validate on its image prompts, no INT8
-    prompts = ExportPrompts.for_checkpoint(model, int8 or int4, o.calibration_samples, o.eval_samples)
+    o = QuantOptions(target, calibration_samples, gate_top1, gate_em_drop, gate_token_agreement, eval_samples,
+                     int4_block_size, int4_accuracy_level, int4_lm_head).check()
+    prompts = ExportPrompts.for_checkpoint(model, int8 or int4, o.calibration_samples, o.eval_samples, calib_data)
     export_model(model, out, prompts, int8=int8, int4=int4, quant_options=o, force=force, image_size=image_size,
                  block_size=block_size, external_data=external_data, log=console.print)
     for table in inspect_tables(out):

@@ -69,10 +69,17 @@ def _size(path: Path) -> str:
     return f"{graph_bytes(path) / 2**20:.2f} MiB" if path.is_file() else "missing"
 
 
+def _end_to_end(g: dict, variant: str) -> str:
+    """The gate's end-to-end score: exact match fp32 -> quantized (synthetic task) or token agreement (user data)."""
+    if "token_agreement" in g:
+        return f"generated-token agreement with fp32 {g['token_agreement']:.3f} on {g['eval_samples']} prompts"
+    return f"exact match {g['exact_match_fp32']:.3f} -> {g[f'exact_match_{variant}']:.3f}"
+
+
 def _gate_row(m: Manifest, variant: str) -> str:
     g = getattr(m, variant)
     return (f"{g['scheme']}; top-1 {g['top1_agreement']:.4f} on {g['held_out_steps']} held-out steps; "
-            f"exact match {g['exact_match_fp32']:.3f} -> {g[f'exact_match_{variant}']:.3f} ({g['attempt']})")
+            f"{_end_to_end(g, variant)} ({g['attempt']})")
 
 
 def export_table(m: Manifest, directory: Path) -> Table:
@@ -110,9 +117,8 @@ def export_summary(m: Manifest) -> dict[str, object]:
         g = getattr(m, variant)
         if g is not None:
             out[f"{variant} gate"] = (f"{'passed' if g['passed'] else 'FAILED'} ({g['attempt']}): top-1 "
-                                      f"{g['top1_agreement']} (min {g['thresholds']['top1']}), exact-match drop "
-                                      f"{g['exact_match_drop']} (max {g['thresholds']['em_drop']}) on "
-                                      f"{g['eval_samples']} prompts")
+                                      f"{g['top1_agreement']} (min {g['thresholds']['top1']}), "
+                                      f"{_end_to_end(g, variant)}")
     if m.calibration is not None:
         out["calibration"] = f"{m.calibration['steps']} steps, sha256 {m.calibration['sha256'][:16]}..."
     out["files"] = f"{len(m.files)} (sha256 verified)"

@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 
 from bard_deploy import iospec
 from bard_deploy.manifest import sha256
-from bard_deploy.prompting import load_image
 from bard_deploy.runtimes.api import Pipeline
 
 FORMAT_VERSION = 1
@@ -64,24 +63,11 @@ def record(pipe: Pipeline, conversations: list[list[dict]], ar: bool = False, ke
     return rec.records
 
 
-def _images_resized(conversation: list[dict], size: int) -> list[dict]:
-    """A copy of a conversation with every image part loaded and resized to size x size."""
-    out = []
-    for m in conversation:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = [{**p, "image": load_image(p["image"]).resize((size, size))}
-                       if isinstance(p, dict) and p.get("type") == "image" else p for p in content]
-        out.append({**m, "content": content})
-    return out
-
-
-def record_vision(pipe: Pipeline, conversations: list[list[dict]], size: int | None = None) -> list[Record]:
-    """(feeds, outputs) of the vision tower for every image of the prompts, one image per record; `size`: each
-    image resized to size x size first (the resolution a fixed-grid vision graph was traced at)."""
+def record_vision(pipe: Pipeline, conversations: list[list[dict]]) -> list[Record]:
+    """(feeds, outputs) of the vision tower for every image of the prompts, one image per record."""
     records = []
     for conv in conversations:
-        enc = pipe.encoder.encode(prompt_of(conv if size is None else _images_resized(conv, size)))
+        enc = pipe.encoder.encode(prompt_of(conv))
         if enc.pixel_values is None:
             continue
         start = 0

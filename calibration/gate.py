@@ -1,9 +1,10 @@
 """INT8 and INT4 with their accuracy gate: calibrate on recorded trajectories (INT8), quantize, compare with fp32,
 retry with the sensitive layers in fp32, fail with a typed error when even that is not good enough.
 
-The gate has two parts, both on the caller's prompts (`ExportPrompts`): top-1 agreement of the INT8 decoder with
-fp32 PyTorch where the decoder is read (AR: the next token; BARD: the block's canvas) on held-out trajectory
-steps, and the end-to-end exact-match drop of INT8 against fp32 onnxruntime on the evaluation prompts.
+The gate has two parts, both on the caller's prompts (`ExportPrompts`): top-1 agreement of the quantized decoder
+with fp32 PyTorch where the decoder is read (AR: the next token; BARD: the block's canvas) on held-out trajectory
+steps, and an end-to-end score against fp32 onnxruntime on the evaluation prompts: the exact-match drop on the
+synthetic task (answers are right or wrong there), the generated-token agreement on the user's data.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bard_deploy import iospec
-from bard_deploy.calibration.collect import Record, record, save_calibration
+from bard_deploy.calibration.collect import Record, prompt_of, record, save_calibration
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.calibration.quantize import (
     SCHEMES,
@@ -43,6 +44,7 @@ class QuantOptions:
     calibration_samples: int = 16      # prompts whose trajectories calibrate (static) / are held out (gate)
     gate_top1: float = 0.95            # min top-1 agreement with fp32 on held-out trajectory steps
     gate_em_drop: float = 0.01         # max end-to-end exact-match drop (fraction) on the evaluation prompts
+    gate_token_agreement: float = 0.9  # user data: min fraction of fp32's generated tokens reproduced
     eval_samples: int = 100            # evaluation prompts of the end-to-end gate
     int4_block_size: int = 32          # INT4: weights per scale along the input dimension (32 or 128)
     int4_accuracy_level: int = 0       # INT4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
@@ -79,11 +81,54 @@ def top1_agreement(sess, records: list[Record], decision: int) -> float:
     return agree / max(total, 1)
 
 
+def _pipeline(directory: Path, manifest: Manifest, variant: str) -> Pipeline:
+    return Pipeline.from_backend(OrtBackend(directory, variant=variant, manifest=manifest), directory)
+
+
 def exact_match(directory: Path, manifest: Manifest, variant: str, prompts: ExportPrompts, ar: bool) -> float:
     """Exact match of one decoder variant of a (just written) export directory on the evaluation prompts."""
-    pipe = Pipeline.from_backend(OrtBackend(directory, variant=variant, manifest=manifest), directory)
+    pipe = _pipeline(directory, manifest, variant)
     ev = evaluate(pipe, prompts.evaluation, ar=ar, batch_size=16, **trajectory_options(pipe.config))
     return round(ev.exact_match, 4)
+
+
+def generated(directory: Path, manifest: Manifest, variant: str, prompts: ExportPrompts, ar: bool
+              ) -> list[list[int]]:
+    """The tokens one decoder variant generates for each evaluation prompt (up to EOS)."""
+    pipe = _pipeline(directory, manifest, variant)
+    return [pipe.generate_batch([prompt_of(c)], ar=ar, **trajectory_options(pipe.config))[0].token_ids
+            for c in prompts.evaluation]
+
+
+def token_agreement(reference: list[list[int]], rows: list[list[int]]) -> float:
+    """Fraction of the reference's generated tokens that `rows` reproduce at the same position, over all prompts."""
+    total = sum(len(r) for r in reference)
+    same = sum(sum(a == b for a, b in zip(r, q, strict=False)) for r, q in zip(reference, rows, strict=True))
+    return same / max(total, 1)
+
+
+class _Scorer:
+    """The end-to-end half of the gate: exact match (synthetic task) or token agreement with fp32 (user data);
+    the fp32 side is decoded once."""
+
+    def __init__(self, directory: Path, manifest: Manifest, prompts: ExportPrompts, ar: bool, o: QuantOptions):
+        self.directory, self.manifest, self.prompts, self.ar, self.o = directory, manifest, prompts, ar, o
+        self.fp32 = self._run("fp32")
+
+    def _run(self, variant: str):
+        if self.prompts.score == "exact_match":
+            return exact_match(self.directory, self.manifest, variant, self.prompts, self.ar)
+        return generated(self.directory, self.manifest, variant, self.prompts, self.ar)
+
+    def __call__(self, variant: str) -> tuple[bool, dict]:
+        """(passed, report) of the end-to-end criterion for a quantized variant."""
+        got = self._run(variant)
+        if self.prompts.score == "exact_match":
+            drop = round(self.fp32 - got, 4)
+            return drop <= self.o.gate_em_drop, {"exact_match_fp32": self.fp32, f"exact_match_{variant}": got,
+                                                 "exact_match_drop": drop}
+        agree = round(token_agreement(self.fp32, got), 4)
+        return agree >= self.o.gate_token_agreement, {"token_agreement": agree}
 
 
 def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest, prompts: ExportPrompts,
@@ -106,7 +151,7 @@ def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest,
     name = graph_name(variant, o.target)
     quantized = manifest.with_decoder(variant, name, default=variant == "int8" or manifest.default_variant == "fp32")
     decision = 1 if ar else cfg.bard.block_size
-    em_fp32 = exact_match(directory, quantized, "fp32", prompts, ar)
+    end_to_end = _Scorer(directory, quantized, prompts, ar, o)
     head = [] if o.int4_lm_head else lm_head_matmuls(directory / fp32)
     exclude: list[str] = head if variant == "int4" else []
     for attempt in ATTEMPTS:
@@ -115,21 +160,22 @@ def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest,
         else:
             quantize_int4(directory / fp32, directory / name, o.int4_block_size, o.int4_accuracy_level, exclude)
         top1 = top1_agreement(session(directory / name), held_out, decision)
-        em = (em_fp32, exact_match(directory, quantized, variant, prompts, ar))
+        passed, scores = end_to_end(variant)
         scheme = (SCHEMES[o.target] if variant == "int8" else
                   int4_scheme(o.int4_block_size, o.int4_accuracy_level, o.int4_lm_head and attempt == ATTEMPTS[0]))
         gate = {"target": o.target if variant == "int8" else "cpu", "scheme": scheme, "top1_agreement": round(top1, 4),
-                "held_out_steps": len(held_out), "exact_match_fp32": em[0], f"exact_match_{variant}": em[1],
-                "exact_match_drop": round(em[0] - em[1], 4), "attempt": attempt, "excluded_nodes": len(exclude),
-                "thresholds": {"top1": o.gate_top1, "em_drop": o.gate_em_drop},
-                "eval_samples": len(prompts.evaluation)}
-        gate["passed"] = top1 >= o.gate_top1 and gate["exact_match_drop"] <= o.gate_em_drop
-        log(f"export: {variant} gate ({attempt}): top-1 {top1:.4f}, exact match {em[0]:.3f} -> {em[1]:.3f} "
-            f"({'pass' if gate['passed'] else 'fail'})")
+                "held_out_steps": len(held_out), "score": prompts.score, **scores, "attempt": attempt,
+                "excluded_nodes": len(exclude), "eval_samples": len(prompts.evaluation),
+                "thresholds": {"top1": o.gate_top1, "em_drop": o.gate_em_drop,
+                               "token_agreement": o.gate_token_agreement}}
+        gate["passed"] = top1 >= o.gate_top1 and passed
+        log(f"export: {variant} gate ({attempt}): top-1 {top1:.4f}, "
+            + ", ".join(f"{k} {v}" for k, v in scores.items()) + f" ({'pass' if gate['passed'] else 'fail'})")
         if gate["passed"]:
             log(f"export: {variant} done in {time.perf_counter() - t0:.1f} s")
             return replace(quantized, **{variant: gate}, **({"calibration": calibration} if calibration else {}))
         exclude = sorted(set(sensitive_matmuls(directory / fp32, cfg.text.num_hidden_layers)) | set(head))
+    got = ", ".join(f"{k} {v}" for k, v in scores.items())
     raise ExportError(f"{variant.upper()} accuracy gate failed even with sensitive layers in fp32: top-1 "
-                      f"{gate['top1_agreement']} (min {o.gate_top1}), exact-match drop {gate['exact_match_drop']} "
-                      f"(max {o.gate_em_drop})", gate)
+                      f"{gate['top1_agreement']} (min {o.gate_top1}), {got} (limits: exact-match drop "
+                      f"{o.gate_em_drop}, token agreement {o.gate_token_agreement})", gate)

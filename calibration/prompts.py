@@ -2,18 +2,22 @@
 held-out trajectories (INT8), evaluation prompts (the INT8 gate's exact match).
 
 The synthetic task is the right data only for the embedded default, which was trained on it; `for_checkpoint`
-gives it there. Any other model is validated on the synthetic task's image prompts (parity holds on any real
-step inputs) but refuses to calibrate on them: INT8 of a real model must be calibrated on its own data.
+gives it there. Any other model is calibrated and gated on the user's chat JSONL (`--calib-data`); without it, it
+is validated on the synthetic task's image prompts (parity holds on any real step inputs) and a quantized
+variant is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bard_deploy.data.chat import read_conversations
 from bard_deploy.embedded import is_embedded_default
-from bard_deploy.errors import CheckpointError, ExportError
+from bard_deploy.errors import CheckpointError, DataError, ExportError
 from bard_deploy.evaluate import synthetic_conversations
+from bard_deploy.manifest import sha256
+from bard_deploy.prompting import load_image
 
 VALIDATION_PROMPTS = 3
 
@@ -21,6 +25,18 @@ VALIDATION_PROMPTS = 3
 def trajectory_options(config) -> dict:
     """Decode options of recorded trajectories: greedy, 64 new tokens, threshold 0.9 for BARD."""
     return {"max_new_tokens": 64} if config.bard is None else {"max_new_tokens": 64, "threshold": 0.9}
+
+
+def images_resized(conversation: list[dict], size: int) -> list[dict]:
+    """A copy of a conversation with every image part loaded and resized to size x size."""
+    out = []
+    for m in conversation:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [{**p, "image": load_image(p["image"]).resize((size, size))}
+                       if isinstance(p, dict) and p.get("type") == "image" else p for p in content]
+        out.append({**m, "content": content})
+    return out
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,10 @@ class ExportPrompts:
     held_out: list[list[dict]]
     evaluation: list[list[dict]]
     source: str                        # where they come from, recorded with the calibration file
+    # how the gate scores the evaluation prompts: "exact_match" against their reference answers (the synthetic
+    # task, where answers are right or wrong) or "token_agreement" of the quantized model's generated tokens with
+    # the fp32 model's (the user's data: the question is whether quantization changed the model, not the task)
+    score: str = "exact_match"
 
     @classmethod
     def synthetic(cls, calibration_samples: int = 16, eval_samples: int = 100) -> ExportPrompts:
@@ -43,18 +63,45 @@ class ExportPrompts:
                    val[VALIDATION_PROMPTS + calibration_samples:], synthetic_conversations("test", eval_samples),
                    "validation split")
 
+    def at_image_size(self, size: int) -> ExportPrompts:
+        """Every image resized to size x size: what a vision graph traced at one grid accepts (until the vision
+        graph takes any grid, the gate decodes through it at that size)."""
+        def each(convs: list[list[dict]]) -> list[list[dict]]:
+            return [images_resized(c, size) for c in convs]
+
+        return replace(self, validation=each(self.validation), calibration=each(self.calibration),
+                       held_out=each(self.held_out), evaluation=each(self.evaluation))
+
     @classmethod
-    def for_checkpoint(cls, model_dir: str | Path, int8: bool, calibration_samples: int = 16,
-                       eval_samples: int = 100) -> ExportPrompts:
-        """The synthetic task for the embedded default; for any other model, its image prompts for validation
-        only, and an ExportError when INT8 is asked for (it needs the model's own data)."""
+    def from_jsonl(cls, path: str | Path, calibration_samples: int = 16, eval_samples: int = 100) -> ExportPrompts:
+        """The user's chat JSONL (the rows of `train --data`), in file order: 3 validation prompts, then the
+        calibration, held-out and (up to `eval_samples`) evaluation ones; scored by token agreement with fp32."""
+        held = max(4, calibration_samples // 4)
+        need = VALIDATION_PROMPTS + calibration_samples + held
+        rows = read_conversations(path, need + eval_samples)
+        if len(rows) < need + 1:
+            raise DataError(f"--calib-data {path}: {len(rows)} rows; calibrating on {calibration_samples} prompts "
+                            f"needs at least {need + 1} ({VALIDATION_PROMPTS} validation, {held} held out, one or "
+                            "more evaluation)", len(rows))
+        v, c = VALIDATION_PROMPTS, VALIDATION_PROMPTS + calibration_samples
+        return cls(rows[:v], rows[v:c], rows[c:need], rows[need:], f"{path} (sha256 {sha256(Path(path))[:16]})",
+                   "token_agreement")
+
+    @classmethod
+    def for_checkpoint(cls, model_dir: str | Path, quantize: bool, calibration_samples: int = 16,
+                       eval_samples: int = 100, calib_data: str | Path | None = None) -> ExportPrompts:
+        """The user's `calib_data` when given; else the synthetic task for the embedded default; for any other
+        model, the synthetic image prompts for validation only, and an ExportError when a quantized variant is
+        asked for (it must be calibrated and gated on the model's own data)."""
         if not (Path(model_dir) / "config.json").is_file():
             raise CheckpointError(f"{model_dir} is not a checkpoint directory (no config.json)", str(model_dir))
+        if calib_data is not None:
+            return cls.from_jsonl(calib_data, calibration_samples, eval_samples)
         if is_embedded_default(model_dir):
             return cls.synthetic(calibration_samples, eval_samples)
-        if int8:
-            raise ExportError(f"{model_dir} is not the embedded default: INT8 must be calibrated on prompts from "
-                              "its own data, and the synthetic task is not that (calibration data for real "
-                              "models is not supported yet)", str(model_dir))
+        if quantize:
+            raise ExportError(f"{model_dir} is not the embedded default: a quantized decoder must be calibrated "
+                              "and gated on prompts from its own data: pass --calib-data rows.jsonl (the chat JSONL "
+                              "of train --data)", str(model_dir))
         return cls(synthetic_conversations("validation", VALIDATION_PROMPTS), [], [], [],
                    "synthetic validation prompts")

@@ -9,8 +9,8 @@ Everything goes into a temporary sibling directory that is put in place only whe
       3. quantize_and_gate (--int8 / --int4, calibration/gate.py) each quantized decoder + its accuracy gate
       4. Manifest.write    IO tables, model facts, parity and gate numbers, calibration hash, sha256 of every file
 
-`prompts` (calibration/prompts.py) are the conversations decoded for steps 2 and 3: the synthetic task for the
-embedded default, the user's data otherwise.
+`prompts` (calibration/prompts.py) are the conversations decoded for steps 2 and 3: the user's data
+(`--calib-data`), else the synthetic task for the embedded default.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
         pipe = Pipeline.from_backend(TorchBackend(model), copy_side_files(model_dir, model.config, tmp))
         manifest = write_graphs(pipe, model_dir, tmp, image_size, external_data)
         log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
+        if manifest.vision is not None:        # a vision graph of one grid: decode through it at that size
+            prompts = prompts.at_image_size(manifest.vision.image_size)
         manifest = validate(pipe, tmp, manifest, prompts, log)
         for variant in [v for v, wanted in (("int8", int8), ("int4", int4)) if wanted]:
             manifest = quantize_and_gate(pipe, tmp, manifest, prompts, o, variant, log)
@@ -124,7 +126,7 @@ def validate(pipe: Pipeline, directory: Path, manifest: Manifest, prompts: Expor
               "decoder": compare(DECODER, session(directory / DECODER), steps, FP32_TOLERANCE)}
     del steps                                               # recorded steps hold every K/V: free them now
     if manifest.vision is not None:
-        images = record_vision(pipe, prompts.validation, manifest.vision.image_size)
+        images = record_vision(pipe, prompts.validation)
         if not images:
             raise ExportError("no validation prompt has an image: vision.onnx cannot be validated", VISION)
         parity["vision"] = compare(VISION, session(directory / VISION), images, FP32_TOLERANCE)

@@ -139,15 +139,15 @@ def test_the_manifest_is_one_dataclass_with_one_reader(exported, tmp_path):
 def test_calibration_prompts_are_the_synthetic_task_only_for_the_embedded_default(ckpt, tmp_path):
     from bard_deploy.calibration.prompts import ExportPrompts
     from tiny import hf_qwen3_vl
-    p = ExportPrompts.for_checkpoint(ckpt, int8=True, calibration_samples=4, eval_samples=8)
+    p = ExportPrompts.for_checkpoint(ckpt, quantize=True, calibration_samples=4, eval_samples=8)
     assert (len(p.validation), len(p.calibration), len(p.held_out), len(p.evaluation)) == (3, 4, 4, 8)
     other = tmp_path / "other"
     hf_qwen3_vl().save_pretrained(other)                     # not the embedded default's tokenizer
-    assert len(ExportPrompts.for_checkpoint(other, int8=False).validation) == 3
+    assert len(ExportPrompts.for_checkpoint(other, quantize=False).validation) == 3
     with pytest.raises(ExportError, match="not the embedded default"):
-        ExportPrompts.for_checkpoint(other, int8=True)
+        ExportPrompts.for_checkpoint(other, quantize=True)
     with pytest.raises(BardError, match="no config.json"):
-        ExportPrompts.for_checkpoint(tmp_path / "nothing", int8=False)
+        ExportPrompts.for_checkpoint(tmp_path / "nothing", quantize=False)
 
 
 # ---- any size: external data, INT4, Bard-VL block size, typed errors ---------------------------------------
@@ -235,3 +235,44 @@ def test_onnxruntime_errors_are_typed(exported):
     (exported.parent / "bad.onnx").write_bytes(b"not a graph")
     with pytest.raises(ExportError, match="cannot load bad.onnx"):
         session(exported.parent / "bad.onnx")
+
+
+def _chat_jsonl(path, n):
+    """n synthetic rows as the chat JSONL of `train --data` (images as files beside it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        s = make_sample(100 + i)
+        s.image().save(path.parent / f"img{i}.png")
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"img{i}.png"},
+                                                              {"type": "text", "text": s.question}]},
+                                  {"role": "assistant", "content": s.answer}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_real_model_is_calibrated_and_gated_on_the_users_data(tmp_path, capsys):
+    from bard_deploy.standins import write_standin
+    src = write_standin(tmp_path / "qwen3-vl", "tiny")
+    data = _chat_jsonl(tmp_path / "data" / "rows.jsonl", 12)
+    assert main(["export", "--model", str(src), "--out", str(tmp_path / "no"), "--int4"]) == 2
+    assert "--calib-data" in capsys.readouterr().err                      # no data, no quantized variant
+    assert main(["export", "--model", str(src), "--out", str(tmp_path / "ex"), "--int8", "--int4", "--calib-data",
+                 str(data), "--calibration-samples", "4", "--gate-top1", "0", "--gate-token-agreement", "0"]) == 0
+    m = json.loads((tmp_path / "ex" / "manifest.json").read_text())
+    for variant in ("int8", "int4"):
+        g = m[variant]
+        assert g["score"] == "token_agreement" and 0 <= g["token_agreement"] <= 1 and "exact_match_fp32" not in g
+        assert g["eval_samples"] == 12 - 3 - 4 - 4                     # the rows left after validation, calibration
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ex" / "calibration.safetensors"), "pt") as f:
+        assert "rows.jsonl" in json.loads(f.metadata()["meta"])["source"]    # calibrated on the user's rows
+    from bard_deploy.calibration.prompts import ExportPrompts
+    with pytest.raises(BardError, match="needs at least"):
+        ExportPrompts.from_jsonl(data, calibration_samples=16)
+
+
+def test_token_agreement():
+    from bard_deploy.calibration.gate import token_agreement
+    assert token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == 1.0
+    assert token_agreement([[1, 2, 3, 4]], [[1, 9, 3]]) == 0.5                # position by position, of fp32's
