@@ -140,6 +140,11 @@ class DecoderIO(GraphIO):
                 specs.append(TensorSpec(name, "float32", ("batch", self.num_kv_heads, "seq", self.head_dim)))
         return tuple(specs)
 
+    @property
+    def past_names(self) -> list[str]:
+        """The past K/V input names, layer by layer (key, value)."""
+        return [name(i) for i in range(self.num_layers) for name in (past_key, past_value)]
+
     # ---- feeds and outputs ---------------------------------------------------------------------------------
     def feeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_bias: torch.Tensor,
               past: KV, deepstack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -2,9 +2,10 @@
 retry with the sensitive layers in fp32, fail with a typed error when even that is not good enough.
 
 The gate has two parts, both on the caller's prompts (`ExportPrompts`): top-1 agreement of the quantized decoder
-with fp32 PyTorch where the decoder is read (AR: the next token; BARD: the block's canvas) on held-out trajectory
-steps, and an end-to-end score against fp32 onnxruntime on the evaluation prompts: the exact-match drop on the
-synthetic task (answers are right or wrong there), the generated-token agreement on the user's data.
+with fp32 (the validated fp32 graph, run beside it step by step) where the decoder is read (AR: the next token;
+BARD: the block's canvas) on the held-out prompts' trajectories, and an end-to-end score against fp32
+onnxruntime on the evaluation prompts: the exact-match drop on the synthetic task (answers are right or wrong
+there), the generated-token agreement on the user's data.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bard_deploy import iospec
-from bard_deploy.calibration.collect import Record, prompt_of, record, save_calibration
+from bard_deploy.calibration.collect import Trajectories, compare_live, prompt_of
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.calibration.quantize import (
     SCHEMES,
@@ -30,7 +31,7 @@ from bard_deploy.errors import ExportError
 from bard_deploy.evaluate import evaluate
 from bard_deploy.manifest import Manifest
 from bard_deploy.runtimes.api import Pipeline
-from bard_deploy.runtimes.ort_backend import OrtBackend, run, session
+from bard_deploy.runtimes.ort_backend import OrtBackend, session
 
 CALIBRATION_FILE = "calibration.safetensors"
 ATTEMPTS = ("all MatMuls", "lm_head and first/last layers kept fp32")
@@ -61,24 +62,6 @@ class QuantOptions:
             raise ExportError(f"--int4-accuracy-level must be 0..4, got {self.int4_accuracy_level}",
                               self.int4_accuracy_level)
         return self
-
-
-def top1_agreement(sess, records: list[Record], decision: int) -> float:
-    """Fraction of *decision* positions whose argmax equals the fp32 PyTorch one, over recorded steps.
-
-    Decision positions are the ones the decoder reads: the last `decision` positions of each step (AR: 1, the
-    next token; BARD: the block's canvas). BARD never reads prefill logits, so prefills (empty past) are skipped;
-    prompt positions would only measure noise in predictions nobody uses.
-    """
-    agree = total = 0
-    for feeds, expected in records:
-        if decision > 1 and feeds[iospec.past_key(0)].shape[2] == 0:
-            continue
-        logits = run(sess, [iospec.LOGITS], feeds)[iospec.LOGITS][:, -decision:]
-        ref = expected[iospec.LOGITS][:, -decision:]
-        agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
-        total += ref.shape[0] * ref.shape[1]
-    return agree / max(total, 1)
 
 
 def _pipeline(directory: Path, manifest: Manifest, variant: str) -> Pipeline:
@@ -131,22 +114,24 @@ class _Scorer:
         return agree >= self.o.gate_token_agreement, {"token_agreement": agree}
 
 
-def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest, prompts: ExportPrompts,
-                      o: QuantOptions, variant: str = "int8", log=print) -> Manifest:
-    """Write the `variant` ("int8" or "int4") decoder (and, for INT8, the calibration file) into `directory`;
-    returns the manifest with the variant, its gate report and the calibration entry. ExportError when the gate
-    fails even with the sensitive layers in fp32."""
+def quantize_and_gate(directory: Path, manifest: Manifest, prompts: ExportPrompts, o: QuantOptions,
+                      variant: str = "int8", calibration: Trajectories | None = None, log=print) -> Manifest:
+    """Write the `variant` ("int8" or "int4") decoder (and, for INT8, the calibration file of `calibration`, the
+    recorded trajectories) into `directory`; returns the manifest with the variant, its gate report and the
+    calibration entry. ExportError when the gate fails even with the sensitive layers in fp32.
+
+    No PyTorch model is needed: the reference is the directory's fp32 graph (validated against PyTorch), so the
+    caller frees its weights before the quantizers load the graph."""
     t0 = time.perf_counter()
-    cfg = torch_pipe.config
+    reference = _pipeline(directory, manifest, "fp32")
+    cfg = reference.config
     ar = cfg.bard is None
-    opts = trajectory_options(cfg)
-    calibration, calib = None, []
+    entry = None
     if variant == "int8":      # weight-only INT4 needs no activations; INT8 keeps them with the export
-        calib = record(torch_pipe, prompts.calibration, ar=ar, **opts)
-        digest = save_calibration(directory / CALIBRATION_FILE, calib, {"samples": len(prompts.calibration),
-                                                                         "steps": len(calib), "source": prompts.source})
-        calibration = {"file": CALIBRATION_FILE, "sha256": digest, "steps": len(calib)}
-    held_out = record(torch_pipe, prompts.held_out, ar=ar, **opts)
+        assert calibration is not None, "INT8 needs the calibration trajectories"
+        digest = calibration.save(directory / CALIBRATION_FILE, {"samples": len(prompts.calibration),
+                                                                  "steps": len(calibration), "source": prompts.source})
+        entry = {"file": CALIBRATION_FILE, "sha256": digest, "steps": len(calibration)}
     _, fp32 = manifest.decoder_graph("fp32")
     name = graph_name(variant, o.target)
     quantized = manifest.with_decoder(variant, name, default=variant == "int8" or manifest.default_variant == "fp32")
@@ -156,15 +141,17 @@ def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest,
     exclude: list[str] = head if variant == "int4" else []
     for attempt in ATTEMPTS:
         if variant == "int8":
-            quantize(directory / fp32, directory / name, o.target, [f for f, _ in calib], exclude)
+            quantize(directory / fp32, directory / name, o.target, calibration.feeds(), exclude)
         else:
             quantize_int4(directory / fp32, directory / name, o.int4_block_size, o.int4_accuracy_level, exclude)
-        top1 = top1_agreement(session(directory / name), held_out, decision)
+        held_out = compare_live(reference, session(directory / name), prompts.held_out, decision, ar=ar,
+                                outputs=[iospec.LOGITS], **trajectory_options(cfg))
+        top1 = held_out.top1
         passed, scores = end_to_end(variant)
         scheme = (SCHEMES[o.target] if variant == "int8" else
                   int4_scheme(o.int4_block_size, o.int4_accuracy_level, o.int4_lm_head and attempt == ATTEMPTS[0]))
         gate = {"target": o.target if variant == "int8" else "cpu", "scheme": scheme, "top1_agreement": round(top1, 4),
-                "held_out_steps": len(held_out), "score": prompts.score, **scores, "attempt": attempt,
+                "held_out_steps": held_out.steps, "score": prompts.score, **scores, "attempt": attempt,
                 "excluded_nodes": len(exclude), "eval_samples": len(prompts.evaluation),
                 "thresholds": {"top1": o.gate_top1, "em_drop": o.gate_em_drop,
                                "token_agreement": o.gate_token_agreement}}
@@ -173,7 +160,7 @@ def quantize_and_gate(torch_pipe: Pipeline, directory: Path, manifest: Manifest,
             + ", ".join(f"{k} {v}" for k, v in scores.items()) + f" ({'pass' if gate['passed'] else 'fail'})")
         if gate["passed"]:
             log(f"export: {variant} done in {time.perf_counter() - t0:.1f} s")
-            return replace(quantized, **{variant: gate}, **({"calibration": calibration} if calibration else {}))
+            return replace(quantized, **{variant: gate}, **({"calibration": entry} if entry else {}))
         exclude = sorted(set(sensitive_matmuls(directory / fp32, cfg.text.num_hidden_layers)) | set(head))
     got = ", ".join(f"{k} {v}" for k, v in scores.items())
     raise ExportError(f"{variant.upper()} accuracy gate failed even with sensitive layers in fp32: top-1 "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,7 +50,7 @@ def int4_scheme(block_size: int, accuracy_level: int, lm_head: bool) -> str:
 class _Reader(CalibrationDataReader):
     """Feeds the recorded calibration steps to ORT's static quantizer, one step at a time."""
 
-    def __init__(self, steps: list[dict[str, torch.Tensor]]):
+    def __init__(self, steps: Iterable[dict[str, torch.Tensor]]):
         self.it = iter(steps)
 
     def get_next(self):
@@ -70,10 +70,10 @@ def _publish(scratch_graph: Path, out: Path) -> None:
         shutil.move(data_file(scratch_graph), data_file(out))
 
 
-def quantize(fp32: Path, out: Path, target: str, calibration: list[dict[str, torch.Tensor]],
+def quantize(fp32: Path, out: Path, target: str, calibration: Iterable[dict[str, torch.Tensor]],
              exclude: list[str]) -> None:
-    """Write an INT8 copy of the decoder graph `fp32` to `out`. `calibration`: step feeds (static targets only);
-    `exclude`: node names kept in fp32."""
+    """Write an INT8 copy of the decoder graph `fp32` to `out`. `calibration`: step feeds, read one at a time
+    (static targets only); `exclude`: node names kept in fp32."""
     external = data_file(fp32).is_file()
     with tempfile.TemporaryDirectory() as scratch, _quiet_quantizer():
         pre, q = Path(scratch) / "pre.onnx", Path(scratch) / out.name

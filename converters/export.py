@@ -15,6 +15,7 @@ Everything goes into a temporary sibling directory that is put in place only whe
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from dataclasses import replace
@@ -26,12 +27,18 @@ from safetensors.torch import save_file
 
 from bard_deploy import iospec
 from bard_deploy.atomic import atomic_dir, recover_dir, write_json
-from bard_deploy.calibration.collect import record, record_vision
+from bard_deploy.calibration.collect import compare_live, record_trajectories, record_vision
 from bard_deploy.calibration.gate import QuantOptions, quantize_and_gate
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.checkpoint import SIDE_FILES, load_model
 from bard_deploy.config import ModelConfig, load_config
-from bard_deploy.converters.onnx_export import FP32_TOLERANCE, compare, export_decoder, export_vision
+from bard_deploy.converters.onnx_export import (
+    FP32_TOLERANCE,
+    check_tolerance,
+    compare,
+    export_decoder,
+    export_vision,
+)
 from bard_deploy.errors import ExportError
 from bard_deploy.manifest import Manifest, VisionGraph
 from bard_deploy.runtimes.api import Pipeline
@@ -72,8 +79,14 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
         if manifest.vision is not None:        # a vision graph of one grid: decode through it at that size
             prompts = prompts.at_image_size(manifest.vision.image_size)
         manifest = validate(pipe, tmp, manifest, prompts, log)
+        calibration = None
+        if int8:
+            calibration = record_trajectories(pipe, prompts.calibration, ar=model.config.bard is None,
+                                              **trajectory_options(model.config))
+        del pipe, model                 # the PyTorch weights go before the quantizers load the graph
+        gc.collect()
         for variant in [v for v, wanted in (("int8", int8), ("int4", int4)) if wanted]:
-            manifest = quantize_and_gate(pipe, tmp, manifest, prompts, o, variant, log)
+            manifest = quantize_and_gate(tmp, manifest, prompts, o, variant, calibration, log)
         manifest = manifest.write(tmp)
     return manifest
 
@@ -119,12 +132,14 @@ def write_vision(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
 
 
 def validate(pipe: Pipeline, directory: Path, manifest: Manifest, prompts: ExportPrompts, log) -> Manifest:
-    """ONNX vs PyTorch on steps recorded from the validation prompts (decoder) and their images (vision); the
-    manifest with the parity report. ExportError naming the first output over the tolerance."""
-    steps = record(pipe, prompts.validation, ar=pipe.config.bard is None, **trajectory_options(pipe.config))
-    parity = {"tolerance": FP32_TOLERANCE, "steps": len(steps),
-              "decoder": compare(DECODER, session(directory / DECODER), steps, FP32_TOLERANCE)}
-    del steps                                               # recorded steps hold every K/V: free them now
+    """ONNX vs PyTorch on every step of the validation prompts' trajectories, compared as they happen (nothing is
+    stored per step), and on their images (vision); the manifest with the parity report. ExportError naming the
+    worst output over the tolerance."""
+    cfg = pipe.config
+    live = compare_live(pipe, session(directory / DECODER), prompts.validation, decision=0, ar=cfg.bard is None,
+                        **trajectory_options(cfg))
+    parity = {"tolerance": FP32_TOLERANCE, "steps": live.steps,
+              "decoder": check_tolerance(DECODER, live.worst, FP32_TOLERANCE)}
     if manifest.vision is not None:
         images = record_vision(pipe, prompts.validation)
         if not images:

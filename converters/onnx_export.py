@@ -104,6 +104,12 @@ def compare(graph: str, sess, recorded: list[tuple[dict, dict]], tolerance: floa
         for n, g in run(sess, names, feeds).items():
             diff = float((g - expected[n].detach().cpu()).abs().max()) if g.numel() else 0.0
             worst[n] = max(worst.get(n, 0.0), diff)
+    return check_tolerance(graph, worst, tolerance)
+
+
+def check_tolerance(graph: str, worst: dict[str, float], tolerance: float) -> dict[str, float]:
+    """`worst` (max abs diff per output) when every output is within `tolerance`; else an ExportError naming the
+    worst output of `graph` and its difference."""
     bad = {n: d for n, d in worst.items() if not d <= tolerance}
     if bad:
         n, d = max(bad.items(), key=lambda kv: kv[1])

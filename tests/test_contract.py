@@ -1,10 +1,10 @@
 """The IO contract (iospec): feeds and outputs round-trip, symbolic shapes evaluate, the graph order is the
-table's; recording trajectories leaves the Pipeline it was given untouched."""
+table's; recorded trajectories keep the past once per prompt and leave the Pipeline they were given untouched."""
 
 import torch
 
 from bard_deploy import iospec
-from bard_deploy.calibration.collect import record
+from bard_deploy.calibration.collect import record_trajectories
 from bard_deploy.config import ModelConfig
 from bard_deploy.embedded import new_checkpoint
 from bard_deploy.runtimes.api import Pipeline
@@ -39,7 +39,13 @@ def test_recording_does_not_touch_the_callers_pipeline(tmp_path):
     pipe = Pipeline.load(new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=64, layers=2))
     backend = pipe.backend
     s = make_sample(0)
-    steps = record(pipe, [s.messages()], max_new_tokens=8, threshold=0.9)
-    assert pipe.backend is backend and len(steps) >= 3                 # prefill + at least one step per block
-    feeds, outputs = steps[0]
-    assert list(feeds) == backend.io.input_names and list(outputs) == backend.io.output_names
+    steps = record_trajectories(pipe, [s.messages(), make_sample(1).messages()], max_new_tokens=8, threshold=0.9)
+    assert pipe.backend is backend and len(steps) >= 6                 # prefill + at least one step per block
+    assert len(steps.pasts) == 2                                        # the past K/V once per prompt, not per step
+    for j, past in enumerate(steps.pasts):                              # the longest past of that prompt
+        lengths = [length for prompt, length, _ in steps.steps if prompt == j]
+        assert lengths[0] == 0 and lengths == sorted(lengths) and max(lengths) == past[0].shape[2]
+    for feeds in steps.feeds():                                         # full feeds again, one at a time
+        assert set(feeds) == set(backend.io.input_names)
+        assert feeds[iospec.past_key(0)].shape[2] == feeds[iospec.ATTENTION_BIAS].shape[-1] - feeds[
+            iospec.INPUTS_EMBEDS].shape[1]

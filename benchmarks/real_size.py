@@ -1,0 +1,78 @@
+"""Real-size export on a stand-in: fp32 graphs (+ INT8 and INT4 with their gate on a chat JSONL), with wall time
+and peak RSS of the whole command (`/usr/bin/time -v`).
+
+    python benchmarks/real_size.py [--size 2b] [--layers 6] [--variants int8,int4] [--work /tmp/real-size]
+
+Writes the stand-in (bard-deploy standin) and a 40-row chat JSONL of the synthetic task's images and questions
+(the gate's data: token agreement with fp32), runs `bard-deploy export`, prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from bard_deploy.data.synthetic import make_sample
+from bard_deploy.onnx_files import graph_bytes
+
+
+def chat_jsonl(path: Path, n: int) -> Path:
+    """n rows of the synthetic task as the chat JSONL of `train --data` (images as PNG files beside it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            s = make_sample(1000 + i)
+            s.image().save(path.parent / f"img{i}.png")
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": [{"type": "image", "image": f"img{i}.png"}, {"type": "text",
+                                                                                         "text": s.question}]},
+                {"role": "assistant", "content": s.answer}]}) + "\n")
+    return path
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run a command under /usr/bin/time -v; its wall time, peak RSS and exit code."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr)
+    parts = [float(x) for x in wall.group(1).split(":")] if wall else [0.0]
+    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    return {"rc": proc.returncode, "wall_s": round(seconds, 1),
+            "peak_rss_gib": round(int(rss.group(1)) / 2**20, 2) if rss else None,
+            "log_tail": (proc.stdout + proc.stderr).strip().splitlines()[-12:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="2b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--variants", default="int8,int4", help="Comma-separated quantized variants ('' = fp32 only).")
+    ap.add_argument("--work", default="/tmp/real-size")
+    args = ap.parse_args()
+    work = Path(args.work)
+    bd = str(Path(sys.executable).with_name("bard-deploy"))
+    src = work / f"standin-{args.size}-{args.layers or 'full'}"
+    if not (src / "config.json").is_file():
+        subprocess.run([bd, "standin", "--size", args.size, "--out", str(src)]
+                       + (["--layers", str(args.layers)] if args.layers else []), check=True, capture_output=True)
+    data = chat_jsonl(work / "calib" / "rows.jsonl", 40)
+    out = work / "export"
+    flags = [f"--{v}" for v in args.variants.split(",") if v]
+    run = timed([bd, "export", "--model", str(src), "--out", str(out), "--force", "--calib-data", str(data),
+                 "--calibration-samples", "8", *flags])
+    result = {"size": args.size, "layers": args.layers, "variants": flags, **run}
+    if run["rc"] == 0:
+        m = json.loads((out / "manifest.json").read_text())
+        result["graphs_mib"] = {v: round(graph_bytes(out / g) / 2**20, 1) for v, g in m["graphs"]["decoder"].items()}
+        result["gates"] = {v: m[v] for v in ("int8", "int4") if m.get(v)}
+    print(f"stand-in {args.size} ({args.layers or 'all'} layers), export {' '.join(flags) or 'fp32'}: rc {run['rc']}, "
+          f"{run['wall_s']} s, peak RSS {run['peak_rss_gib']} GiB, graphs {result.get('graphs_mib')}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
