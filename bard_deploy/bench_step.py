@@ -1,5 +1,5 @@
 """`bard-deploy bench-step`: one decoder step at real model shapes with random weights, T = 1..32 tokens over
-a past of P tokens, on torch fp32, onnxruntime fp32 and onnxruntime INT8.
+a past of P tokens, on torch fp32, onnxruntime fp32, INT8 and INT4 (MatMulNBits, blocks of 32).
 
 A full 2B decoder does not fit the ONNX protobuf limit and takes long to export, so the step is timed for two
 layer counts (K1 < K2, lm_head included) and extrapolated linearly to the real depth: t(L) = t(K1) +
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bard_deploy import iospec
-from bard_deploy.calibration.quantize import quantize
+from bard_deploy.calibration.quantize import quantize, quantize_int4
 from bard_deploy.config import ModelConfig
 from bard_deploy.converters.onnx_export import export_decoder
 from bard_deploy.errors import ConfigError
@@ -36,7 +36,8 @@ SHAPES = {
 }
 
 
-BACKENDS = ("torch", "onnxruntime-fp32", "onnxruntime-int8")
+BACKENDS = ("torch", "onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int4")
+DEFAULT_BACKENDS = BACKENDS[:3]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class StepOptions:
     past: int = 512                                # cached tokens before the step
     layers_subset: tuple[int, int] = (1, 4)        # the two layer counts timed and extrapolated
     repeats: int = 7                               # the median of this many timings per point
-    backends: tuple[str, ...] = BACKENDS
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     out: Path | None = Path("runs/bench")          # bench_step.json goes here (None: not written)
 
     def check(self) -> StepOptions:
@@ -120,7 +121,7 @@ def step_rows(raw: dict, backends: list[str], tokens: list[int], ks: tuple[int, 
         for T in tokens:
             t1, t2 = raw[b, k1, T], raw[b, k2, T]
             t = t1 + (L - k1) * (t2 - t1) / (k2 - k1)
-            bpw = 1.0 if b.endswith("int8") else 4.0
+            bpw = {"int8": 1.0, "int4": 0.5 + 2 / 32}.get(b.rsplit("-", 1)[-1], 4.0)   # int4: + an fp16 scale / 32
             # more layers must cost more, and the extrapolation must be positive; if not, timing noise swamped
             # the slope and the row means nothing
             rows.append({"backend": b, "T": T, "past": past, "reliable": t2 > t1 and t > 0,
@@ -181,6 +182,10 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         int8 = tmp / f"k{k}.int8.onnx"
         quantize(fp32, int8, "cpu", [], [])
         variants.append(("onnxruntime-int8", int8))
+    if "onnxruntime-int4" in o.backends:
+        int4 = tmp / f"k{k}.int4.onnx"
+        quantize_int4(fp32, int4, block_size=32)
+        variants.append(("onnxruntime-int4", int4))
     del model
     for name, path in variants:
         sess = session(path)

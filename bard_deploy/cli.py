@@ -19,6 +19,7 @@ from rich.console import Console
 from bard_deploy import __version__
 from bard_deploy.bench import BenchOptions
 from bard_deploy.bench import bench as run_bench
+from bard_deploy.bench_step import BACKENDS as BENCH_STEP_BACKENDS
 from bard_deploy.bench_step import StepOptions, step_bench
 from bard_deploy.calibration.gate import QuantOptions
 from bard_deploy.calibration.prompts import ExportPrompts
@@ -281,11 +282,13 @@ def bench_step(
     past: int = typer.Option(S.past, help="Past length (cached tokens)."),
     layers_subset: str = typer.Option(_csv(S.layers_subset), help="The two layer counts timed and extrapolated."),
     repeats: int = typer.Option(S.repeats, help="Timings per point (the median is kept)."),
+    backends: str = typer.Option(_csv(S.backends), help=f"Comma-separated, of {_csv(BENCH_STEP_BACKENDS)}."),
     out: Path = typer.Option(S.out, help="Where bench_step.json goes."),
 ):
-    """One decoder step at real model shapes (random weights) on torch, onnxruntime fp32 and INT8; one JSON line
-    last."""
-    o = StepOptions(shape, _ints(tokens, "tokens"), past, _ints(layers_subset, "layers-subset"), repeats, out=out)
+    """One decoder step at real model shapes (random weights) on torch and onnxruntime fp32 / INT8 / INT4; one JSON
+    line last."""
+    o = StepOptions(shape, _ints(tokens, "tokens"), past, _ints(layers_subset, "layers-subset"), repeats,
+                    tuple(b.strip() for b in backends.split(",") if b.strip()), out)
     res = step_bench(o, log=console.print)
     console.print(step_table(res))
     print(json.dumps(res))

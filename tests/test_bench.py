@@ -111,3 +111,15 @@ def test_step_mode_on_a_small_shape(tmp_path, capsys):
     assert {r["backend"] for r in res["rows"]} == {"torch", "onnxruntime-fp32", "onnxruntime-int8"}
     assert all({"ms_per_step", "ms_per_token", "weight_GBps", "cost_vs_T1", "reliable"} <= set(r) for r in res["rows"])
     assert "extrapolated linearly to 6 layers" in res["note"]
+
+
+def test_step_mode_times_int4_when_asked(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1", "--past", "8", "--layers-subset", "1,2",
+                 "--backends", "onnxruntime-fp32,onnxruntime-int4", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["backend"] for r in res["rows"]] == ["onnxruntime-fp32", "onnxruntime-int4"]
+    assert main(["bench-step", "--backends", "onnxruntime-int3"]) == 2
+    assert "onnxruntime-int3" in capsys.readouterr().err
