@@ -51,6 +51,7 @@ class StepOptions:
     repeats: int = 7                               # the median of this many timings per point
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     out: Path | None = Path("runs/bench")          # bench_step.json goes here (None: not written)
+    full_depth: bool = False                       # time the real depth (its graph exports: external data)
 
     def check(self) -> StepOptions:
         """A typed error naming a bad value."""
@@ -110,21 +111,21 @@ def weight_bytes(dims: dict, layers: int, bytes_per_weight: float = 4.0) -> floa
     return (layers * per_layer + h * dims["vocab_size"]) * bytes_per_weight
 
 
-def step_rows(raw: dict, backends: list[str], tokens: list[int], ks: tuple[int, int], layers: int, past: int,
+def step_rows(raw: dict, backends: list[str], tokens: list[int], ks: tuple[int, ...], layers: int, past: int,
               dims: dict) -> list[dict]:
     """Rows of the step table from the medians `raw[backend, k, T]` (seconds) timed at k1 and k2 layers,
-    extrapolated linearly to `layers`."""
-    k1, k2 = ks
+    extrapolated linearly to `layers` (or timed at `layers` itself: ks = (layers,))."""
+    k1, k2 = ks if len(ks) == 2 else (ks[0], ks[0])
     L = layers
     rows = []
     for b in backends:
         for T in tokens:
             t1, t2 = raw[b, k1, T], raw[b, k2, T]
-            t = t1 + (L - k1) * (t2 - t1) / (k2 - k1)
+            t = t1 if k1 == k2 == L else t1 + (L - k1) * (t2 - t1) / (k2 - k1)
             bpw = {"int8": 1.0, "int4": 0.5 + 2 / 32}.get(b.rsplit("-", 1)[-1], 4.0)   # int4: + an fp16 scale / 32
             # more layers must cost more, and the extrapolation must be positive; if not, timing noise swamped
             # the slope and the row means nothing
-            rows.append({"backend": b, "T": T, "past": past, "reliable": t2 > t1 and t > 0,
+            rows.append({"backend": b, "T": T, "past": past, "reliable": (t2 > t1 or k1 == k2) and t > 0,
                          f"ms_measured_{k1}_layers": round(1e3 * t1, 2), f"ms_measured_{k2}_layers": round(1e3 * t2, 2),
                          "ms_per_step": round(1e3 * t, 2),
                          "ms_per_token": round(1e3 * t / T, 3),
@@ -145,17 +146,18 @@ def step_bench(opts: StepOptions = StepOptions(), log=print) -> dict:
     o = opts.check()
     dims = shape_config(o.shape)
     L = dims["num_hidden_layers"]
-    k1, k2 = o.layers_subset
-    need = weight_bytes(dims, k2) * 3.2 / 2**30   # torch + ORT fp32 (+ its optimised copy) + int8, roughly
-    log(f"bench-step: {o.shape}, {L} layers, timing {k1} and {k2} layers (+ lm_head) and extrapolating to {L}; "
-        f"needs about {need:.1f} GiB of memory")
+    subset = (L,) if o.full_depth else o.layers_subset
+    need = weight_bytes(dims, max(subset)) * 2.2 / 2**30   # torch or ORT fp32 (+ its optimised copy), roughly
+    how = f"timing all {L}" if o.full_depth else f"timing {subset[0]} and {subset[1]} layers and extrapolating to {L}"
+    log(f"bench-step: {o.shape}, {L} layers, {how} (+ lm_head); needs about {need:.1f} GiB of memory")
     raw: dict[tuple[str, int, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k in o.layers_subset:
+        for k in subset:
             raw.update(_time_layers(o, dims, k, Path(tmp)))
-    rows = step_rows(raw, list(o.backends), list(o.tokens), (k1, k2), L, o.past, dims)
-    note = (f"timed {k1} and {k2} layers with lm_head, extrapolated linearly to {L} layers; random weights; "
-            f"batch 1; past {o.past}; median of {o.repeats}")
+    rows = step_rows(raw, list(o.backends), list(o.tokens), subset, L, o.past, dims)
+    how = (f"timed at full depth ({L} layers)" if o.full_depth else
+           f"timed {subset[0]} and {subset[1]} layers with lm_head, extrapolated linearly to {L} layers")
+    note = f"{how}; random weights; batch 1; past {o.past}; median of {o.repeats}"
     res = {"shape": o.shape, "dims": dims, "rows": rows, "note": note}
     if o.out is not None:
         o.out.mkdir(parents=True, exist_ok=True)

@@ -283,12 +283,14 @@ def bench_step(
     layers_subset: str = typer.Option(_csv(S.layers_subset), help="The two layer counts timed and extrapolated."),
     repeats: int = typer.Option(S.repeats, help="Timings per point (the median is kept)."),
     backends: str = typer.Option(_csv(S.backends), help=f"Comma-separated, of {_csv(BENCH_STEP_BACKENDS)}."),
+    full_depth: bool = typer.Option(S.full_depth, "--full-depth", help="Time the real depth instead of two layer "
+                                    "counts extrapolated (the graph exports with external data; needs its memory)."),
     out: Path = typer.Option(S.out, help="Where bench_step.json goes."),
 ):
     """One decoder step at real model shapes (random weights) on torch and onnxruntime fp32 / INT8 / INT4; one JSON
     line last."""
     o = StepOptions(shape, _ints(tokens, "tokens"), past, _ints(layers_subset, "layers-subset"), repeats,
-                    tuple(b.strip() for b in backends.split(",") if b.strip()), out)
+                    tuple(b.strip() for b in backends.split(",") if b.strip()), out, full_depth)
     res = step_bench(o, log=console.print)
     console.print(step_table(res))
     print(json.dumps(res))

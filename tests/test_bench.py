@@ -123,3 +123,15 @@ def test_step_mode_times_int4_when_asked(tmp_path, capsys):
     assert [r["backend"] for r in res["rows"]] == ["onnxruntime-fp32", "onnxruntime-int4"]
     assert main(["bench-step", "--backends", "onnxruntime-int3"]) == 2
     assert "onnxruntime-int3" in capsys.readouterr().err
+
+
+def test_step_mode_at_full_depth_has_no_extrapolation(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1,4", "--past", "8", "--full-depth",
+                 "--backends", "torch,onnxruntime-fp32", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "full depth (3 layers)" in res["note"]
+    for r in res["rows"]:
+        assert r["ms_per_step"] == r["ms_measured_3_layers"] and r["reliable"]
