@@ -174,9 +174,11 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         for T in o.tokens:
             f = _feeds(model.config, T, o.past)
             raw["torch", k, T] = _time(lambda f=f: backend.step(f), o.repeats)
+        del backend
     fp32 = tmp / f"k{k}.onnx"
     if any(b.startswith("onnxruntime") for b in o.backends):
         export_decoder(model, fp32)
+    del model                               # the torch weights go before the quantizers load the graph
     variants = []
     if "onnxruntime-fp32" in o.backends:
         variants.append(("onnxruntime-fp32", fp32))
@@ -188,7 +190,6 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         int4 = tmp / f"k{k}.int4.onnx"
         quantize_int4(fp32, int4, block_size=32)
         variants.append(("onnxruntime-int4", int4))
-    del model
     for name, path in variants:
         sess = session(path)
         outs = [x.name for x in sess.get_outputs()]
