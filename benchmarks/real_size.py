@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--variants", default="int8,int4", help="Comma-separated quantized variants ('' = fp32 only).")
     ap.add_argument("--work", default="/tmp/real-size")
+    ap.add_argument("--calibration-samples", type=int, default=8)
+    ap.add_argument("--eval-samples", type=int, default=25, help="Evaluation prompts of the gate (each decodes "
+                    "64 tokens per variant: the slow part on a CPU).")
     args = ap.parse_args()
     work = Path(args.work)
     bd = str(Path(sys.executable).with_name("bard-deploy"))
@@ -63,7 +66,8 @@ def main() -> None:
     out = work / "export"
     flags = [f"--{v}" for v in args.variants.split(",") if v]
     run = timed([bd, "export", "--model", str(src), "--out", str(out), "--force", "--calib-data", str(data),
-                 "--calibration-samples", "8", *flags])
+                 "--calibration-samples", str(args.calibration_samples), "--eval-samples", str(args.eval_samples),
+                 *flags])
     result = {"size": args.size, "layers": args.layers, "variants": flags, **run}
     if run["rc"] == 0:
         m = json.loads((out / "manifest.json").read_text())
