@@ -110,7 +110,7 @@ def export_summary(m: Manifest) -> dict[str, object]:
                    f"vocab {m.vocab_size}",
         "variants": ", ".join(f"{v}{' (default)' if v == m.default_variant else ''}" for v in m.variants),
         "vision": "none" if m.vision is None else f"{m.vision.image_size} px, grid {m.vision.grid_thw}",
-        "parity": f"{m.parity['steps']} recorded steps, tolerance {m.parity['tolerance']:g}",
+        "parity": f"{m.parity['steps']} trajectory steps, tolerance {m.parity['tolerance']:g}",
         "exporter": m.exporter,
     }
     for variant in ("int8", "int4"):

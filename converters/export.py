@@ -146,6 +146,6 @@ def validate(pipe: Pipeline, directory: Path, manifest: Manifest, prompts: Expor
             raise ExportError("no validation prompt has an image: vision.onnx cannot be validated", VISION)
         parity["vision"] = compare(VISION, session(directory / VISION), images, FP32_TOLERANCE)
     worst = parity["decoder"][iospec.LOGITS]
-    log(f"export: parity logits {worst:.2e} (max over {parity['steps']} recorded steps; tolerance "
+    log(f"export: parity logits {worst:.2e} (max over {parity['steps']} trajectory steps; tolerance "
         f"{FP32_TOLERANCE:g})")
     return replace(manifest, parity=parity)
