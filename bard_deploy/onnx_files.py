@@ -7,6 +7,7 @@ its weights in exactly one `<graph>.data` file (or none), which the manifest has
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -17,16 +18,33 @@ def data_file(graph: Path) -> Path:
     return graph.with_name(graph.name + ".data")
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: its initializers and the tensors in node attributes (Constant values, which
+    quantizers also store externally), subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for g in a.graphs:
+                yield from _tensors(g)
+
+
 def gather_external_data(graph: Path, leftovers: list[Path] = (), threshold: int = 1024,
                          align: int = 4096) -> None:
-    """Move every initializer of `graph` of at least `threshold` bytes (inline or in per-tensor files) into the one
-    file `data_file(graph)`, page-aligned (so runtimes can map it), and delete `leftovers`. Streams tensor by
-    tensor: the graph is read without its external data, so memory stays at one tensor whatever the size."""
+    """Move every tensor of `graph` of at least `threshold` bytes (initializers and attribute tensors, inline or in
+    other files) into the one file `data_file(graph)`, page-aligned (so runtimes can map it), smaller external ones
+    back inline, and delete `leftovers`. Streams tensor by tensor: the graph is read without its external data, so
+    memory stays at one tensor whatever the size. Every external reference is rewritten, so none can point into a
+    replaced file (onnxruntime's quantizers write Constant nodes' tensors externally too)."""
     proto = onnx.load(str(graph), load_external_data=False)
     data = data_file(graph)
     partial = data.with_name(data.name + ".partial")      # the old data file may be one of the sources
     with open(partial, "wb") as out:
-        for t in proto.graph.initializer:
+        for t in _tensors(proto.graph):
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 info = {e.key: e.value for e in t.external_data}
                 with open(graph.parent / info["location"], "rb") as src:
@@ -36,11 +54,15 @@ def gather_external_data(graph: Path, leftovers: list[Path] = (), threshold: int
                 raw = t.raw_data
             else:
                 continue
+            del t.external_data[:]
+            if len(raw) < threshold:      # small tensors stay inline: shape inference must read them there
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = raw
+                continue
             out.seek(-out.tell() % align, 1)
             offset = out.tell()
             out.write(raw)
             t.ClearField("raw_data")
-            del t.external_data[:]
             t.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
                 t.external_data.add(key=key, value=value)

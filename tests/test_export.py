@@ -203,10 +203,14 @@ def test_per_tensor_external_data_is_gathered_into_one_file(ckpt, tmp_path):
     ref = run(session(tmp_path / "decoder.onnx"), io.output_names, io.dummy_feeds(1, 3, 2))
     proto = onnx.load(str(tmp_path / "decoder.onnx"))
     (tmp_path / "decoder.onnx").unlink()
+    # Constant nodes' tensors external too (convert_attribute), as onnxruntime's quantizers write them
     onnx.save_model(proto, str(tmp_path / "decoder.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=False, size_threshold=1024)
+                    all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
     pieces = [p for p in tmp_path.iterdir() if p.name != "decoder.onnx"]
     assert len(pieces) > 10
+    saved = onnx.load(str(tmp_path / "decoder.onnx"), load_external_data=False)
+    assert any(a.t.data_location == onnx.TensorProto.EXTERNAL for n in saved.graph.node for a in n.attribute
+               if a.HasField("t"))                                      # the case that broke INT4 at real size
     gather_external_data(tmp_path / "decoder.onnx", pieces)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
     got = run(session(tmp_path / "decoder.onnx"), io.output_names, io.dummy_feeds(1, 3, 2))
