@@ -52,6 +52,7 @@ class StepOptions:
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     out: Path | None = Path("runs/bench")          # bench_step.json goes here (None: not written)
     full_depth: bool = False                       # time the real depth (its graph exports: external data)
+    int4_accuracy_level: int = 0                   # MatMulNBits compute type (0 unset, 1 fp32 ... 4 int8)
 
     def check(self) -> StepOptions:
         """A typed error naming a bad value."""
@@ -62,6 +63,9 @@ class StepOptions:
         unknown = sorted(set(self.backends) - set(BACKENDS))
         if unknown:
             raise ConfigError(f"unknown step backend {unknown[0]!r} (choose from {', '.join(BACKENDS)})", unknown[0])
+        if self.int4_accuracy_level not in range(5):
+            raise ConfigError(f"--int4-accuracy-level must be 0..4, got {self.int4_accuracy_level}",
+                              self.int4_accuracy_level)
         shape_config(self.shape)
         return self
 
@@ -188,7 +192,7 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         variants.append(("onnxruntime-int8", int8))
     if "onnxruntime-int4" in o.backends:
         int4 = tmp / f"k{k}.int4.onnx"
-        quantize_int4(fp32, int4, block_size=32)
+        quantize_int4(fp32, int4, block_size=32, accuracy_level=o.int4_accuracy_level)
         variants.append(("onnxruntime-int4", int4))
     for name, path in variants:
         sess = session(path)

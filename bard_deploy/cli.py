@@ -286,11 +286,13 @@ def bench_step(
     full_depth: bool = typer.Option(S.full_depth, "--full-depth", help="Time the real depth instead of two layer "
                                     "counts extrapolated (the graph exports with external data; needs its memory)."),
     out: Path = typer.Option(S.out, help="Where bench_step.json goes."),
+    int4_accuracy_level: int = typer.Option(S.int4_accuracy_level, help="INT4 kernel compute type: 0 unset, "
+                                            "1 fp32, 2 fp16, 3 bf16, 4 int8."),
 ):
     """One decoder step at real model shapes (random weights) on torch and onnxruntime fp32 / INT8 / INT4; one JSON
     line last."""
     o = StepOptions(shape, _ints(tokens, "tokens"), past, _ints(layers_subset, "layers-subset"), repeats,
-                    tuple(b.strip() for b in backends.split(",") if b.strip()), out, full_depth)
+                    tuple(b.strip() for b in backends.split(",") if b.strip()), out, full_depth, int4_accuracy_level)
     res = step_bench(o, log=console.print)
     console.print(step_table(res))
     print(json.dumps(res))
