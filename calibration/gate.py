@@ -31,7 +31,7 @@ from bard_deploy.errors import ExportError
 from bard_deploy.evaluate import evaluate
 from bard_deploy.manifest import Manifest
 from bard_deploy.runtimes.api import Pipeline
-from bard_deploy.runtimes.ort_backend import OrtBackend, session
+from bard_deploy.runtimes.ort_backend import OrtBackend
 
 CALIBRATION_FILE = "calibration.safetensors"
 ATTEMPTS = ("all MatMuls", "lm_head and first/last layers kept fp32")
@@ -65,20 +65,18 @@ class QuantOptions:
 
 
 def _pipeline(directory: Path, manifest: Manifest, variant: str) -> Pipeline:
+    """A Pipeline over one decoder variant of a (just written) export directory; the manifest is the caller's."""
     return Pipeline.from_backend(OrtBackend(directory, variant=variant, manifest=manifest), directory)
 
 
-def exact_match(directory: Path, manifest: Manifest, variant: str, prompts: ExportPrompts, ar: bool) -> float:
-    """Exact match of one decoder variant of a (just written) export directory on the evaluation prompts."""
-    pipe = _pipeline(directory, manifest, variant)
+def exact_match(pipe: Pipeline, prompts: ExportPrompts, ar: bool) -> float:
+    """Exact match of a pipeline on the evaluation prompts."""
     ev = evaluate(pipe, prompts.evaluation, ar=ar, batch_size=16, **trajectory_options(pipe.config))
     return round(ev.exact_match, 4)
 
 
-def generated(directory: Path, manifest: Manifest, variant: str, prompts: ExportPrompts, ar: bool
-              ) -> list[list[int]]:
-    """The tokens one decoder variant generates for each evaluation prompt (up to EOS)."""
-    pipe = _pipeline(directory, manifest, variant)
+def generated(pipe: Pipeline, prompts: ExportPrompts, ar: bool) -> list[list[int]]:
+    """The tokens a pipeline generates for each evaluation prompt (up to EOS)."""
     return [pipe.generate_batch([prompt_of(c)], ar=ar, **trajectory_options(pipe.config))[0].token_ids
             for c in prompts.evaluation]
 
@@ -90,42 +88,63 @@ def token_agreement(reference: list[list[int]], rows: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
-class _Scorer:
-    """The end-to-end half of the gate: exact match (synthetic task) or token agreement with fp32 (user data);
-    the fp32 side is decoded once."""
+class _Gate:
+    """What every quantized variant is judged against, set up once: the fp32 graph's pipeline (the reference of
+    the held-out top-1, validated against PyTorch) and its end-to-end result (exact match on the synthetic task,
+    generated tokens on the user's data), decoded once for all variants and attempts."""
 
-    def __init__(self, directory: Path, manifest: Manifest, prompts: ExportPrompts, ar: bool, o: QuantOptions):
-        self.directory, self.manifest, self.prompts, self.ar, self.o = directory, manifest, prompts, ar, o
-        self.fp32 = self._run("fp32")
+    def __init__(self, directory: Path, manifest: Manifest, prompts: ExportPrompts, o: QuantOptions):
+        self.directory, self.prompts, self.o = directory, prompts, o
+        self.reference = _pipeline(directory, manifest, "fp32")
+        self.config = self.reference.config
+        self.ar = self.config.bard is None
+        self.decision = 1 if self.ar else self.config.bard.block_size
+        self.fp32 = self._end_to_end(self.reference)
 
-    def _run(self, variant: str):
+    def _end_to_end(self, pipe: Pipeline):
         if self.prompts.score == "exact_match":
-            return exact_match(self.directory, self.manifest, variant, self.prompts, self.ar)
-        return generated(self.directory, self.manifest, variant, self.prompts, self.ar)
+            return exact_match(pipe, self.prompts, self.ar)
+        return generated(pipe, self.prompts, self.ar)
 
-    def __call__(self, variant: str) -> tuple[bool, dict]:
-        """(passed, report) of the end-to-end criterion for a quantized variant."""
-        got = self._run(variant)
+    def judge(self, manifest: Manifest, variant: str) -> tuple[bool, dict]:
+        """(passed, report) of the variant's graph as it is now in the directory (`manifest` lists it)."""
+        pipe = _pipeline(self.directory, manifest, variant)         # the graph is loaded once per attempt
+        held_out = compare_live(self.reference, pipe.backend.decoder, self.prompts.held_out, self.decision,
+                                ar=self.ar, outputs=[iospec.LOGITS], **trajectory_options(self.config))
+        got = self._end_to_end(pipe)
         if self.prompts.score == "exact_match":
             drop = round(self.fp32 - got, 4)
-            return drop <= self.o.gate_em_drop, {"exact_match_fp32": self.fp32, f"exact_match_{variant}": got,
-                                                 "exact_match_drop": drop}
-        agree = round(token_agreement(self.fp32, got), 4)
-        return agree >= self.o.gate_token_agreement, {"token_agreement": agree}
+            scores = {"exact_match_fp32": self.fp32, f"exact_match_{variant}": got, "exact_match_drop": drop}
+            passed = drop <= self.o.gate_em_drop
+        else:
+            scores = {"token_agreement": round(token_agreement(self.fp32, got), 4)}
+            passed = scores["token_agreement"] >= self.o.gate_token_agreement
+        report = {"top1_agreement": round(held_out.top1, 4), "held_out_steps": held_out.steps,
+                  "score": self.prompts.score, **scores}
+        return passed and held_out.top1 >= self.o.gate_top1, report
 
 
 def quantize_and_gate(directory: Path, manifest: Manifest, prompts: ExportPrompts, o: QuantOptions,
-                      variant: str = "int8", calibration: Trajectories | None = None, log=print) -> Manifest:
-    """Write the `variant` ("int8" or "int4") decoder (and, for INT8, the calibration file of `calibration`, the
-    recorded trajectories) into `directory`; returns the manifest with the variant, its gate report and the
-    calibration entry. ExportError when the gate fails even with the sensitive layers in fp32.
+                      variants: tuple[str, ...] = ("int8",), calibration: Trajectories | None = None,
+                      log=print) -> Manifest:
+    """Write each of `variants` ("int8", "int4") into `directory` (and, for INT8, the calibration file of
+    `calibration`, the recorded trajectories), each through the gate; returns the manifest with the variants,
+    their gate reports and the calibration entry. ExportError when a gate fails even with the sensitive layers
+    in fp32.
 
     No PyTorch model is needed: the reference is the directory's fp32 graph (validated against PyTorch), so the
     caller frees its weights before the quantizers load the graph."""
+    gate = _Gate(directory, manifest, prompts, o)
+    for variant in variants:
+        manifest = _quantize_one(gate, manifest, variant, calibration, log)
+    return manifest
+
+
+def _quantize_one(gate: _Gate, manifest: Manifest, variant: str, calibration: Trajectories | None,
+                  log) -> Manifest:
+    """One variant: quantize, judge, retry once with the sensitive layers in fp32."""
     t0 = time.perf_counter()
-    reference = _pipeline(directory, manifest, "fp32")
-    cfg = reference.config
-    ar = cfg.bard is None
+    o, directory, prompts, cfg = gate.o, gate.directory, gate.prompts, gate.config
     entry = None
     if variant == "int8":      # weight-only INT4 needs no activations; INT8 keeps them with the export
         assert calibration is not None, "INT8 needs the calibration trajectories"
@@ -135,8 +154,6 @@ def quantize_and_gate(directory: Path, manifest: Manifest, prompts: ExportPrompt
     _, fp32 = manifest.decoder_graph("fp32")
     name = graph_name(variant, o.target)
     quantized = manifest.with_decoder(variant, name, default=variant == "int8" or manifest.default_variant == "fp32")
-    decision = 1 if ar else cfg.bard.block_size
-    end_to_end = _Scorer(directory, quantized, prompts, ar, o)
     head = [] if o.int4_lm_head else lm_head_matmuls(directory / fp32)
     exclude: list[str] = head if variant == "int4" else []
     for attempt in ATTEMPTS:
@@ -144,25 +161,21 @@ def quantize_and_gate(directory: Path, manifest: Manifest, prompts: ExportPrompt
             quantize(directory / fp32, directory / name, o.target, calibration.feeds(), exclude)
         else:
             quantize_int4(directory / fp32, directory / name, o.int4_block_size, o.int4_accuracy_level, exclude)
-        held_out = compare_live(reference, session(directory / name), prompts.held_out, decision, ar=ar,
-                                outputs=[iospec.LOGITS], **trajectory_options(cfg))
-        top1 = held_out.top1
-        passed, scores = end_to_end(variant)
+        passed, report = gate.judge(quantized, variant)
         scheme = (SCHEMES[o.target] if variant == "int8" else
                   int4_scheme(o.int4_block_size, o.int4_accuracy_level, o.int4_lm_head and attempt == ATTEMPTS[0]))
-        gate = {"target": o.target if variant == "int8" else "cpu", "scheme": scheme, "top1_agreement": round(top1, 4),
-                "held_out_steps": held_out.steps, "score": prompts.score, **scores, "attempt": attempt,
-                "excluded_nodes": len(exclude), "eval_samples": len(prompts.evaluation),
-                "thresholds": {"top1": o.gate_top1, "em_drop": o.gate_em_drop,
-                               "token_agreement": o.gate_token_agreement}}
-        gate["passed"] = top1 >= o.gate_top1 and passed
-        log(f"export: {variant} gate ({attempt}): top-1 {top1:.4f}, "
-            + ", ".join(f"{k} {v}" for k, v in scores.items()) + f" ({'pass' if gate['passed'] else 'fail'})")
-        if gate["passed"]:
+        scores = {k: v for k, v in report.items() if k not in ("top1_agreement", "held_out_steps", "score")}
+        g = {"target": o.target if variant == "int8" else "cpu", "scheme": scheme, **report, "attempt": attempt,
+             "excluded_nodes": len(exclude), "eval_samples": len(prompts.evaluation),
+             "thresholds": {"top1": o.gate_top1, "em_drop": o.gate_em_drop, "token_agreement": o.gate_token_agreement},
+             "passed": passed}
+        log(f"export: {variant} gate ({attempt}): top-1 {g['top1_agreement']:.4f}, "
+            + ", ".join(f"{k} {v}" for k, v in scores.items()) + f" ({'pass' if passed else 'fail'})")
+        if passed:
             log(f"export: {variant} done in {time.perf_counter() - t0:.1f} s")
-            return replace(quantized, **{variant: gate}, **({"calibration": entry} if entry else {}))
+            return replace(quantized, **{variant: g}, **({"calibration": entry} if entry else {}))
         exclude = sorted(set(sensitive_matmuls(directory / fp32, cfg.text.num_hidden_layers)) | set(head))
     got = ", ".join(f"{k} {v}" for k, v in scores.items())
     raise ExportError(f"{variant.upper()} accuracy gate failed even with sensitive layers in fp32: top-1 "
-                      f"{gate['top1_agreement']} (min {o.gate_top1}), {got} (limits: exact-match drop "
-                      f"{o.gate_em_drop}, token agreement {o.gate_token_agreement})", gate)
+                      f"{g['top1_agreement']} (min {o.gate_top1}), {got} (limits: exact-match drop "
+                      f"{o.gate_em_drop}, token agreement {o.gate_token_agreement})", g)

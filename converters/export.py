@@ -85,8 +85,9 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
                                               **trajectory_options(model.config))
         del pipe, model                 # the PyTorch weights go before the quantizers load the graph
         gc.collect()
-        for variant in [v for v, wanted in (("int8", int8), ("int4", int4)) if wanted]:
-            manifest = quantize_and_gate(tmp, manifest, prompts, o, variant, calibration, log)
+        variants = tuple(v for v, wanted in (("int8", int8), ("int4", int4)) if wanted)
+        if variants:
+            manifest = quantize_and_gate(tmp, manifest, prompts, o, variants, calibration, log)
         manifest = manifest.write(tmp)
     return manifest
 
