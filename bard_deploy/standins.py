@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from bard_deploy.atomic import atomic_dir, write_json
 from bard_deploy.checkpoint import INDEX
 from bard_deploy.config import BARD_VL_MASK_TOKEN_ID
-from bard_deploy.data.tokenizer import CHAT_TEMPLATE, vocabulary
+from bard_deploy.data.tokenizer import vocabulary, word_level_tokenizer
 from bard_deploy.errors import ConfigError
 
 # text_config / vision_config of the official Qwen3-VL-*-Instruct config.json files
@@ -149,27 +149,22 @@ def write_weights(directory: Path, specs: dict[str, tuple[int, ...]], seed: int,
 def build_tokenizer(bard_vl: bool = False):
     """A word-level tokenizer with 151643 regular tokens (the synthetic task's words first, then fillers) and
     Qwen's special tokens at their real ids; `<|mask|>` at 151671 for a Bard-VL copy."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken
 
     words = [w for w in vocabulary() if not w.startswith("<")]
     vocab = {w: i for i, w in enumerate(words)}
     for i in range(len(vocab), FIRST_SPECIAL):
         vocab[f"w{i}"] = i
-    unk = f"w{FIRST_SPECIAL - 1}"                # Qwen's byte-level BPE has no unknown token; this one is a filler
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     specials = list(SPECIAL_TOKENS)
     if bard_vl:      # 151669, 151670 unused, then the mask token at Bard-VL's id
         specials += ["<|reserved_0|>", "<|reserved_1|>", "<|mask|>"]
-    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
-    assert tok.token_to_id("<|endoftext|>") == FIRST_SPECIAL and tok.token_to_id("<|image_pad|>") == 151655
-    assert not bard_vl or tok.token_to_id("<|mask|>") == BARD_VL_MASK_TOKEN_ID
-    extra = {"mask_token": "<|mask|>"} if bard_vl else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE, model_max_length=262144,
-                                   extra_special_tokens=extra)
+    # Qwen's byte-level BPE has no unknown token; this one is a filler
+    tok = word_level_tokenizer(vocab, [AddedToken(t, special=True) for t in specials], f"w{FIRST_SPECIAL - 1}",
+                               262144, {"mask_token": "<|mask|>"} if bard_vl else {})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|image_pad|>", "<|mask|>")}
+    assert ids["<|endoftext|>"] == FIRST_SPECIAL and ids["<|image_pad|>"] == 151655
+    assert not bard_vl or ids["<|mask|>"] == BARD_VL_MASK_TOKEN_ID
+    return tok
 
 
 def write_standin(out: str | Path, size: str = "2b", layers: int | None = None, bard_vl: bool = False,

@@ -41,21 +41,27 @@ def vocabulary() -> list[str]:
     return tokens
 
 
-def build_tokenizer():
-    """A PreTrainedTokenizerFast: word level, unknown words -> <unk>, clean decoding of punctuation."""
+def word_level_tokenizer(vocab: dict[str, int], specials: list, unk: str, model_max_length: int,
+                         extra_special_tokens: dict[str, str]):
+    """A PreTrainedTokenizerFast over a word-level vocabulary (whitespace split, unknown words -> `unk`, clean
+    decoding of punctuation), `specials` added after it, Qwen's pad / EOS tokens and our chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)   # joins words with spaces, "a ." -> "a."
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
-        chat_template=CHAT_TEMPLATE, model_max_length=4096,
-        extra_special_tokens={"mask_token": "<|mask|>"},
+        tokenizer_object=tok, unk_token=unk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE, model_max_length=model_max_length, extra_special_tokens=extra_special_tokens,
     )
+
+
+def build_tokenizer():
+    """The embedded default's tokenizer: word level over the task's vocabulary, unknown words -> <unk>."""
+    return word_level_tokenizer({t: i for i, t in enumerate(vocabulary())}, list(SPECIAL_TOKENS), "<unk>", 4096,
+                                {"mask_token": "<|mask|>"})
 
 
 def padded_vocab_size(tokenizer) -> int:
