@@ -1,5 +1,5 @@
 """The conversations an export decodes, as one parameter: validation (ONNX vs PyTorch parity), calibration and
-held-out trajectories (INT8), evaluation prompts (the INT8 gate's exact match).
+held-out trajectories (INT8, INT4), evaluation prompts (the gate's end-to-end score).
 
 The synthetic task is the right data only for the embedded default, which was trained on it; `for_checkpoint`
 gives it there. Any other model is calibrated and gated on the user's chat JSONL (`--calib-data`); without it, it
@@ -20,6 +20,17 @@ from bard_deploy.manifest import sha256
 from bard_deploy.prompting import load_image
 
 VALIDATION_PROMPTS = 3
+
+
+def _cut(rows: list[list[dict]], calibration_samples: int) -> tuple[list, list, list]:
+    """(validation, calibration, held-out) in that order from the front of `rows`: 3, N and max(4, N / 4)."""
+    c = VALIDATION_PROMPTS + calibration_samples
+    return rows[:VALIDATION_PROMPTS], rows[VALIDATION_PROMPTS:c], rows[c:c + max(4, calibration_samples // 4)]
+
+
+def _needed(calibration_samples: int) -> int:
+    """Rows `_cut` takes."""
+    return VALIDATION_PROMPTS + calibration_samples + max(4, calibration_samples // 4)
 
 
 def trajectory_options(config) -> dict:
@@ -57,11 +68,8 @@ class ExportPrompts:
     def synthetic(cls, calibration_samples: int = 16, eval_samples: int = 100) -> ExportPrompts:
         """The synthetic task: validation split (3 validation prompts, then the calibration and held-out ones),
         the test split for evaluation."""
-        held = max(4, calibration_samples // 4)
-        val = synthetic_conversations("validation", VALIDATION_PROMPTS + calibration_samples + held)
-        return cls(val[:VALIDATION_PROMPTS], val[VALIDATION_PROMPTS:VALIDATION_PROMPTS + calibration_samples],
-                   val[VALIDATION_PROMPTS + calibration_samples:], synthetic_conversations("test", eval_samples),
-                   "validation split")
+        val = synthetic_conversations("validation", _needed(calibration_samples))
+        return cls(*_cut(val, calibration_samples), synthetic_conversations("test", eval_samples), "validation split")
 
     def at_image_size(self, size: int) -> ExportPrompts:
         """Every image resized to size x size: what a vision graph traced at one grid accepts (until the vision
@@ -76,15 +84,13 @@ class ExportPrompts:
     def from_jsonl(cls, path: str | Path, calibration_samples: int = 16, eval_samples: int = 100) -> ExportPrompts:
         """The user's chat JSONL (the rows of `train --data`), in file order: 3 validation prompts, then the
         calibration, held-out and (up to `eval_samples`) evaluation ones; scored by token agreement with fp32."""
-        held = max(4, calibration_samples // 4)
-        need = VALIDATION_PROMPTS + calibration_samples + held
+        need = _needed(calibration_samples)
         rows = read_conversations(path, need + eval_samples)
         if len(rows) < need + 1:
             raise DataError(f"--calib-data {path}: {len(rows)} rows; calibrating on {calibration_samples} prompts "
-                            f"needs at least {need + 1} ({VALIDATION_PROMPTS} validation, {held} held out, one or "
-                            "more evaluation)", len(rows))
-        v, c = VALIDATION_PROMPTS, VALIDATION_PROMPTS + calibration_samples
-        return cls(rows[:v], rows[v:c], rows[c:need], rows[need:], f"{path} (sha256 {sha256(Path(path))[:16]})",
+                            f"needs at least {need + 1} ({VALIDATION_PROMPTS} validation, "
+                            f"{max(4, calibration_samples // 4)} held out, one or more evaluation)", len(rows))
+        return cls(*_cut(rows, calibration_samples), rows[need:], f"{path} (sha256 {sha256(Path(path))[:16]})",
                    "token_agreement")
 
     @classmethod
