@@ -82,6 +82,13 @@ class Comparison:
         return self.agree / max(self.total, 1)
 
 
+def track_worst(worst: dict[str, float], got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Fold one run's max abs difference per output (`got` against `expected`) into `worst`, in place."""
+    for name, g in got.items():
+        diff = float((g - expected[name].detach().cpu()).abs().max()) if g.numel() else 0.0
+        worst[name] = max(worst.get(name, 0.0), diff)
+
+
 class _Shadow(_Wrapping):
     """Runs `inner` (the reference) and the session `sess` on the same feeds; keeps only the comparison."""
 
@@ -96,9 +103,7 @@ class _Shadow(_Wrapping):
         got = run(self.sess, self.outputs, feeds)
         r = self.result
         r.steps += 1
-        for name, g in got.items():
-            diff = float((g - ref[name].detach().cpu()).abs().max()) if g.numel() else 0.0
-            r.worst[name] = max(r.worst.get(name, 0.0), diff)
+        track_worst(r.worst, got, ref)
         # Decision positions are the ones the decoder reads: the last `decision` of each step (AR: 1, the next
         # token; BARD: the block's canvas). BARD never reads prefill logits, so prefills (empty past) are skipped:
         # prompt positions would only measure noise in predictions nobody uses.

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bard_deploy import iospec
+from bard_deploy.calibration.collect import track_worst
 from bard_deploy.errors import ExportError
 from bard_deploy.onnx_files import gather_external_data
 from bard_deploy.runtimes.ort_backend import run
@@ -101,9 +102,7 @@ def compare(graph: str, sess, recorded: list[tuple[dict, dict]], tolerance: floa
     worst: dict[str, float] = {}
     names = [o.name for o in sess.get_outputs()]
     for feeds, expected in recorded:
-        for n, g in run(sess, names, feeds).items():
-            diff = float((g - expected[n].detach().cpu()).abs().max()) if g.numel() else 0.0
-            worst[n] = max(worst.get(n, 0.0), diff)
+        track_worst(worst, run(sess, names, feeds), expected)
     return check_tolerance(graph, worst, tolerance)
 
 
