@@ -25,7 +25,7 @@ from bard_deploy.calibration.gate import QuantOptions
 from bard_deploy.calibration.prompts import ExportPrompts
 from bard_deploy.converters.export import export as export_model
 from bard_deploy.errors import BardError, ConfigError, RuntimeInputError
-from bard_deploy.inspect import inspect_tables
+from bard_deploy.inspect import export_tables, inspect_tables
 from bard_deploy.runtimes.api import BACKENDS, Pipeline
 from bard_deploy.runtimes.decode import DecodeOptions, Stats
 from bard_deploy.standins import SIZES, write_standin
@@ -174,9 +174,9 @@ def export(
     o = QuantOptions(target, calibration_samples, gate_top1, gate_em_drop, gate_token_agreement, eval_samples,
                      int4_block_size, int4_accuracy_level, int4_lm_head).check()
     prompts = ExportPrompts.for_checkpoint(model, int8 or int4, o.calibration_samples, o.eval_samples, calib_data)
-    export_model(model, out, prompts, int8=int8, int4=int4, quant_options=o, force=force, image_size=image_size,
-                 block_size=block_size, external_data=external_data, log=console.print)
-    for table in inspect_tables(out):
+    m = export_model(model, out, prompts, int8=int8, int4=int4, quant_options=o, force=force, image_size=image_size,
+                     block_size=block_size, external_data=external_data, log=console.print)
+    for table in export_tables(m, out, verified=False):    # the manifest just written: no second pass over files
         console.print(table)
 
 

@@ -74,6 +74,10 @@ def inspect_tables(directory: str | Path) -> list[Table]:
     checkpoint's summary."""
     directory = Path(directory)
     if is_export(directory):
-        m = Manifest.read(directory)
-        return [mapping_table(f"export {directory}", export_summary(m)), export_table(m, directory)]
+        return export_tables(Manifest.read(directory), directory, verified=True)
     return [mapping_table(f"checkpoint {directory}", checkpoint_summary(directory))]
+
+
+def export_tables(m: Manifest, directory: Path, verified: bool) -> list[Table]:
+    """An export's facts and graphs from its manifest: one read back and verified, or the exporter's own."""
+    return [mapping_table(f"export {directory}", export_summary(m, verified)), export_table(m, directory)]

@@ -101,8 +101,9 @@ def export_table(m: Manifest, directory: Path) -> Table:
     return table
 
 
-def export_summary(m: Manifest) -> dict[str, object]:
-    """The facts of an export beside its graph table (`inspect EXPORT_DIR`)."""
+def export_summary(m: Manifest, verified: bool = True) -> dict[str, object]:
+    """The facts of an export beside its graph table (`inspect EXPORT_DIR`); `verified`: its files were checked
+    against the manifest (False right after the exporter wrote them)."""
     kind = "AR" if m.block_size is None else f"BARD, block size {m.block_size}, mask id {m.mask_token_id}"
     out: dict[str, object] = {
         "model": m.model, "kind": kind,
@@ -121,5 +122,5 @@ def export_summary(m: Manifest) -> dict[str, object]:
                                       f"{_end_to_end(g, variant)}")
     if m.calibration is not None:
         out["calibration"] = f"{m.calibration['steps']} steps, sha256 {m.calibration['sha256'][:16]}..."
-    out["files"] = f"{len(m.files)} (sha256 verified)"
+    out["files"] = f"{len(m.files)} (sha256 {'verified' if verified else 'written'})"
     return out
