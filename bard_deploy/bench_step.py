@@ -188,7 +188,7 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         variants.append(("onnxruntime-fp32", fp32))
     if "onnxruntime-int8" in o.backends:
         int8 = tmp / f"k{k}.int8.onnx"
-        quantize(fp32, int8, "cpu", [], [])
+        quantize(fp32, int8, "cpu", None, [])
         variants.append(("onnxruntime-int8", int8))
     if "onnxruntime-int4" in o.backends:
         int4 = tmp / f"k{k}.int4.onnx"

@@ -15,6 +15,8 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from bard_deploy.data.synthetic import make_sample
@@ -35,16 +37,51 @@ def chat_jsonl(path: Path, n: int) -> Path:
     return path
 
 
+def _tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process and all its descendants together, from /proc (0 once it is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) if "VmRSS" in status else 0
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, AttributeError):
+            continue
+    return total
+
+
 def timed(cmd: list[str]) -> dict:
-    """Run a command under /usr/bin/time -v; its wall time, peak RSS and exit code."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr)
+    """Run a command under /usr/bin/time -v; its wall time, exit code, peak RSS of the process itself (time -v:
+    the largest single process) and of the whole process tree at once (sampled every 0.2 s from /proc: the
+    quantizers run in a child process beside the exporter), and the export's log lines with their times."""
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    peak, lines, t0 = [0], [], time.perf_counter()
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if line.startswith(("export:", "error:")):
+            print(f"[{time.perf_counter() - t0:7.1f} s, tree {_tree_rss_kib(proc.pid) / 2**20:5.2f} GiB] "
+                  f"{line.rstrip()}", flush=True)
+    proc.wait()
+    sampler.join()
+    text = "\n".join(lines)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     parts = [float(x) for x in wall.group(1).split(":")] if wall else [0.0]
     seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-    lines = (proc.stdout + proc.stderr).splitlines()
     return {"rc": proc.returncode, "wall_s": round(seconds, 1),
             "peak_rss_gib": round(int(rss.group(1)) / 2**20, 2) if rss else None,
+            "peak_tree_rss_gib": round(peak[0] / 2**20, 2),
             "log": [ln.strip() for ln in lines if ln.startswith(("export:", "error:"))]}
 
 
@@ -79,7 +116,8 @@ def main() -> None:
         result["graphs_mib"] = {v: round(graph_bytes(out / g) / 2**20, 1) for v, g in m["graphs"]["decoder"].items()}
         result["gates"] = {v: m[v] for v in ("int8", "int4") if m.get(v)}
     print(f"stand-in {args.size} ({args.layers or 'all'} layers), export {' '.join(flags) or 'fp32'}: rc {run['rc']}, "
-          f"{run['wall_s']} s, peak RSS {run['peak_rss_gib']} GiB, graphs {result.get('graphs_mib')}")
+          f"{run['wall_s']} s, peak RSS {run['peak_rss_gib']} GiB (process tree {run['peak_tree_rss_gib']} GiB), "
+          f"graphs {result.get('graphs_mib')}")
     print(json.dumps(result))
 
 

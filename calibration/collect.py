@@ -10,6 +10,9 @@ all-MASK to almost clean, with and without a finished block in front) carries th
 - `record_trajectories` keeps each step's own inputs and its past length, and the past K/V once per prompt (the
   longest one: the KV buffer is append-only, so every step's past is a prefix of it); `Trajectories.feeds`
   rebuilds the full feeds one step at a time for the static quantizer. Saved as a versioned safetensors file.
+  With `outputs=True` it also keeps what each step returned: the export's validation records the PyTorch
+  reference this way, frees the PyTorch weights, and only then loads the ONNX graph to replay the steps
+  (the two models are never in memory together: at 2B each is 8.5 GB in fp32).
 
 Each decodes through a new Pipeline over a wrapping backend: the caller's Pipeline is never modified (it may be
 shared between threads). `record_vision` records the vision tower's (small) inputs and outputs per image.
@@ -23,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bard_deploy import iospec
+from bard_deploy.errors import ExportError
 from bard_deploy.manifest import sha256
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.runtimes.ort_backend import run
@@ -133,6 +138,7 @@ class Trajectories:
 
     steps: list[tuple[int, int, dict[str, torch.Tensor]]] = field(default_factory=list)
     pasts: list[list[torch.Tensor]] = field(default_factory=list)
+    outputs: list[dict[str, torch.Tensor]] = field(default_factory=list)    # per step, when recorded
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -147,6 +153,11 @@ class Trajectories:
                 full[iospec.past_value(i)] = past[2 * i + 1][:, :, :length]
             yield full
 
+    def records(self) -> Iterator[Record]:
+        """(full feeds, recorded outputs) of every step, one at a time (recorded with `outputs=True`)."""
+        assert len(self.outputs) == len(self.steps), "these trajectories were recorded without their outputs"
+        yield from zip(self.feeds(), self.outputs, strict=True)
+
     def save(self, path: str | Path, meta: dict) -> str:
         """Write a safetensors file (`step/<n>/<io name>`, `past/<prompt>/<layer tensor>`, the step table in the
         metadata); returns its sha256."""
@@ -159,14 +170,34 @@ class Trajectories:
                                                 "steps": json.dumps(table)})
         return sha256(Path(path))
 
+    @classmethod
+    def load(cls, path: str | Path) -> Trajectories:
+        """Read a file written by `save` (the inputs only: outputs are never saved)."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            if meta.get("format_version") != str(FORMAT_VERSION):
+                raise ExportError(f"{path}: calibration format {meta.get('format_version')!r}, this version reads "
+                                  f"{FORMAT_VERSION}", str(path))
+            table = json.loads(meta["steps"])
+            steps = [(prompt, length, {}) for prompt, length in table]
+            pasts: dict[int, dict[int, torch.Tensor]] = {}
+            for key in f.keys():
+                kind, n, name = key.split("/", 2)
+                if kind == "step":
+                    steps[int(n)][2][name] = f.get_tensor(key)
+                else:
+                    pasts.setdefault(int(n), {})[int(name)] = f.get_tensor(key)
+        return cls(steps, [[p[i] for i in sorted(p)] for _, p in sorted(pasts.items())])
+
 
 class _Recorder(_Wrapping):
     """Keeps each step's own inputs and past length; the past itself only as views into the request's KV buffer,
     copied once when the prompt is done."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, outputs: bool = False):
         super().__init__(inner)
         self.data = Trajectories()
+        self.keep_outputs = outputs
         self._views: list[torch.Tensor] = []
 
     def step(self, feeds):
@@ -175,7 +206,10 @@ class _Recorder(_Wrapping):
         self.data.steps.append((len(self.data.pasts), feeds[past[0]].shape[2],
                                 {k: v.cpu().clone() for k, v in feeds.items() if k not in past}))
         self._views = [feeds[name] for name in past]
-        return self.inner.step(feeds)
+        out = self.inner.step(feeds)
+        if self.keep_outputs:
+            self.data.outputs.append({k: v.detach().cpu().clone() for k, v in out.items()})
+        return out
 
     def prompt_done(self) -> None:
         """Copy the prompt's longest past (the last step's) out of its KV buffer."""
@@ -183,10 +217,11 @@ class _Recorder(_Wrapping):
         self._views = []
 
 
-def record_trajectories(pipe: Pipeline, conversations: list[list[dict]], ar: bool = False,
+def record_trajectories(pipe: Pipeline, conversations: list[list[dict]], ar: bool = False, outputs: bool = False,
                         **options) -> Trajectories:
-    """Decode the prompts of `conversations` one at a time through `pipe`'s backend, recording every step lean."""
-    rec = _Recorder(pipe.backend)
+    """Decode the prompts of `conversations` one at a time through `pipe`'s backend, recording every step lean
+    (`outputs`: with what each step returned, the reference a graph is validated against)."""
+    rec = _Recorder(pipe.backend, outputs)
     _decode(pipe, rec, conversations, ar, between=rec.prompt_done, **options)
     return rec.data
 

@@ -22,6 +22,7 @@ from bard_deploy.calibration.quantize import (
     TARGETS,
     graph_name,
     int4_scheme,
+    isolated,
     lm_head_matmuls,
     quantize,
     quantize_int4,
@@ -89,17 +90,20 @@ def token_agreement(reference: list[list[int]], rows: list[list[int]]) -> float:
 
 
 class _Gate:
-    """What every quantized variant is judged against, set up once: the fp32 graph's pipeline (the reference of
-    the held-out top-1, validated against PyTorch) and its end-to-end result (exact match on the synthetic task,
-    generated tokens on the user's data), decoded once for all variants and attempts."""
+    """What every quantized variant is judged against: the fp32 graph (validated against PyTorch), the reference of
+    the held-out top-1, and its end-to-end result (exact match on the synthetic task, generated tokens on the
+    user's data), decoded once for all variants and attempts.
+
+    The fp32 session is opened only while a variant is judged: at 2B it holds 8.5 GB, which must not sit beside
+    the quantizer."""
 
     def __init__(self, directory: Path, manifest: Manifest, prompts: ExportPrompts, o: QuantOptions):
         self.directory, self.prompts, self.o = directory, prompts, o
-        self.reference = _pipeline(directory, manifest, "fp32")
-        self.config = self.reference.config
+        reference = _pipeline(directory, manifest, "fp32")
+        self.config = reference.config
         self.ar = self.config.bard is None
         self.decision = 1 if self.ar else self.config.bard.block_size
-        self.fp32 = self._end_to_end(self.reference)
+        self.fp32 = self._end_to_end(reference)
 
     def _end_to_end(self, pipe: Pipeline):
         if self.prompts.score == "exact_match":
@@ -109,8 +113,9 @@ class _Gate:
     def judge(self, manifest: Manifest, variant: str) -> tuple[bool, dict]:
         """(passed, report) of the variant's graph as it is now in the directory (`manifest` lists it)."""
         pipe = _pipeline(self.directory, manifest, variant)         # the graph is loaded once per attempt
-        held_out = compare_live(self.reference, pipe.backend.decoder, self.prompts.held_out, self.decision,
-                                ar=self.ar, outputs=[iospec.LOGITS], **trajectory_options(self.config))
+        held_out = compare_live(_pipeline(self.directory, manifest, "fp32"), pipe.backend.decoder,
+                                self.prompts.held_out, self.decision, ar=self.ar, outputs=[iospec.LOGITS],
+                                **trajectory_options(self.config))
         got = self._end_to_end(pipe)
         if self.prompts.score == "exact_match":
             drop = round(self.fp32 - got, 4)
@@ -135,22 +140,23 @@ def quantize_and_gate(directory: Path, manifest: Manifest, prompts: ExportPrompt
     No PyTorch model is needed: the reference is the directory's fp32 graph (validated against PyTorch), so the
     caller frees its weights before the quantizers load the graph."""
     gate = _Gate(directory, manifest, prompts, o)
-    for variant in variants:
-        manifest = _quantize_one(gate, manifest, variant, calibration, log)
-    return manifest
-
-
-def _quantize_one(gate: _Gate, manifest: Manifest, variant: str, calibration: Trajectories | None,
-                  log) -> Manifest:
-    """One variant: quantize, judge, retry once with the sensitive layers in fp32."""
-    t0 = time.perf_counter()
-    o, directory, prompts, cfg = gate.o, gate.directory, gate.prompts, gate.config
     entry = None
-    if variant == "int8":      # weight-only INT4 needs no activations; INT8 keeps them with the export
-        assert calibration is not None, "INT8 needs the calibration trajectories"
+    if calibration is not None:     # saved first: the static quantizer reads it in its own process
         digest = calibration.save(directory / CALIBRATION_FILE, {"samples": len(prompts.calibration),
                                                                   "steps": len(calibration), "source": prompts.source})
         entry = {"file": CALIBRATION_FILE, "sha256": digest, "steps": len(calibration)}
+    for variant in variants:
+        manifest = _quantize_one(gate, manifest, variant, entry, log)
+    return manifest
+
+
+def _quantize_one(gate: _Gate, manifest: Manifest, variant: str, calibration: dict | None, log) -> Manifest:
+    """One variant: quantize, judge, retry once with the sensitive layers in fp32. `calibration`: the manifest
+    entry of the saved calibration file (INT8 keeps it with the export; weight-only INT4 needs no activations)."""
+    t0 = time.perf_counter()
+    o, directory, prompts, cfg = gate.o, gate.directory, gate.prompts, gate.config
+    entry = calibration if variant == "int8" else None
+    assert variant != "int8" or entry is not None, "INT8 needs the calibration trajectories"
     _, fp32 = manifest.decoder_graph("fp32")
     name = graph_name(variant, o.target)
     quantized = manifest.with_decoder(variant, name, default=variant == "int8" or manifest.default_variant == "fp32")
@@ -158,9 +164,10 @@ def _quantize_one(gate: _Gate, manifest: Manifest, variant: str, calibration: Tr
     exclude: list[str] = head if variant == "int4" else []
     for attempt in ATTEMPTS:
         if variant == "int8":
-            quantize(directory / fp32, directory / name, o.target, calibration.feeds(), exclude)
+            isolated(quantize, directory / fp32, directory / name, o.target, directory / CALIBRATION_FILE, exclude)
         else:
-            quantize_int4(directory / fp32, directory / name, o.int4_block_size, o.int4_accuracy_level, exclude)
+            isolated(quantize_int4, directory / fp32, directory / name, o.int4_block_size, o.int4_accuracy_level,
+                     exclude)
         passed, report = gate.judge(quantized, variant)
         scheme = (SCHEMES[o.target] if variant == "int8" else
                   int4_scheme(o.int4_block_size, o.int4_accuracy_level, o.int4_lm_head and attempt == ATTEMPTS[0]))

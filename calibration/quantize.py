@@ -12,9 +12,12 @@ accuracy gate fails with everything quantized: lm_head and the first and last de
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bard_deploy import iospec
+from bard_deploy.calibration.collect import Trajectories
+from bard_deploy.errors import ExportError
 from bard_deploy.onnx_files import data_file, gather_external_data
 from bard_deploy.runtimes.ort_backend import to_numpy
 
@@ -70,21 +75,41 @@ def _publish(scratch_graph: Path, out: Path) -> None:
         shutil.move(data_file(scratch_graph), data_file(out))
 
 
-def quantize(fp32: Path, out: Path, target: str, calibration: Iterable[dict[str, torch.Tensor]],
-             exclude: list[str]) -> None:
-    """Write an INT8 copy of the decoder graph `fp32` to `out`. `calibration`: step feeds, read one at a time
-    (static targets only); `exclude`: node names kept in fp32."""
+def isolated(fn: Callable, *args) -> None:
+    """Run `fn(*args)` (a quantizer) in a fresh child process when the graph (`args[0]`) has external data: the
+    quantizers hold the whole graph and its quantized copy (at 2B: 8.5 + 2 GB), and only a process that exits
+    surely gives all of that back before the gate loads its sessions. Small graphs are quantized in-process."""
+    if not data_file(args[0]).is_file():
+        fn(*args)
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            pool.submit(fn, *args).result()
+        except BrokenProcessPool as e:
+            raise ExportError(f"the quantizer process for {Path(args[0]).name} died (out of memory?)",
+                              str(args[0])) from e
+
+
+def quantize(fp32: Path, out: Path, target: str, calibration: Path | None, exclude: list[str]) -> None:
+    """Write an INT8 copy of the decoder graph `fp32` to `out`. `calibration`: the saved trajectories
+    (`Trajectories.save`), read one step at a time (static targets only); `exclude`: node names kept in fp32.
+
+    The static quantizer needs shapes inferred first (ORT's pre-processing); the dynamic one quantizes
+    initializer weights and needs none, so its input is the validated graph itself (pre-processing it would load
+    the whole graph into an ORT session and write a second copy: at 2B another 8.5 GB)."""
     external = data_file(fp32).is_file()
     with tempfile.TemporaryDirectory() as scratch, _quiet_quantizer():
         pre, q = Path(scratch) / "pre.onnx", Path(scratch) / out.name
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
-                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
         if target == "cpu":
-            quantize_dynamic(str(pre), str(q), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+            quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                              reduce_range=True, per_channel=True, nodes_to_exclude=exclude,
                              use_external_data_format=external)
         else:
-            quantize_static(str(pre), str(q), _Reader(calibration), quant_format=QuantFormat.QDQ,
+            assert calibration is not None, "a static INT8 target needs calibration trajectories"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
+                              all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
+            quantize_static(str(pre), str(q), _Reader(Trajectories.load(calibration).feeds()),
+                            quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                             op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
                             use_external_data_format=external,

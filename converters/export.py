@@ -4,10 +4,17 @@ Everything goes into a temporary sibling directory that is put in place only whe
 
     export(model_dir, out_dir, prompts)
       1. write_graphs      decoder.onnx, vision.onnx, embeddings.safetensors, config and tokenizer / processor files
-      2. validate          ONNX vs PyTorch on inputs recorded from real generations (image prompts, every
-                           denoising step): max abs diff per output <= 1e-4, else an ExportError naming the output
-      3. quantize_and_gate (--int8 / --int4, calibration/gate.py) each quantized decoder + its accuracy gate
-      4. Manifest.write    IO tables, model facts, parity and gate numbers, calibration hash, sha256 of every file
+      2. record            PyTorch's steps on real generations (image prompts, every denoising step): the
+                           validation reference (inputs and outputs) and, for INT8, the calibration trajectories;
+                           then the PyTorch weights are freed
+      3. validate          ONNX vs the recorded PyTorch steps, replayed: max abs diff per output <= 1e-4, else an
+                           ExportError naming the output
+      4. quantize_and_gate (--int8 / --int4, calibration/gate.py) each quantized decoder + its accuracy gate
+      5. Manifest.write    IO tables, model facts, parity and gate numbers, calibration hash, sha256 of every file
+
+Memory stays bounded at any size: at most one model is in memory at a time (PyTorch for steps 1-2, the ONNX graph
+for 3, the quantizer in its own process and then the fp32 and quantized sessions of the gate for 4), and the
+recorded steps are kept lean (calibration/collect.py).
 
 `prompts` (calibration/prompts.py) are the conversations decoded for steps 2 and 3: the user's data
 (`--calib-data`), else the synthetic task for the embedded default.
@@ -27,14 +34,13 @@ from safetensors.torch import save_file
 
 from bard_deploy import iospec
 from bard_deploy.atomic import atomic_dir, recover_dir, write_json
-from bard_deploy.calibration.collect import compare_live, record_trajectories, record_vision
+from bard_deploy.calibration.collect import Trajectories, record_trajectories, record_vision
 from bard_deploy.calibration.gate import QuantOptions, quantize_and_gate
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.checkpoint import SIDE_FILES, load_model
 from bard_deploy.config import ModelConfig, load_config
 from bard_deploy.converters.onnx_export import (
     FP32_TOLERANCE,
-    check_tolerance,
     compare,
     export_decoder,
     export_vision,
@@ -78,13 +84,16 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
         log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
         if manifest.vision is not None:        # a vision graph of one grid: decode through it at that size
             prompts = prompts.at_image_size(manifest.vision.image_size)
-        manifest = validate(pipe, tmp, manifest, prompts, log)
-        calibration = None
-        if int8:
-            calibration = record_trajectories(pipe, prompts.calibration, ar=model.config.bard is None,
-                                              **trajectory_options(model.config))
-        del pipe, model                 # the PyTorch weights go before the quantizers load the graph
+        options = {"ar": model.config.bard is None, **trajectory_options(model.config)}
+        t1 = time.perf_counter()
+        reference = record_trajectories(pipe, prompts.validation, outputs=True, **options)
+        images = record_vision(pipe, prompts.validation) if manifest.vision is not None else None
+        calibration = record_trajectories(pipe, prompts.calibration, **options) if int8 else None
+        log(f"export: {len(reference)} reference steps recorded in {time.perf_counter() - t1:.1f} s")
+        del pipe, model                 # the PyTorch weights go before any graph is loaded
         gc.collect()
+        manifest = validate(tmp, manifest, reference, images, log)
+        del reference
         variants = tuple(v for v, wanted in (("int8", int8), ("int4", int4)) if wanted)
         if variants:
             manifest = quantize_and_gate(tmp, manifest, prompts, o, variants, calibration, log)
@@ -132,17 +141,13 @@ def write_vision(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
     return VisionGraph(VISION, size, out["image_grid_thw"][0].tolist(), io.table())
 
 
-def validate(pipe: Pipeline, directory: Path, manifest: Manifest, prompts: ExportPrompts, log) -> Manifest:
-    """ONNX vs PyTorch on every step of the validation prompts' trajectories, compared as they happen (nothing is
-    stored per step), and on their images (vision); the manifest with the parity report. ExportError naming the
-    worst output over the tolerance."""
-    cfg = pipe.config
-    live = compare_live(pipe, session(directory / DECODER), prompts.validation, decision=0, ar=cfg.bard is None,
-                        **trajectory_options(cfg))
-    parity = {"tolerance": FP32_TOLERANCE, "steps": live.steps,
-              "decoder": check_tolerance(DECODER, live.worst, FP32_TOLERANCE)}
+def validate(directory: Path, manifest: Manifest, reference: Trajectories, images: list | None, log) -> Manifest:
+    """ONNX vs PyTorch on every recorded step of the validation prompts' trajectories (`reference`, recorded with
+    their outputs) and on their images (vision, `images`); the manifest with the parity report. ExportError naming
+    the worst output over the tolerance. One graph is loaded at a time."""
+    parity = {"tolerance": FP32_TOLERANCE, "steps": len(reference),
+              "decoder": compare(DECODER, session(directory / DECODER), reference.records(), FP32_TOLERANCE)}
     if manifest.vision is not None:
-        images = record_vision(pipe, prompts.validation)
         if not images:
             raise ExportError("no validation prompt has an image: vision.onnx cannot be validated", VISION)
         parity["vision"] = compare(VISION, session(directory / VISION), images, FP32_TOLERANCE)

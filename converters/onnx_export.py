@@ -13,6 +13,7 @@ Graphs (IO names from `bard_deploy.iospec`, the one IO table):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -96,7 +97,7 @@ def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch
     return io
 
 
-def compare(graph: str, sess, recorded: list[tuple[dict, dict]], tolerance: float) -> dict[str, float]:
+def compare(graph: str, sess, recorded: Iterable[tuple[dict, dict]], tolerance: float) -> dict[str, float]:
     """Max abs diff per output of `sess` against recorded (feeds, torch outputs); an ExportError names the worst
     output over the tolerance. The one comparison of every exported graph (decoder and vision)."""
     worst: dict[str, float] = {}
