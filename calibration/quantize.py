@@ -30,7 +30,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from bard_deploy import iospec
 from bard_deploy.calibration.collect import Trajectories
 from bard_deploy.errors import ExportError
-from bard_deploy.onnx_files import data_file, gather_external_data
+from bard_deploy.onnx_files import data_file, gather_external_data, shared_tensors
 from bard_deploy.runtimes.ort_backend import to_numpy
 
 TARGETS = ("cpu", "cuda", "tensorrt")
@@ -64,12 +64,13 @@ class _Reader(CalibrationDataReader):
         return None if feeds is None else to_numpy(feeds)
 
 
-def _publish(scratch_graph: Path, out: Path) -> None:
+def _publish(scratch_graph: Path, out: Path, fp32: Path) -> None:
     """Gather a quantizer's output into `<graph>` + `<graph>.data` and move both to `out` (the ORT tools leave
-    large scratch files behind: they stay in the scratch directory)."""
+    large scratch files behind: they stay in the scratch directory). What the fp32 graph shares (a tied head kept
+    in fp32) stays shared."""
     leftovers = [p for p in scratch_graph.parent.iterdir() if p.name.startswith(scratch_graph.name + ".")
                  or p.suffix == ".data"]
-    gather_external_data(scratch_graph, leftovers)
+    gather_external_data(scratch_graph, leftovers, shared=shared_tensors(fp32))
     shutil.move(scratch_graph, out)
     if data_file(scratch_graph).is_file():
         shutil.move(data_file(scratch_graph), data_file(out))
@@ -114,7 +115,7 @@ def quantize(fp32: Path, out: Path, target: str, calibration: Path | None, exclu
                             op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
                             use_external_data_format=external,
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-        _publish(q, out)
+        _publish(q, out, fp32)
 
 
 def quantize_int4(fp32: Path, out: Path, block_size: int = 32, accuracy_level: int = 0,
@@ -130,7 +131,7 @@ def quantize_int4(fp32: Path, out: Path, block_size: int = 32, accuracy_level: i
         q = Path(scratch) / out.name
         quantizer.model.save_model_to_file(str(q), use_external_data_format=data_file(fp32).is_file())
         del quantizer
-        _publish(q, out)
+        _publish(q, out, fp32)
 
 
 def lm_head_matmuls(model_path: Path) -> list[str]:
@@ -149,13 +150,24 @@ def sensitive_matmuls(model_path: Path, layers: int) -> list[str]:
     return keep
 
 
+def _not_the_pre_processing_advice(record: logging.LogRecord) -> bool:
+    # the dynamic quantizer's advice to pre-process, skipped on purpose (see `quantize`)
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
     """ORT's quantizers log every node at INFO on the root logger: keep that out of the user's terminal."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.WARNING)
+    root.addFilter(_not_the_pre_processing_advice)
+    for h in root.handlers:
+        h.addFilter(_not_the_pre_processing_advice)
     try:
         yield
     finally:
         root.setLevel(level)
+        root.removeFilter(_not_the_pre_processing_advice)
+        for h in root.handlers:
+            h.removeFilter(_not_the_pre_processing_advice)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from bard_deploy import iospec
 from bard_deploy.atomic import atomic_dir, recover_dir, write_json
@@ -115,9 +114,7 @@ def write_graphs(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
                  external_data: bool | None = None) -> Manifest:
     """decoder.onnx, embeddings.safetensors and (for a VLM) vision.onnx; the manifest so far (no parity yet)."""
     model, cfg = pipe.backend.model, pipe.config
-    io = export_decoder(model, directory / DECODER, external_data)
-    save_file({"embed_tokens": model.language_model.embed_tokens.weight.detach().contiguous()},
-              directory / EMBEDDINGS)
+    io = export_decoder(model, directory / DECODER, external_data, EMBEDDINGS)
     vision = write_vision(pipe, model_dir, directory, image_size, external_data) if cfg.has_vision else None
     return Manifest(model=str(model_dir), io=io.table(), num_layers=io.num_layers, num_kv_heads=io.num_kv_heads,
                     head_dim=io.head_dim, hidden_size=io.hidden_size, vocab_size=io.vocab_size,

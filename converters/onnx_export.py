@@ -7,22 +7,26 @@ Graphs (IO names from `bard_deploy.iospec`, the one IO table):
   10-25 s, writes one self-contained file, and ORT reproduces PyTorch to ~1e-6 (environment.md section 3).
 - `vision.onnx`: image patches -> image embeddings and DeepStack features, traced at the processor's fixed
   resolution (one image per call; the grid is recorded in the manifest and any other grid is refused).
-- `embeddings.safetensors`: the token embedding table (a lookup is not worth a graph).
+- `embeddings.safetensors`: the token embedding table (a lookup is not worth a graph). For a tied model it is
+  also the LM head's weight: stored once, transposed, and decoder.onnx's head initializer points into it
+  (bard_deploy/onnx_files.py).
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
 from bard_deploy import iospec
 from bard_deploy.calibration.collect import track_worst
 from bard_deploy.errors import ExportError
-from bard_deploy.onnx_files import gather_external_data
+from bard_deploy.onnx_files import Shared, gather_external_data, write_table
 from bard_deploy.runtimes.ort_backend import run
 from bard_deploy.vision import encode_images
 
@@ -59,11 +63,13 @@ def _dynamic_axes(specs) -> dict[str, dict[int, str]]:
     return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
 
 
-def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs, external_data: bool | None) -> None:
+def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs, external_data: bool | None,
+            share=None) -> None:
     """torch.onnx.export with our settings: TorchScript exporter, opset 17, IO names and dynamic axes from specs.
 
     external_data: weights in one `<graph>.data` file beside the graph; None = only when the graph would pass
-    protobuf's 2 GB limit (the exporter then writes one file per tensor, which this gathers into one)."""
+    protobuf's 2 GB limit (the exporter then writes one file per tensor, which this gathers into one).
+    share(path) -> {initializer name: Shared}: initializers that point into another file instead."""
     before = set(path.parent.iterdir())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,19 +77,40 @@ def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs, exte
                           output_names=[s.name for s in outputs], dynamic_axes=_dynamic_axes((*inputs, *outputs)),
                           opset_version=17, dynamo=False, do_constant_folding=True)
     written = [p for p in set(path.parent.iterdir()) - before if p != path]      # per-tensor files, if any
-    if written or external_data:
-        gather_external_data(path, written)
+    shared = share(path) if share is not None else {}
+    if written or external_data or shared:
+        # inline tensors stay inline unless external data is asked for or needed
+        gather_external_data(path, written, shared=shared,
+                             **({} if written or external_data else {"threshold": sys.maxsize}))
 
 
-def export_decoder(model, path: Path, external_data: bool | None = None) -> iospec.DecoderIO:
-    """Write decoder.onnx (fp32, MatMul+Softmax attention; `external_data` as in `_export`); returns its IO."""
+def _tied_head(graph: Path, io: iospec.DecoderIO, table: Path, offset: int) -> dict[str, Shared]:
+    """The tied LM head's weight initializer (the [hidden, vocab] input of the MatMul that writes the logits),
+    shared with the transposed table written at `offset` of `table`."""
+    proto = onnx.load(str(graph), load_external_data=False).graph
+    inits = {t.name: t for t in proto.initializer}
+    heads = [n.input[1] for n in proto.node if n.op_type == "MatMul" and iospec.LOGITS in n.output
+             and n.input[1] in inits and list(inits[n.input[1]].dims) == [io.hidden_size, io.vocab_size]]
+    if len(heads) != 1:
+        raise ExportError(f"{graph.name}: cannot find the tied LM head's weight (found {heads})", graph.name)
+    return {heads[0]: Shared(table, table.name, offset, 4 * io.hidden_size * io.vocab_size)}
+
+
+def export_decoder(model, path: Path, external_data: bool | None = None,
+                   embeddings: str = "embeddings.safetensors") -> iospec.DecoderIO:
+    """Write decoder.onnx (fp32, MatMul+Softmax attention; `external_data` as in `_export`) and the embedding
+    table `embeddings` beside it (a tied head points into it); returns its IO."""
     io = iospec.DecoderIO.for_config(model.config)
+    table = path.with_name(embeddings)
+    tied = model.lm_head is None
+    offset = write_table(table, model.language_model.embed_tokens.weight, transposed=tied)
     example = io.dummy_feeds(batch=2, seq=3, past=4)     # sizes >= 2 so no dimension is specialised to 0 or 1
     lm = model.language_model
     previous = lm.use_sdpa
     lm.use_sdpa = False
     try:
-        _export(DecoderStep(model, io), tuple(example.values()), path, io.inputs, io.outputs, external_data)
+        _export(DecoderStep(model, io), tuple(example.values()), path, io.inputs, io.outputs, external_data,
+                (lambda graph: _tied_head(graph, io, table, offset)) if tied else None)
     finally:
         lm.use_sdpa = previous
     return io

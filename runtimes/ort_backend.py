@@ -12,12 +12,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-from safetensors.torch import load_file
 
 from bard_deploy import iospec
 from bard_deploy.config import load_config
 from bard_deploy.errors import ExportError, RuntimeInputError
 from bard_deploy.manifest import Manifest
+from bard_deploy.onnx_files import EmbeddingTable
 
 # what onnxruntime raises (plain Exception subclasses): turned into one-line typed errors here
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException, ort_state.InvalidGraph,
@@ -82,7 +82,7 @@ class OrtBackend:
         names = [i.name for i in self.decoder.get_inputs()]
         if names != self.io.input_names:
             raise ExportError(f"decoder graph inputs {names} differ from the IO table", names)
-        self.embeddings = load_file(str(directory / m.embeddings))["embed_tokens"]
+        self.embeddings = EmbeddingTable(directory / m.embeddings)
         self.vision = None
         if m.vision is not None:
             self.vision = session(directory / m.vision.graph, threads, device)
@@ -90,7 +90,7 @@ class OrtBackend:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 -> (B, T, hidden), a lookup in the exported table."""
-        return self.embeddings[input_ids]
+        return self.embeddings(input_ids)
 
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """Run vision.onnx once per image; only the grid it was traced at is accepted."""

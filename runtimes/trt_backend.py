@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from bard_deploy import iospec
 from bard_deploy.config import load_config
 from bard_deploy.errors import ExportError, RuntimeInputError
 from bard_deploy.manifest import Manifest, sha256
+from bard_deploy.onnx_files import EmbeddingTable
 from bard_deploy.runtimes.ort_backend import OrtBackend
 
 
@@ -144,14 +144,14 @@ class TrtBackend:
         self.engine = runtime.deserialize_cuda_engine(engine.read_bytes())
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
-        self.embeddings = load_file(str(directory / m.embeddings))["embed_tokens"]
+        self.embeddings = EmbeddingTable(directory / m.embeddings)
         self.block_size = self.config.bard.block_size if self.config.bard else 1
         # the vision graph runs once per image: onnxruntime is enough
         self.vision = OrtBackend(directory, variant="fp32", manifest=m) if m.vision is not None else None
 
     def embed(self, input_ids):
         """(B, T) int64 -> (B, T, hidden), a lookup in the exported table."""
-        return self.embeddings[input_ids]
+        return self.embeddings(input_ids)
 
     def encode_images(self, pixel_values, grid_thw):
         """The vision graph through onnxruntime."""

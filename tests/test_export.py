@@ -2,6 +2,7 @@
 INT8 and its gate."""
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -166,9 +167,52 @@ def test_external_data_is_one_file_per_graph_and_hashed(exported_external):
     for graph in ("decoder.onnx", "decoder.int8.onnx", "decoder.int4.onnx", "vision.onnx"):
         assert graph in m["files"] and graph + ".data" in m["files"], graph
     proto = onnx.load(str(exported_external / "decoder.onnx"), load_external_data=False)
+    # the tiny model is tied: its head reads the one embedding table, everything else is in the one data file
     assert {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"} \
-        == {"decoder.onnx.data"}
+        == {"decoder.onnx.data", "embeddings.safetensors"}
     assert m["int4"]["passed"] and m["default_variant"] == "int8" and m["graphs"]["decoder"]["int4"]
+
+
+def _locations(graph: Path) -> dict[str, str]:
+    return {t.name: {e.key: e.value for e in t.external_data}["location"]
+            for t in onnx.load(str(graph), load_external_data=False).graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def test_the_vocabulary_table_is_stored_once(ckpt, exported_external, tmp_path):
+    """A tied head's weight is the embedding table: decoder.onnx points into embeddings.safetensors (transposed,
+    page-aligned) instead of holding a second copy, lookups read its columns, and a quantized graph whose head
+    stays fp32 shares it too. A tensor that is not the bytes it claims to share is refused."""
+    import shutil
+
+    from bard_deploy.calibration.quantize import lm_head_matmuls, quantize_int4
+    from bard_deploy.checkpoint import load_model
+    from bard_deploy.onnx_files import ALIGN, EmbeddingTable, Shared, gather_external_data
+
+    table = EmbeddingTable(exported_external / "embeddings.safetensors")
+    weight = load_model(ckpt).language_model.embed_tokens.weight.detach()
+    assert table.transposed and table.table.offset % ALIGN == 0 and table.vocab_size == weight.shape[0]
+    ids = torch.tensor([[0, 3, 7], [7, 7, 1]])
+    assert torch.equal(table(ids), weight[ids])
+    shared = [n for n, loc in _locations(exported_external / "decoder.onnx").items() if loc == "embeddings.safetensors"]
+    assert len(shared) == 1
+    data = (exported_external / "decoder.onnx.data").stat().st_size
+    assert data < sum(p.numel() * 4 for p in load_model(ckpt).language_model.parameters())   # no second copy
+
+    d = tmp_path / "copy"
+    shutil.copytree(exported_external, d)
+    head = lm_head_matmuls(d / "decoder.onnx")
+    quantize_int4(d / "decoder.onnx", d / "head-fp32.onnx", exclude=head)
+    assert shared[0] in {n for n, loc in _locations(d / "head-fp32.onnx").items() if loc == "embeddings.safetensors"}
+    assert "embeddings.safetensors" not in _locations(d / "decoder.int4.onnx").values()   # its head is int4
+    from bard_deploy.runtimes.ort_backend import run, session
+    io = iospec.DecoderIO.for_config(load_model(ckpt).config)
+    feeds = io.dummy_feeds(batch=1, seq=2, past=3)
+    assert run(session(d / "head-fp32.onnx"), [iospec.LOGITS], feeds)[iospec.LOGITS].shape[-1] == table.vocab_size
+
+    wrong = {shared[0]: Shared(d / "embeddings.safetensors", "embeddings.safetensors", 0, 4 * weight.numel())}
+    with pytest.raises(ExportError, match="is not the bytes of embeddings.safetensors"):
+        gather_external_data(d / "decoder.onnx", shared=wrong)
 
 
 def test_external_data_and_int4_graphs_decode(ckpt, exported_external):
