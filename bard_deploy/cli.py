@@ -168,6 +168,8 @@ def export(
     external_data: bool | None = typer.Option(None, "--external-data/--no-external-data",
                                               help="Graph weights in <graph>.onnx.data beside each graph.",
                                               show_default="above the 2 GB protobuf limit"),
+    dtype: str = typer.Option("fp32", "--dtype", help="Graph precision: fp32 (CPU; the base of --int8 / --int4) or "
+                              "fp16 (GPU targets)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
 ):
     """Export the decoder step and vision tower to ONNX (validated against PyTorch), optionally INT8 / INT4."""
@@ -175,7 +177,7 @@ def export(
                      int4_block_size, int4_accuracy_level, int4_lm_head).check()
     prompts = ExportPrompts.for_checkpoint(model, int8 or int4, o.calibration_samples, o.eval_samples, calib_data)
     m = export_model(model, out, prompts, int8=int8, int4=int4, quant_options=o, force=force, image_size=image_size,
-                     block_size=block_size, external_data=external_data, log=console.print)
+                     block_size=block_size, external_data=external_data, dtype=dtype, log=console.print)
     for table in export_tables(m, out, verified=False):    # the manifest just written: no second pass over files
         console.print(table)
 

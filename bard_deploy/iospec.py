@@ -25,6 +25,7 @@ PIXEL_VALUES = "pixel_values"
 IMAGE_EMBEDS = "image_embeds"
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer (K, V), each (batch, kv_heads, len, head_dim)
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}     # a graph's float IO (fp16: GPU targets)
 
 
 def past_key(i: int) -> str:
@@ -107,37 +108,40 @@ class DecoderIO(GraphIO):
     head_dim: int
     vocab_size: int
     num_deepstack: int
+    float_dtype: str = "float32"     # embeddings, bias, K/V and logits: float32, or float16 for GPU targets
 
     @classmethod
-    def for_config(cls, config) -> DecoderIO:
-        """The contract of a ModelConfig's text decoder."""
+    def for_config(cls, config, float_dtype: str = "float32") -> DecoderIO:
+        """The contract of a ModelConfig's text decoder, with float IO in `float_dtype`."""
         t = config.text
+        assert float_dtype in FLOAT_DTYPES, float_dtype
         return cls(t.num_hidden_layers, t.hidden_size, t.num_key_value_heads, t.head_dim, t.vocab_size,
-                   config.num_deepstack)
+                   config.num_deepstack, float_dtype)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         """Inputs in graph order: embeddings, MRoPE positions, additive bias, past K/V, DeepStack features."""
+        f = self.float_dtype
         specs = [
-            TensorSpec(INPUTS_EMBEDS, "float32", ("batch", "seq", self.hidden_size)),
+            TensorSpec(INPUTS_EMBEDS, f, ("batch", "seq", self.hidden_size)),
             TensorSpec(POSITION_IDS, "int64", (3, "batch", "seq")),
-            TensorSpec(ATTENTION_BIAS, "float32", ("batch", 1, "seq", "past+seq")),
+            TensorSpec(ATTENTION_BIAS, f, ("batch", 1, "seq", "past+seq")),
         ]
         for i in range(self.num_layers):
             for name in (past_key(i), past_value(i)):
-                specs.append(TensorSpec(name, "float32", ("batch", self.num_kv_heads, "past", self.head_dim)))
+                specs.append(TensorSpec(name, f, ("batch", self.num_kv_heads, "past", self.head_dim)))
         if self.num_deepstack:
-            specs.append(TensorSpec(DEEPSTACK_EMBEDS, "float32",
+            specs.append(TensorSpec(DEEPSTACK_EMBEDS, f,
                                     (self.num_deepstack, "batch", "seq", self.hidden_size)))
         return tuple(specs)
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
         """Outputs in graph order: logits of every step position, then the step tokens' K/V per layer."""
-        specs = [TensorSpec(LOGITS, "float32", ("batch", "seq", self.vocab_size))]
+        specs = [TensorSpec(LOGITS, self.float_dtype, ("batch", "seq", self.vocab_size))]
         for i in range(self.num_layers):
             for name in (new_key(i), new_value(i)):
-                specs.append(TensorSpec(name, "float32", ("batch", self.num_kv_heads, "seq", self.head_dim)))
+                specs.append(TensorSpec(name, self.float_dtype, ("batch", self.num_kv_heads, "seq", self.head_dim)))
         return tuple(specs)
 
     @property
@@ -181,12 +185,13 @@ class DecoderIO(GraphIO):
     def dummy_feeds(self, batch: int, seq: int, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random feeds of the given sizes (tracing the export, timing a step): small embeddings, positions
         continuing after the past, no masking, random past K/V, no DeepStack."""
-        g = torch.Generator().manual_seed(seed)
+        g, dt = torch.Generator().manual_seed(seed), FLOAT_DTYPES[self.float_dtype]
         kv_shape = concrete(self.inputs[3].shape if self.num_layers else (), {"batch": batch, "past": past})
-        kv = [(torch.randn(kv_shape, generator=g), torch.randn(kv_shape, generator=g)) for _ in range(self.num_layers)]
-        return self.feeds(torch.randn(batch, seq, self.hidden_size, generator=g) * 0.02,
+        kv = [(torch.randn(kv_shape, generator=g).to(dt), torch.randn(kv_shape, generator=g).to(dt))
+              for _ in range(self.num_layers)]
+        return self.feeds((torch.randn(batch, seq, self.hidden_size, generator=g) * 0.02).to(dt),
                           (torch.arange(seq) + past).expand(3, batch, seq).contiguous(),
-                          torch.zeros(batch, 1, seq, past + seq), kv)
+                          torch.zeros(batch, 1, seq, past + seq, dtype=dt), kv)
 
 
 @dataclass(frozen=True)
@@ -199,9 +204,10 @@ class VisionIO(GraphIO):
     num_deepstack: int
     patches: int
     tokens: int
+    float_dtype: str = "float32"
 
     @classmethod
-    def for_grid(cls, config, grid_thw: list[int]) -> VisionIO:
+    def for_grid(cls, config, grid_thw: list[int], float_dtype: str = "float32") -> VisionIO:
         """The contract of a ModelConfig's vision tower for one image of grid (t, h, w) in patches."""
         v = config.vision
         t, h, w = grid_thw
@@ -209,22 +215,22 @@ class VisionIO(GraphIO):
         # transformers' Qwen3VLVisionConfig defaults for keys a config.json may leave out
         patch_dim = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 16) ** 2
         return cls(patch_dim, config.text.hidden_size,
-                   config.num_deepstack, patches, patches // config.spatial_merge_size ** 2)
+                   config.num_deepstack, patches, patches // config.spatial_merge_size ** 2, float_dtype)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         """The pixel patches, (patches, patch_dim)."""
-        return (TensorSpec(PIXEL_VALUES, "float32", (self.patches, self.patch_dim)),)
+        return (TensorSpec(PIXEL_VALUES, self.float_dtype, (self.patches, self.patch_dim)),)
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
         """Image embeddings (tokens, hidden) and DeepStack features (n_ds, tokens, hidden)."""
-        return (TensorSpec(IMAGE_EMBEDS, "float32", (self.tokens, self.hidden_size)),
-                TensorSpec(DEEPSTACK_EMBEDS, "float32", (self.num_deepstack, self.tokens, self.hidden_size)))
+        return (TensorSpec(IMAGE_EMBEDS, self.float_dtype, (self.tokens, self.hidden_size)),
+                TensorSpec(DEEPSTACK_EMBEDS, self.float_dtype, (self.num_deepstack, self.tokens, self.hidden_size)))
 
     def feeds(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named feeds of one image's patches."""
-        return {PIXEL_VALUES: pixel_values}
+        """Named feeds of one image's patches (in the graph's float dtype)."""
+        return {PIXEL_VALUES: pixel_values.to(FLOAT_DTYPES[self.float_dtype])}
 
     def outputs_of(self, image_embeds: torch.Tensor, deepstack: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named outputs from the tower's (image embeds, DeepStack features)."""

@@ -71,6 +71,16 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     @property
+    def float_dtype(self) -> str:
+        """The graphs' float IO dtype ("float32", or "float16" for an `export --dtype fp16`), from the IO table."""
+        return next(dtype for name, dtype, _ in self.io["inputs"] if name == iospec.INPUTS_EMBEDS)
+
+    @property
+    def base_variant(self) -> str:
+        """The unquantized decoder variant: "fp32", or "fp16"."""
+        return "fp16" if self.float_dtype == "float16" else "fp32"
+
+    @property
     def variants(self) -> list[str]:
         """The decoder variants of this export ("fp32", "int8")."""
         return list(self.graphs["decoder"])
@@ -90,7 +100,7 @@ class Manifest:
 
     def check_config(self, config) -> None:
         """Refuse a manifest that does not describe `config` (the config.json beside it): IO table, model facts."""
-        io = iospec.DecoderIO.for_config(config)
+        io = iospec.DecoderIO.for_config(config, self.float_dtype)
         if self.io != io.table():
             raise ExportError("manifest IO table does not match the model config in the export directory", "io")
         b = config.bard

@@ -142,12 +142,17 @@ def shared_tensors(graph: Path) -> dict[str, Shared]:
 
 # ---- the embedding table ----------------------------------------------------------------------------------
 
+TABLE_DTYPES = {torch.float32: "F32", torch.float16: "F16"}
+
+
 def write_table(path: Path, table: torch.Tensor, transposed: bool) -> int:
-    """Write the fp32 embedding table (vocab, hidden) as a one-tensor safetensors file, transposed ([hidden, vocab],
-    key `COLUMNS`) when a graph shares it as its LM head, else as rows (key `ROWS`); the data starts page-aligned
-    (the header is padded with spaces, as the format allows). Returns the data's offset in the file."""
-    arr = np.ascontiguousarray((table.t() if transposed else table).detach().to(torch.float32).cpu().numpy())
-    header = json.dumps({COLUMNS if transposed else ROWS: {"dtype": "F32", "shape": list(arr.shape),
+    """Write the embedding table (vocab, hidden; fp32 or fp16, the graphs' dtype) as a one-tensor safetensors file,
+    transposed ([hidden, vocab], key `COLUMNS`) when a graph shares it as its LM head, else as rows (key `ROWS`);
+    the data starts page-aligned (the header is padded with spaces, as the format allows). Returns the data's
+    offset in the file."""
+    arr = np.ascontiguousarray((table.t() if transposed else table).detach().cpu().numpy())
+    header = json.dumps({COLUMNS if transposed else ROWS: {"dtype": TABLE_DTYPES[table.dtype],
+                                                           "shape": list(arr.shape),
                                                            "data_offsets": [0, arr.nbytes]}}).encode()
     header += b" " * (-(8 + len(header)) % ALIGN)
     with open(path, "wb") as f:
@@ -170,16 +175,17 @@ class EmbeddingTable:
             entry = header[key]
         except (OSError, ValueError, KeyError, struct.error) as e:
             raise ExportError(f"{path} is not an embedding table ({type(e).__name__}: {e})", str(path)) from e
-        if entry["dtype"] != "F32" or len(entry["shape"]) != 2:
-            raise ExportError(f"{path}: embedding table {entry['dtype']} {entry['shape']}, expected 2-D F32",
+        if entry["dtype"] not in ("F32", "F16") or len(entry["shape"]) != 2:
+            raise ExportError(f"{path}: embedding table {entry['dtype']} {entry['shape']}, expected 2-D F32 or F16",
                               str(path))
         start, _ = entry["data_offsets"]
-        self.table = np.memmap(path, np.float32, "r", offset=8 + n + start, shape=tuple(entry["shape"]))
+        dtype = np.float32 if entry["dtype"] == "F32" else np.float16
+        self.table = np.memmap(path, dtype, "r", offset=8 + n + start, shape=tuple(entry["shape"]))
         self.transposed = key == COLUMNS
         self.vocab_size = self.table.shape[1] if self.transposed else self.table.shape[0]
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) int64 -> (B, T, hidden) float32."""
+        """(B, T) int64 -> (B, T, hidden), in the table's dtype (the graphs')."""
         ids = input_ids.reshape(-1).numpy()
         rows = self.table[:, ids].T if self.transposed else self.table[ids]
         return torch.from_numpy(np.ascontiguousarray(rows)).reshape(*input_ids.shape, -1)

@@ -86,7 +86,7 @@ def export_table(m: Manifest, directory: Path) -> Table:
     """`bard-deploy export` / `inspect EXPORT_DIR`: every graph with its size and what checked it."""
     table = _table(f"export {directory}", ("graph", "size", "check"))
     p = m.parity
-    table.add_row(m.graphs["decoder"]["fp32"], _size(directory / m.graphs["decoder"]["fp32"]),
+    table.add_row(m.graphs["decoder"][m.base_variant], _size(directory / m.graphs["decoder"][m.base_variant]),
                   f"max |ONNX - torch| logits {p['decoder'][iospec.LOGITS]:.2e} over {p['steps']} real steps "
                   f"(tol {p['tolerance']:g})")
     if m.vision is not None:

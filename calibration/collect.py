@@ -87,10 +87,19 @@ class Comparison:
         return self.agree / max(self.total, 1)
 
 
-def track_worst(worst: dict[str, float], got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Fold one run's max abs difference per output (`got` against `expected`) into `worst`, in place."""
+def track_worst(worst: dict[str, float], got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                relative: bool = False) -> None:
+    """Fold one run's max abs difference per output (`got` against `expected`) into `worst`, in place.
+    `relative`: divided by max(1, the expected output's largest magnitude) (fp16, whose rounding step grows with
+    the value: 0.03 at a logit of 32)."""
     for name, g in got.items():
-        diff = float((g - expected[name].detach().cpu()).abs().max()) if g.numel() else 0.0
+        if not g.numel():
+            worst[name] = max(worst.get(name, 0.0), 0.0)
+            continue
+        e = expected[name].detach().cpu().float()
+        diff = float((g.float() - e).abs().max())
+        if relative:
+            diff /= max(1.0, float(e.abs().max()))
         worst[name] = max(worst.get(name, 0.0), diff)
 
 

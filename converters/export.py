@@ -39,10 +39,12 @@ from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.checkpoint import SIDE_FILES, load_model
 from bard_deploy.config import ModelConfig, load_config
 from bard_deploy.converters.onnx_export import (
+    FP16_TOLERANCE,
     FP32_TOLERANCE,
     compare,
     export_decoder,
     export_vision,
+    float_dtype_of,
 )
 from bard_deploy.errors import ExportError
 from bard_deploy.manifest import Manifest, VisionGraph
@@ -51,21 +53,29 @@ from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.ort_backend import session
 
 DECODER, VISION, EMBEDDINGS = "decoder.onnx", "vision.onnx", "embeddings.safetensors"
+GRAPH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | None = None, int8: bool = False,
            int4: bool = False, quant_options: QuantOptions = QuantOptions(), force: bool = False,
            image_size: int | None = None, block_size: int | None = None, external_data: bool | None = None,
-           log=print) -> Manifest:
+           dtype: str = "fp32", log=print) -> Manifest:
     """Export a checkpoint directory into `out_dir`; returns the manifest written there.
 
     prompts: the conversations to validate and calibrate on (default: `ExportPrompts.for_checkpoint`).
     image_size: the square image size vision.onnx is traced at (default: the processor's smallest).
     block_size: the trained block size of an imported Bard-VL checkpoint (its config does not record it).
     external_data: graph weights in `<graph>.onnx.data` (None: only above the 2 GB protobuf limit).
+    dtype: the graphs' precision: "fp32" (CPU, the base of INT8 / INT4) or "fp16" (GPU targets: half the
+    weights; validated against the model in fp16 PyTorch, tolerance FP16_TOLERANCE).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     o = quant_options.check()
+    if dtype not in GRAPH_DTYPES:
+        raise ExportError(f"--dtype must be one of {tuple(GRAPH_DTYPES)}, got {dtype!r}", dtype)
+    if dtype != "fp32" and (int8 or int4):
+        raise ExportError("--int8 / --int4 quantize the fp32 graph: export them without --dtype fp16 (an INT4 graph "
+                          "already runs on GPUs)", dtype)
     config = load_config(model_dir, block_size=block_size)        # checked before any heavy work
     if config.bard is not None and config.bard.block_size is None:
         raise ExportError(f"{model_dir} is a Bard-VL checkpoint that records no block size: pass --block-size "
@@ -77,7 +87,7 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
         prompts = ExportPrompts.for_checkpoint(model_dir, int8 or int4, o.calibration_samples, o.eval_samples)
     with atomic_dir(out_dir, ExportError, "export") as tmp:
         t0 = time.perf_counter()
-        model = load_model(model_dir, block_size=block_size)
+        model = load_model(model_dir, block_size=block_size, dtype=GRAPH_DTYPES[dtype])
         pipe = Pipeline.from_backend(TorchBackend(model), copy_side_files(model_dir, model.config, tmp))
         manifest = write_graphs(pipe, model_dir, tmp, image_size, external_data)
         log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
@@ -91,7 +101,7 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
         log(f"export: {len(reference)} reference steps recorded in {time.perf_counter() - t1:.1f} s")
         del pipe, model                 # the PyTorch weights go before any graph is loaded
         gc.collect()
-        manifest = validate(tmp, manifest, reference, images, log)
+        manifest = validate(tmp, manifest, reference, images, dtype, log)
         del reference
         variants = tuple(v for v, wanted in (("int8", int8), ("int4", int4)) if wanted)
         if variants:
@@ -114,13 +124,14 @@ def write_graphs(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
                  external_data: bool | None = None) -> Manifest:
     """decoder.onnx, embeddings.safetensors and (for a VLM) vision.onnx; the manifest so far (no parity yet)."""
     model, cfg = pipe.backend.model, pipe.config
+    base = "fp16" if float_dtype_of(model) == "float16" else "fp32"
     io = export_decoder(model, directory / DECODER, external_data, EMBEDDINGS)
     vision = write_vision(pipe, model_dir, directory, image_size, external_data) if cfg.has_vision else None
     return Manifest(model=str(model_dir), io=io.table(), num_layers=io.num_layers, num_kv_heads=io.num_kv_heads,
                     head_dim=io.head_dim, hidden_size=io.hidden_size, vocab_size=io.vocab_size,
                     mask_token_id=cfg.bard.mask_token_id if cfg.bard else None,
                     block_size=cfg.bard.block_size if cfg.bard else None, embeddings=EMBEDDINGS, vision=vision,
-                    graphs={"decoder": {"fp32": DECODER}}, default_variant="fp32",
+                    graphs={"decoder": {base: DECODER}}, default_variant=base,
                     tokenizer_files=[n for n in SIDE_FILES if (directory / n).is_file()], parity={},
                     exporter=f"torch {torch.__version__} TorchScript exporter, opset 17")
 
@@ -138,17 +149,20 @@ def write_vision(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
     return VisionGraph(VISION, size, out["image_grid_thw"][0].tolist(), io.table())
 
 
-def validate(directory: Path, manifest: Manifest, reference: Trajectories, images: list | None, log) -> Manifest:
+def validate(directory: Path, manifest: Manifest, reference: Trajectories, images: list | None, dtype: str,
+             log) -> Manifest:
     """ONNX vs PyTorch on every recorded step of the validation prompts' trajectories (`reference`, recorded with
     their outputs) and on their images (vision, `images`); the manifest with the parity report. ExportError naming
-    the worst output over the tolerance. One graph is loaded at a time."""
-    parity = {"tolerance": FP32_TOLERANCE, "steps": len(reference),
-              "decoder": compare(DECODER, session(directory / DECODER), reference.records(), FP32_TOLERANCE)}
+    the worst output over the tolerance. One graph is loaded at a time. fp32: max abs diff <= FP32_TOLERANCE;
+    fp16: relative to max(1, each output's magnitude), <= FP16_TOLERANCE."""
+    tolerance, relative = (FP32_TOLERANCE, False) if dtype == "fp32" else (FP16_TOLERANCE, True)
+    parity = {"tolerance": tolerance, "steps": len(reference), **({"relative": True} if relative else {}),
+              "decoder": compare(DECODER, session(directory / DECODER), reference.records(), tolerance, relative)}
     if manifest.vision is not None:
         if not images:
             raise ExportError("no validation prompt has an image: vision.onnx cannot be validated", VISION)
-        parity["vision"] = compare(VISION, session(directory / VISION), images, FP32_TOLERANCE)
+        parity["vision"] = compare(VISION, session(directory / VISION), images, tolerance, relative)
     worst = parity["decoder"][iospec.LOGITS]
     log(f"export: parity logits {worst:.2e} (max over {parity['steps']} trajectory steps; tolerance "
-        f"{FP32_TOLERANCE:g})")
+        f"{tolerance:g})")
     return replace(manifest, parity=parity)

@@ -6,6 +6,7 @@ default; CUDA and TensorRT execution providers when onnxruntime-gpu is installed
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +49,34 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Named torch tensors -> contiguous numpy arrays (onnxruntime's feeds)."""
-    return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
+def to_numpy(feeds: dict[str, torch.Tensor], dtypes: dict[str, np.dtype] | None = None) -> dict[str, np.ndarray]:
+    """Named torch tensors -> contiguous numpy arrays (onnxruntime's feeds); float ones cast to `dtypes[name]`
+    where given (the graph's declared type)."""
+    out = {}
+    for k, v in feeds.items():
+        a = v.detach().cpu().numpy()
+        if dtypes and k in dtypes and a.dtype != dtypes[k] and a.dtype.kind == "f":
+            a = a.astype(dtypes[k])
+        out[k] = np.ascontiguousarray(a)
+    return out
+
+
+_FLOAT_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ONNX_FLOATS = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+
+
+def _float_inputs(sess: ort.InferenceSession) -> dict[str, np.dtype]:
+    """A session's float inputs and their numpy dtypes (read once per session)."""
+    if sess not in _FLOAT_INPUTS:
+        _FLOAT_INPUTS[sess] = {i.name: _ONNX_FLOATS[i.type] for i in sess.get_inputs() if i.type in _ONNX_FLOATS}
+    return _FLOAT_INPUTS[sess]
 
 
 def run(sess: ort.InferenceSession, names: list[str], feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One run of `sess`: named torch feeds in, the named outputs `names` out as torch tensors."""
+    """One run of `sess`: named torch feeds in (float ones in the graph's float type: an fp16 graph takes the
+    processor's fp32 pixels), the named outputs `names` out as torch tensors."""
     try:
-        outs = sess.run(names, to_numpy(feeds))
+        outs = sess.run(names, to_numpy(feeds, _float_inputs(sess)))
     except ORT_ERRORS as e:
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         raise RuntimeInputError(f"onnxruntime refused the inputs {shapes}: {_first_line(e)}", shapes) from e
@@ -74,7 +94,7 @@ class OrtBackend:
         directory = Path(directory)
         self.manifest = m = manifest if manifest is not None else Manifest.read(directory)
         self.config = load_config(directory)
-        self.io = iospec.DecoderIO.for_config(self.config)
+        self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype)
         self.device = torch.device("cpu")          # numpy in and out, whichever provider runs the graph
         m.check_config(self.config)
         self.variant, graph = m.decoder_graph(variant)
@@ -86,7 +106,7 @@ class OrtBackend:
         self.vision = None
         if m.vision is not None:
             self.vision = session(directory / m.vision.graph, threads, device)
-            self.vision_io = iospec.VisionIO.for_grid(self.config, m.vision.grid_thw)
+            self.vision_io = iospec.VisionIO.for_grid(self.config, m.vision.grid_thw, m.float_dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 -> (B, T, hidden), a lookup in the exported table."""

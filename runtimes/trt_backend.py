@@ -111,8 +111,8 @@ def ensure_engine(directory: str | Path, m: Manifest, variant: str | None = None
     if not engine.is_file():
         cfg = load_config(directory)
         block = cfg.bard.block_size if cfg.bard else 1
-        build_engine(directory / graph, engine, iospec.DecoderIO.for_config(cfg), block,
-                     strongly_typed=variant != "fp32")
+        build_engine(directory / graph, engine, iospec.DecoderIO.for_config(cfg, m.float_dtype), block,
+                     strongly_typed=variant != m.base_variant)
     return engine
 
 
@@ -132,7 +132,7 @@ class TrtBackend:
         m = manifest if manifest is not None else Manifest.read(directory)
         self.config = load_config(directory)
         m.check_config(self.config)
-        self.io = iospec.DecoderIO.for_config(self.config)
+        self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype)
         self.device = torch.device("cpu")          # step copies feeds to the GPU and its outputs back
         variant, graph = m.decoder_graph(variant)
         engine = engine_file(directory, variant)
@@ -147,7 +147,7 @@ class TrtBackend:
         self.embeddings = EmbeddingTable(directory / m.embeddings)
         self.block_size = self.config.bard.block_size if self.config.bard else 1
         # the vision graph runs once per image: onnxruntime is enough
-        self.vision = OrtBackend(directory, variant="fp32", manifest=m) if m.vision is not None else None
+        self.vision = OrtBackend(directory, variant=m.base_variant, manifest=m) if m.vision is not None else None
 
     def embed(self, input_ids):
         """(B, T) int64 -> (B, T, hidden), a lookup in the exported table."""

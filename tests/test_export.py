@@ -324,3 +324,26 @@ def test_token_agreement():
     from bard_deploy.calibration.gate import token_agreement
     assert token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == 1.0
     assert token_agreement([[1, 2, 3, 4]], [[1, 9, 3]]) == 0.5                # position by position, of fp32's
+
+
+def test_fp16_graphs_validate_and_decode_like_fp16_pytorch(ckpt, tmp_path):
+    """`export --dtype fp16` (GPU targets): half-precision graphs with fp16 IO, validated against the model in fp16
+    PyTorch; onnxruntime decodes them (its CPU provider has fp16 kernels) as the fp16 torch backend does. Quantized
+    variants are built from fp32 graphs only."""
+    out = tmp_path / "fp16"
+    m = export(ckpt, out, dtype="fp16", **QUIET)
+    assert m.float_dtype == "float16" and m.base_variant == "fp16" and m.variants == ["fp16"]
+    assert m.parity["tolerance"] > 0 and all(d <= m.parity["tolerance"] for d in m.parity["decoder"].values())
+    assert m.parity["vision"] and max(m.parity["vision"].values()) <= m.parity["tolerance"]
+    assert {d for _, d, _ in m.io["inputs"]} == {"float16", "int64"}
+    proto = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    s = make_sample(2)
+    ref = Pipeline.load(ckpt, dtype="fp16").generate(s.question, images=[s.image()], max_new_tokens=12)
+    got = Pipeline.load(out).generate(s.question, images=[s.image()], max_new_tokens=12)
+    agree = sum(a == b for a, b in zip(got.token_ids, ref.token_ids, strict=False)) / len(ref.token_ids)
+    assert agree >= 0.75, (got.token_ids, ref.token_ids)
+    with pytest.raises(ExportError, match="quantize the fp32 graph"):
+        export(ckpt, tmp_path / "no", dtype="fp16", int4=True, **QUIET)
+    with pytest.raises(ExportError, match="--dtype must be one of"):
+        export(ckpt, tmp_path / "no", dtype="bf16", **QUIET)
