@@ -1,10 +1,16 @@
 """`bard-deploy bench`: the AR baseline and BARD side by side, same backend, same prompts, batch 1.
 
 Per configuration (model x block size x threshold): time to first block (TTFT), per-step latency p50/p90/p99,
-steps per block, tokens per forward, NFE per token, decode and end-to-end tokens/s (tokens counted up to EOS
-only), prefill and vision time, peak memory, exact match; then the speed-up over AR. Plus the same AR task
-through transformers' own `generate` (what a user would run without us). Outputs: a rich table, a PNG of
-exact match vs decode tokens/s, a JSON file, and one JSON line last on stdout.
+the backend's and the host's (the decode loop's own work) time per step, steps per block, tokens per forward,
+NFE per token, decode and end-to-end tokens/s (tokens counted up to EOS only), prefill and vision time, peak
+memory, exact match; then the speed-up over AR. With `repeats` > 1 every configuration runs that many times,
+interleaved (AR, then each BARD configuration, then again), and the rows give the median decode tokens/s and
+speed-up with their min / max. Plus the same AR task through transformers' own `generate` (what a user would
+run without us). Outputs: a rich table, a PNG of exact match vs decode tokens/s, a JSON file, and one JSON line
+last on stdout.
+
+The AR baseline always runs on the backend and variant BARD runs on: an export's baseline is the source's
+export (`ar_model`), never the torch checkpoint, and a mismatch is refused.
 """
 
 from __future__ import annotations
@@ -21,14 +27,14 @@ import onnxruntime
 import torch
 
 from bard_deploy.checkpoint import INDEX, WEIGHTS
-from bard_deploy.config import load_config
+from bard_deploy.config import load_config, resolve_source
 from bard_deploy.data.chat import assistant_text, read_conversations
 from bard_deploy.devices import resolve_device, resolve_dtype
 from bard_deploy.errors import ConfigError, RuntimeInputError
 from bard_deploy.evaluate import synthetic_conversations
 from bard_deploy.manifest import Manifest, is_export
 from bard_deploy.prompting import PromptEncoder
-from bard_deploy.runtimes.api import Pipeline, eos_ids_of
+from bard_deploy.runtimes.api import Pipeline, backend_kind, eos_ids_of
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -57,8 +63,11 @@ class BenchOptions:
     warmup: int = 3                            # untimed requests first
     max_new_tokens: int = 64
     data: Path | None = None                   # a JSONL of messages instead of the synthetic test split
-    out: Path | None = Path("runs/bench")      # bench.json and bench.png go here (None: not written)
+    out: Path | None = None                    # bench.json and bench.png go here (None: <first model's run>/bench)
     transformers_baseline: bool = True         # also time transformers' own generate on the source
+    threads: int | None = None                 # the backend's CPU threads (None: the available cores)
+    repeats: int = 1                           # runs of every configuration (median and spread reported)
+    write: bool = True                         # write bench.json / bench.png
 
     def check(self) -> BenchOptions:
         """A copy with paths as Path; a bad value raises a typed error naming it."""
@@ -68,8 +77,11 @@ class BenchOptions:
         if self.requests <= 0 or self.warmup < 0:
             raise RuntimeInputError(f"--requests must be > 0 and --warmup >= 0, got {self.requests}, "
                                     f"{self.warmup}", self.requests)
-        return replace(self, models=tuple(Path(m) for m in self.models),
-                       ar_model=None if self.ar_model is None else Path(self.ar_model))
+        if self.repeats < 1:
+            raise RuntimeInputError(f"--repeats must be >= 1, got {self.repeats}", self.repeats)
+        models = tuple(Path(m) for m in self.models)
+        out = Path(self.out) if self.out is not None else models[0].resolve().parent / "bench"
+        return replace(self, models=models, ar_model=None if self.ar_model is None else Path(self.ar_model), out=out)
 
 
 @dataclass
@@ -84,6 +96,12 @@ class Request:
     step_s: list[float]
     steps_per_block: list[int]
     correct: bool
+    backend_s: list[float] = field(default_factory=list)     # the backend's share of each step
+
+    @property
+    def host_s(self) -> float:
+        """Decode wall time outside the backend (the loop's own work: embedding, bias, sampling, commits)."""
+        return max(self.decode_s - sum(self.backend_s), 0.0) if self.backend_s else 0.0
 
     @property
     def ttft_s(self) -> float:
@@ -110,6 +128,8 @@ class Summary:
         decode = sum(x.decode_s for x in r)
         total = sum(x.prefill_s + x.decode_s for x in r)
         steps = [s for x in r for s in x.step_s]
+        backend = [s for x in r for s in x.backend_s]
+        host = sum(x.host_s for x in r)
         blocks = [b for x in r for b in x.steps_per_block]
         return {
             "name": self.name, "block_size": self.block_size, "threshold": self.threshold, "requests": len(r),
@@ -121,6 +141,10 @@ class Summary:
             "ttft_ms": round(1e3 * statistics.median([x.ttft_s for x in r]), 3) if r else 0.0,
             # None when the steps were not timed one by one (transformers' generate is one call)
             **{f"step_ms_p{q}": round(1e3 * percentile(steps, q), 3) if steps else None for q in (50, 90, 99)},
+            # per decode step: the graph alone, and the rest of the decode loop's wall time (None: not timed)
+            "backend_ms_per_step": round(1e3 * sum(backend) / len(backend), 3) if backend else None,
+            "host_ms_per_step": round(1e3 * host / len(backend), 3) if backend else None,
+            "host_fraction": round(host / decode, 4) if backend and decode else None,
             "prefill_ms": round(1e3 * statistics.median([x.prefill_s for x in r]), 3) if r else 0.0,
             "vision_ms": round(1e3 * statistics.median([x.vision_s for x in r]), 3) if r else 0.0,
             "decode_tokens_per_s": round(tokens / decode, 2) if decode else 0.0,
@@ -162,7 +186,7 @@ def run_config(pipe, convs: list[list[dict]], name: str, ar: bool, warmup: int, 
         st = res.stats
         summary.requests.append(Request(st.total_tokens, st.nfe, st.prefill_s, st.vision_s, st.decode_s,
                                         list(st.step_s), list(st.steps_per_block),
-                                        res.text == assistant_text(conv[-1]).strip()))
+                                        res.text == assistant_text(conv[-1]).strip(), list(st.backend_s)))
     summary.peak_rss_mb = peak_rss_mb()
     return summary
 
@@ -225,8 +249,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def header(backend: str, device: str = "cpu", dtype: str = "fp32") -> dict:
-    """The settings a bench result was measured under: date, machine, backend, device, threads, versions."""
+def header(backend: str, device: str = "cpu", dtype: str = "fp32", threads: dict | None = None,
+           variant: str | None = None, repeats: int = 1) -> dict:
+    """The settings a bench result was measured under: date, machine, backend, variant, device, threads (the
+    policy's backend / host threads), repeats, versions."""
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -238,8 +264,8 @@ def header(backend: str, device: str = "cpu", dtype: str = "fp32") -> dict:
     except OSError:
         pass
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": cpu, "cores": os.cpu_count(),
-            "backend": backend, "device": device, "dtype": dtype, "gpu": _gpu_name(device),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "backend": backend, "variant": variant, "device": device, "dtype": dtype, "gpu": _gpu_name(device),
+            "threads": threads, "repeats": repeats, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
@@ -282,51 +308,101 @@ def bench(opts: BenchOptions, log=print) -> dict:
     """Run every configuration of `opts`; return {"header", "rows"[, "plot"]} and write JSON + PNG to `opts.out`."""
     o = opts.check()
     convs = _conversations(o.data, o.requests + o.warmup)
-    load = {"backend": o.backend, "variant": o.variant, "device": o.device, "dtype": o.dtype}
+    load = {"backend": o.backend, "variant": o.variant, "device": o.device, "dtype": o.dtype, "threads": o.threads}
     pipes = [(m, Pipeline.load(m, **load)) for m in o.models]
-    ar_model = o.ar_model or _recorded_source(pipes[0][1])
+    ar_model = o.ar_model or recorded_source(o.models[0], pipes[0][1].config)
     ar_pipe = Pipeline.load(ar_model, **load)
+    kind, variant = same_backend([(ar_model, ar_pipe)] + pipes)
     torch_device = "cuda" if "tensorrt" in (o.backend, o.device) else o.device   # the GPU the runtime rows used
-    kind = type(ar_pipe.backend).__name__
-    log(f"bench: AR baseline {ar_model} ({kind})")
-    rows = [run_config(ar_pipe, convs, "AR baseline", True, o.warmup, max_new_tokens=o.max_new_tokens).as_dict()]
+    log(f"bench: AR baseline {ar_model} ({kind}{f', {variant}' if variant else ''}; threads "
+        f"{ar_pipe.threads.backend} backend / {ar_pipe.threads.host} host)")
+    configs = [(ar_pipe, "AR baseline", True, {})]
     for path, pipe in pipes:
         trained = pipe.config.bard.block_size if pipe.config.bard else None
         for block in o.block_sizes or [trained]:
             for th in o.thresholds:
-                name = f"BARD {path.name}"
-                log(f"bench: {name} block {block} threshold {th}")
-                rows.append(run_config(pipe, convs, name, False, o.warmup, block_size=block, threshold=th,
-                                       max_new_tokens=o.max_new_tokens, allow_block_size_mismatch=True).as_dict())
+                configs.append((pipe, f"BARD {path.name}", False, {"block_size": block, "threshold": th,
+                                                                   "allow_block_size_mismatch": True}))
+    runs: list[list[dict]] = [[] for _ in configs]        # per configuration, one row per repeat
+    for rep in range(o.repeats):
+        for i, (pipe, name, ar, options) in enumerate(configs):
+            log(f"bench: {name}" + (f" block {options['block_size']} threshold {options['threshold']}" if options
+                                    else "") + (f" (repeat {rep + 1}/{o.repeats})" if o.repeats > 1 else ""))
+            runs[i].append(run_config(pipe, convs, name, ar, o.warmup, max_new_tokens=o.max_new_tokens,
+                                      **options).as_dict())
+    rows = merge_repeats(runs)
     source = _checkpoint_of(ar_model) if o.transformers_baseline else None
     if source is not None:
         log(f"bench: transformers generate on {source}")
-        rows.append(run_transformers(source, convs, o.warmup, o.max_new_tokens, torch_device, o.dtype).as_dict())
-    add_speedups(rows)
-    result = {"header": header(kind, torch_device, o.dtype), "rows": rows}
-    if o.out is not None:
+        hf = run_transformers(source, convs, o.warmup, o.max_new_tokens, torch_device, o.dtype).as_dict()
+        hf["speedup_decode_vs_ar"] = round(hf["decode_tokens_per_s"] / (rows[0]["decode_tokens_per_s"] or 1.0), 3)
+        hf["speedup_e2e_vs_ar"] = round(hf["e2e_tokens_per_s"] / (rows[0]["e2e_tokens_per_s"] or 1.0), 3)
+        rows.append(hf)
+    result = {"header": header(kind, torch_device, o.dtype, ar_pipe.threads.as_dict(), variant, o.repeats),
+              "rows": rows}
+    if o.write:
         o.out.mkdir(parents=True, exist_ok=True)
         (o.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(rows, o.out / "bench.png", f"{kind}, {result['header']['machine']}, batch 1, {o.requests} requests")
+        title = (f"{kind}{f' {variant}' if variant else ''}, {result['header']['machine']}, batch 1, "
+                 f"{o.requests} requests")
+        plot(rows, o.out / "bench.png", title)
         result["plot"] = str(o.out / "bench.png")
     return result
 
 
-def add_speedups(rows: list[dict]) -> None:
-    """Decode and end-to-end speed-ups over the first row (the AR baseline), in place."""
-    base = rows[0]["decode_tokens_per_s"] or 1.0
-    base_e2e = rows[0]["e2e_tokens_per_s"] or 1.0
-    for r in rows:
-        r["speedup_decode_vs_ar"] = round(r["decode_tokens_per_s"] / base, 3)
-        r["speedup_e2e_vs_ar"] = round(r["e2e_tokens_per_s"] / base_e2e, 3)
+def merge_repeats(runs: list[list[dict]]) -> list[dict]:
+    """One row per configuration from its repeats (runs[0]: the AR baseline's): the median repeat's row (by
+    decode tokens/s), the speed-ups over AR computed repeat by repeat (repeat i of a configuration against repeat
+    i of AR, which ran just before it) and reported as their median, and every repeat's figures with min / max."""
+    ar = runs[0]
+    rows = []
+    for reps in runs:
+        speed = [r["decode_tokens_per_s"] / (a["decode_tokens_per_s"] or 1.0) for r, a in zip(reps, ar, strict=True)]
+        e2e = [r["e2e_tokens_per_s"] / (a["e2e_tokens_per_s"] or 1.0) for r, a in zip(reps, ar, strict=True)]
+        by_speed = sorted(reps, key=lambda r: r["decode_tokens_per_s"])
+        row = dict(by_speed[(len(reps) - 1) // 2])            # the lower median: a real run, not an average
+        row["speedup_decode_vs_ar"] = round(statistics.median(speed), 3)
+        row["speedup_e2e_vs_ar"] = round(statistics.median(e2e), 3)
+        if len(reps) > 1:
+            tps = [r["decode_tokens_per_s"] for r in reps]
+            row["decode_tokens_per_s"] = round(statistics.median(tps), 2)
+            row["repeats"] = {"decode_tokens_per_s": tps, "speedup_decode_vs_ar": [round(x, 3) for x in speed],
+                              "decode_tokens_per_s_max_over_min": round(max(tps) / max(min(tps), 1e-9), 3),
+                              "speedup_max_over_min": round(max(speed) / max(min(speed), 1e-9), 3)}
+        rows.append(row)
+    return rows
 
 
-def _recorded_source(pipe: Pipeline) -> Path:
-    """The AR source a BARD checkpoint records (--ar-model's default)."""
-    bard = pipe.config.bard
+def same_backend(pipes: list[tuple[Path, Pipeline]]) -> tuple[str, str | None]:
+    """(backend kind, decoder variant or None for torch) shared by every pipeline; a RuntimeInputError naming the
+    first one that differs from the AR baseline's (pipes[0]): a ratio across backends or variants measures them,
+    not BARD."""
+    def what(pipe: Pipeline) -> tuple[str, str | None]:
+        return backend_kind(pipe.backend), getattr(pipe.backend, "variant", None)
+
+    base = what(pipes[0][1])
+    for path, pipe in pipes[1:]:
+        if what(pipe) != base:
+            hint = (" (an export's baseline is the AR source's export: bard-deploy export --model SOURCE --out DIR, "
+                    "then --ar-model DIR)" if base[0] == "torch" else "")
+            raise RuntimeInputError(f"the AR baseline {pipes[0][0]} runs on {'/'.join(filter(None, base))} but "
+                                    f"{path} on {'/'.join(filter(None, what(pipe)))}: a speed-up must compare the "
+                                    f"same backend and variant{hint}", str(path))
+    return base
+
+
+def recorded_source(model_dir: Path, config) -> Path:
+    """The AR source a BARD checkpoint records (--ar-model's default), resolved against the checkpoint directory
+    (checkpoints written before lineage paths were relative to it recorded a path relative to the training's
+    working directory: that is tried second)."""
+    bard = config.bard
     if bard is None or not bard.source_model:
-        raise RuntimeInputError("no --ar-model given and the checkpoint records no source model", "ar-model")
-    return Path(bard.source_model)
+        raise RuntimeInputError(f"no --ar-model given and {model_dir} records no source model", "ar-model")
+    found, candidates = resolve_source(model_dir, bard.source_model)
+    if found is not None:
+        return found
+    raise RuntimeInputError(f"{model_dir} records its source as {bard.source_model!r}, which is not a checkpoint "
+                            f"(looked at {', '.join(map(str, candidates))}): pass --ar-model", bard.source_model)
 
 
 def _checkpoint_of(directory: Path) -> Path | None:

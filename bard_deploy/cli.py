@@ -41,6 +41,8 @@ console = Console()
 DEVICE_HELP = ("Where to run: torch backend cpu, cuda, cuda:N or auto; onnxruntime cpu, cuda or tensorrt "
                "(execution provider); TensorRT engines always run on the GPU.")
 DTYPE_HELP = "Torch backend weights: fp32, bf16 or fp16 (loaded straight into that dtype)."
+THREADS_HELP = ("CPU threads of the backend (onnxruntime intra-op, or torch for the torch backend); with onnxruntime "
+                "the decode loop's host work gets one torch thread.")
 BACKEND_HELP = f"{', '.join(BACKENDS)} (auto: torch for a checkpoint, onnxruntime for an export directory)."
 
 
@@ -213,6 +215,7 @@ def generate(
                                        show_default="the manifest's"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: str = typer.Option("fp32", help=DTYPE_HELP),
+    threads: int | None = typer.Option(None, help=THREADS_HELP, show_default="the available cores"),
     allow_block_size_mismatch: bool = typer.Option(D.allow_block_size_mismatch, "--allow-block-size-mismatch",
                                                    help="Allow a block size other than the trained one."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer block by block as it is decoded."),
@@ -225,7 +228,7 @@ def generate(
                    max_steps=max_steps, max_new_tokens=max_new_tokens, edit_threshold=edit_threshold,
                    max_edits=max_edits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    allow_block_size_mismatch=allow_block_size_mismatch)
-    pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype)
+    pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads)
     images = [str(p) for p in image]
     st = Stats()
     if stream:
@@ -260,17 +263,21 @@ def bench(
     warmup: int = typer.Option(B.warmup, help="Untimed requests first."),
     max_new_tokens: int = typer.Option(B.max_new_tokens, help="New tokens per request at most."),
     data: Path | None = typer.Option(B.data, help="A JSONL of messages.", show_default="the synthetic test split"),
-    out: Path = typer.Option(B.out, help="Where bench.json and bench.png go."),
+    out: Path | None = typer.Option(B.out, help="Where bench.json and bench.png go.",
+                                    show_default="bench/ beside the first model"),
     transformers_baseline: bool = typer.Option(B.transformers_baseline, "--transformers/--no-transformers",
                                                help="Also time transformers' generate on the source."),
+    threads: int | None = typer.Option(B.threads, help=THREADS_HELP, show_default="the available cores"),
+    repeats: int = typer.Option(B.repeats, help="Runs of every configuration, interleaved; the median and the "
+                                "spread are reported."),
 ):
     """AR vs BARD latency and throughput, side by side, on the same backend and prompts; one JSON line last."""
     o = BenchOptions(tuple(model), ar_model, backend, variant, device, dtype,
                      _ints(block_sizes, "block-sizes") if block_sizes else None, _floats(thresholds, "thresholds"),
-                     requests, warmup, max_new_tokens, data, out, transformers_baseline)
+                     requests, warmup, max_new_tokens, data, out, transformers_baseline, threads, repeats)
     res = run_bench(o, log=console.print)
-    Console(width=max(console.width, 200)).print(bench_table(res))   # 15 columns: never squeeze them to 80
-    console.print(f"plot: {res['plot']}   json: {out / 'bench.json'}")
+    Console(width=max(console.width, 220)).print(bench_table(res))   # 16 columns: never squeeze them to 80
+    console.print(f"plot: {res['plot']}   json: {Path(res['plot']).with_name('bench.json')}")
     print(json.dumps({"header": res["header"], "rows": res["rows"], "plot": res["plot"]}))
 
 

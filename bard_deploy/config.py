@@ -324,6 +324,15 @@ class ModelConfig:
         return d
 
 
+def resolve_source(model_dir: str | Path, source_model: str) -> tuple[Path | None, list[Path]]:
+    """(the checkpoint a recorded `source_model` path names, or None; the places looked at). Relative paths are
+    relative to the checkpoint directory that records them; checkpoints written before that recorded them
+    relative to the training's working directory, which is looked at second."""
+    recorded = Path(source_model)
+    candidates = [recorded] if recorded.is_absolute() else [Path(model_dir) / recorded, recorded]
+    return next((c for c in candidates if (c / "config.json").is_file()), None), candidates
+
+
 def load_config(directory: str | Path, block_size: int | None = None) -> ModelConfig:
     """Read `directory/config.json` into a ModelConfig (a typed error names what is wrong)."""
     path = Path(directory) / "config.json"

@@ -15,8 +15,9 @@ from bard_deploy import iospec
 from bard_deploy.manifest import Manifest
 from bard_deploy.onnx_files import graph_bytes
 
-BENCH_COLUMNS = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "steps/blk", "tok/fwd",
-                 "NFE/tok", "decode tok/s", "e2e tok/s", "prefill ms", "vision ms", "peak MB", "speed-up")
+BENCH_COLUMNS = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "backend / host ms",
+                 "steps/blk", "tok/fwd", "NFE/tok", "decode tok/s", "e2e tok/s", "prefill ms", "vision ms", "peak MB",
+                 "speed-up")
 
 
 def mapping_table(title: str, rows: Mapping[str, object]) -> Table:
@@ -39,16 +40,25 @@ def bench_table(result: dict) -> Table:
     h = result["header"]
     where = f"{h['gpu']} ({h['device']})" if h["gpu"] else h["machine"]
     requests = result["rows"][0]["requests"] if result["rows"] else 0
-    table = _table(f"{h['backend']} on {where} ({h['cores']} cores, {h['torch_threads']} threads), {h['date']}, "
-                   f"batch 1, {requests} requests", BENCH_COLUMNS)
+    th = h.get("threads") or {}
+    variant = f" {h['variant']}" if h.get("variant") else ""
+    repeats = f", median of {h['repeats']} repeats" if h.get("repeats", 1) > 1 else ""
+    table = _table(f"{h['backend']}{variant} on {where} ({h['cores']} cores; threads: {th.get('backend')} backend, "
+                   f"{th.get('host')} host), {h['date']}, batch 1, {requests} requests{repeats}", BENCH_COLUMNS)
     for r in result["rows"]:
         steps = ("-" if r["step_ms_p50"] is None else
                  f"{r['step_ms_p50']:.2f}/{r['step_ms_p90']:.2f}/{r['step_ms_p99']:.2f}")
+        split = ("-" if r.get("backend_ms_per_step") is None else
+                 f"{r['backend_ms_per_step']:.2f} / {r['host_ms_per_step']:.2f}")
+        speed = f"{r['speedup_decode_vs_ar']:.2f}x"
+        if "repeats" in r:
+            sp = r["repeats"]["speedup_decode_vs_ar"]
+            speed += f" ({min(sp):.2f}-{max(sp):.2f})"
         table.add_row(r["name"], str(r["block_size"] or "-"), str(r["threshold"] or "-"),
-                      f"{100 * r['exact_match']:.1f}%", f"{r['ttft_ms']:.1f}", steps,
+                      f"{100 * r['exact_match']:.1f}%", f"{r['ttft_ms']:.1f}", steps, split,
                       str(r["steps_per_block"] or "-"), f"{r['tokens_per_forward']:.2f}", f"{r['nfe_per_token']:.2f}",
                       f"{r['decode_tokens_per_s']:.0f}", f"{r['e2e_tokens_per_s']:.0f}", f"{r['prefill_ms']:.1f}",
-                      f"{r['vision_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['speedup_decode_vs_ar']:.2f}x")
+                      f"{r['vision_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", speed)
     return table
 
 

@@ -37,7 +37,7 @@ from bard_deploy.calibration.collect import Trajectories, record_trajectories, r
 from bard_deploy.calibration.gate import QuantOptions, quantize_and_gate
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.checkpoint import SIDE_FILES, load_model
-from bard_deploy.config import ModelConfig, load_config
+from bard_deploy.config import ModelConfig, load_config, resolve_source
 from bard_deploy.converters.onnx_export import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
@@ -113,6 +113,10 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
 def copy_side_files(model_dir: Path, config: ModelConfig, directory: Path) -> Path:
     """Write the (resolved) config and copy the tokenizer / processor / generation files of a checkpoint; returns
     `directory`. The config is written, not copied: an imported Bard-VL one gains its bard section here."""
+    if config.bard is not None and config.bard.source_model:     # relative to the checkpoint: absolute here
+        found, _ = resolve_source(model_dir, config.bard.source_model)
+        if found is not None:
+            config = config.with_bard(source_model=str(found.resolve()))
     write_json(directory / "config.json", config.to_dict())
     for name in SIDE_FILES:
         if (model_dir / name).is_file():

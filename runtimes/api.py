@@ -41,6 +41,7 @@ from bard_deploy.runtimes.decode import (
 )
 from bard_deploy.runtimes.ort_backend import OrtBackend
 from bard_deploy.runtimes.trt_backend import TrtBackend  # imports TensorRT itself only when used
+from bard_deploy.threads import Threads, apply_host_threads
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -52,6 +53,14 @@ class Result:
     text: str
     token_ids: list[int]
     stats: Stats
+
+
+def backend_kind(backend) -> str:
+    """"torch", "onnxruntime" or "tensorrt" for a backend object (wrappers name their inner one's kind)."""
+    inner = getattr(backend, "inner", backend)
+    if isinstance(inner, TorchBackend):
+        return "torch"
+    return "tensorrt" if isinstance(inner, TrtBackend) else "onnxruntime"
 
 
 def eos_ids_of(directory: Path, tokenizer) -> list[int]:
@@ -72,16 +81,17 @@ def eos_ids_of(directory: Path, tokenizer) -> list[int]:
 class Pipeline:
     """A loaded model with its tokenizer and image processor, ready to decode."""
 
-    def __init__(self, backend, tokenizer, processor, eos_ids: Sequence[int]):
+    def __init__(self, backend, tokenizer, processor, eos_ids: Sequence[int], threads: Threads | None = None):
         cfg = backend.config
         self.backend, self.tokenizer, self.eos_ids = backend, tokenizer, list(eos_ids)
+        self.threads = threads or Threads.policy(backend_kind(backend))
         self.config = cfg
         self.encoder = PromptEncoder(tokenizer, processor, cfg.image_token_id, cfg.spatial_merge_size)
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "auto", variant: str | None = None,
-             device: str = "cpu", dtype: str = "fp32") -> Pipeline:
+             device: str = "cpu", dtype: str = "fp32", threads: int | None = None) -> Pipeline:
         """Load a checkpoint directory (torch backend) or an export directory (onnxruntime / tensorrt) once.
 
         backend "auto": torch for a checkpoint, onnxruntime for an export directory (one with manifest.json).
@@ -90,12 +100,16 @@ class Pipeline:
           live there); onnxruntime: cpu or cuda (the execution provider). TensorRT always runs on the GPU.
         dtype: the torch backend's weights: fp32, bf16 or fp16 (loaded lean, straight into that dtype); an export
           runs the graphs it holds (choose those with `variant`).
+        threads: the CPU threads of the backend (default: the cores this process may use); onnxruntime and
+          TensorRT leave torch one thread for the loop's host work (bard_deploy/threads.py).
         """
         if backend not in BACKENDS:
             raise RuntimeInputError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}",
                                     backend)
         torch_dtype = resolve_dtype(dtype)
         directory = Path(directory)
+        policy = Threads.policy("torch" if backend == "torch" or (backend == "auto" and not is_export(directory))
+                                else backend, threads)
         recover_dir(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory", str(directory))
@@ -116,12 +130,13 @@ class Pipeline:
         elif backend == "tensorrt":
             impl = TrtBackend.open(directory, variant=variant)
         else:
-            impl = OrtBackend(directory, variant=variant, device=device)
-        return cls.from_backend(impl, directory)
+            impl = OrtBackend(directory, variant=variant, device=device, threads=policy.backend)
+        return cls.from_backend(impl, directory, policy)
 
     @classmethod
-    def from_backend(cls, backend, directory: str | Path) -> Pipeline:
-        """A Pipeline over an existing backend, with the tokenizer / processor files of `directory`."""
+    def from_backend(cls, backend, directory: str | Path, threads: Threads | None = None) -> Pipeline:
+        """A Pipeline over an existing backend, with the tokenizer / processor files of `directory`; `threads`:
+        the thread policy (default: the backend kind's, over the available cores)."""
         # transformers takes ~2 s to import: only commands that decode pay for it (not `bard-deploy --help`)
         from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
@@ -136,13 +151,13 @@ class Pipeline:
         processor = None
         if backend.config.has_vision and (directory / "preprocessor_config.json").is_file():
             processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
-        return cls(backend, tokenizer, processor, eos_ids_of(directory, tokenizer))
+        return cls(backend, tokenizer, processor, eos_ids_of(directory, tokenizer), threads)
 
     def with_backend(self, backend) -> Pipeline:
         """A new Pipeline over `backend` (same model config) sharing this one's tokenizer and processor; this
         one is left as it is (a Pipeline is shared between threads: it is never modified)."""
         assert backend.config == self.config, "with_backend: another model's backend"
-        twin = Pipeline(backend, self.tokenizer, self.encoder.processor, self.eos_ids)
+        twin = Pipeline(backend, self.tokenizer, self.encoder.processor, self.eos_ids, self.threads)
         twin._lock = self._lock                 # the tokenizer is shared, so is the lock that guards it
         return twin
 
@@ -190,6 +205,7 @@ class Pipeline:
     def generate_batch(self, conversations: list[list[dict]], *, ar: bool = False, **options) -> list[Result]:
         """Decode several conversations as one left-padded batch (each row gives what it gives alone)."""
         opts = DecodeOptions(**options)
+        apply_host_threads(self.threads)
         g = generate(self.backend, self._batch(conversations), opts, self.eos_ids, ar=self._ar(ar))
         return [Result(self.decode_text(ids), ids, g.stats) for ids in g.token_ids]
 
@@ -200,6 +216,7 @@ class Pipeline:
         opts = DecodeOptions(**options)
         batch = self._batch([self._messages(prompt, messages, images)])
         stats = stats if stats is not None else Stats()
+        apply_host_threads(self.threads)
         tokens: list[int] = []
         shown = ""
         chunks = (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats)

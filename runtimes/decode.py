@@ -133,6 +133,7 @@ class Stats:
     decode_s: float = 0.0
     vision_s: float = 0.0
     step_s: list[float] = field(default_factory=list)        # wall time of every decode forward
+    backend_s: list[float] = field(default_factory=list)     # the backend's share of it (the graph run alone)
     steps_per_block: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)          # per row
     edits: int = 0
@@ -208,7 +209,12 @@ class Session:
         """One backend step over the cache + `x`; returns the logits and keeps the new K/V for `commit`."""
         bias = attention_bias(layout, self.cache.keys_layout(layout), self.prompt_attention, dtype=x.dtype)
         feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), self.cache.past(), ds)
-        logits, self._new_kv = self.io.unpack_outputs(self.backend.step(feeds))
+        t0 = time.perf_counter()
+        out = self.backend.step(feeds)
+        if self.device.type == "cuda":                  # a step's time, not its launch time
+            torch.cuda.synchronize(self.device)
+        self._backend_s = time.perf_counter() - t0
+        logits, self._new_kv = self.io.unpack_outputs(out)
         self.stats.nfe += 1
         return logits
 
@@ -218,9 +224,8 @@ class Session:
         t0 = time.perf_counter()
         pos = (layout.index + self.delta[:, None]).unsqueeze(0).expand(3, -1, -1)
         logits = self._forward(self.backend.embed(tokens), pos, layout, None)
-        if self.device.type == "cuda":                  # a step's time, not its launch time
-            torch.cuda.synchronize(self.device)
         self.stats.step_s.append(time.perf_counter() - t0)
+        self.stats.backend_s.append(self._backend_s)
         return logits
 
     def commit(self, layout: Layout, n: int) -> None:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bard_deploy.bench import BenchOptions, Request, Summary, bench, percentile
+from bard_deploy.bench import BenchOptions, Request, Summary, bench, merge_repeats, percentile
 from bard_deploy.cli import main
 from bard_deploy.embedded import new_checkpoint
 
@@ -12,7 +12,7 @@ SIZES = dict(hidden=64, layers=2)
 ROW_KEYS = {"name", "block_size", "threshold", "requests", "exact_match", "tokens", "nfe", "tokens_per_forward",
             "nfe_per_token", "steps_per_block", "ttft_ms", "step_ms_p50", "step_ms_p90", "step_ms_p99", "prefill_ms",
             "vision_ms", "decode_tokens_per_s", "e2e_tokens_per_s", "peak_rss_mb", "speedup_decode_vs_ar",
-            "speedup_e2e_vs_ar"}
+            "speedup_e2e_vs_ar", "backend_ms_per_step", "host_ms_per_step", "host_fraction"}
 
 
 def test_percentiles():
@@ -38,6 +38,32 @@ def test_statistics_from_synthetic_timings():
     untimed = Request(5, 5, 0.010, 0.0, 0.040, [], [], True)                # one generate() call: no step times
     d = Summary("hf", None, None, [untimed]).as_dict()
     assert d["step_ms_p50"] is None and d["step_ms_p99"] is None and d["decode_tokens_per_s"] == 125.0
+    assert d["backend_ms_per_step"] is None and d["host_fraction"] is None
+
+
+def test_host_time_is_decode_wall_minus_backend_time():
+    # 4 steps of 10 ms wall, 8 ms of it in the backend, plus 10 ms of loop work outside the steps: 50 ms decode
+    r = Request(4, 5, 0.010, 0.0, 0.050, [0.01] * 4, [4], True, [0.008] * 4)
+    d = Summary("x", 4, 0.9, [r, r]).as_dict()
+    assert d["backend_ms_per_step"] == 8.0
+    assert d["host_ms_per_step"] == pytest.approx(1e3 * (0.050 - 0.032) / 4)
+    assert d["host_fraction"] == pytest.approx(0.018 / 0.050, abs=1e-4)
+
+
+def test_repeats_report_the_median_and_the_spread_of_per_repeat_speedups():
+    def row(tps, e2e=None):
+        return {"decode_tokens_per_s": tps, "e2e_tokens_per_s": e2e or tps, "name": str(tps)}
+
+    ar = [row(100), row(50), row(100)]                  # the second repeat ran on a busy machine, for both
+    bard = [row(400), row(210), row(380)]
+    ar_row, bard_row = merge_repeats([ar, bard])
+    assert ar_row["speedup_decode_vs_ar"] == 1.0 and ar_row["decode_tokens_per_s"] == 100
+    assert bard_row["speedup_decode_vs_ar"] == 4.0       # median of 4.0, 4.2, 3.8: ratios per repeat, not of medians
+    assert bard_row["decode_tokens_per_s"] == 380 and bard_row["name"] == "380"     # the median repeat's row
+    assert bard_row["repeats"]["speedup_decode_vs_ar"] == [4.0, 4.2, 3.8]
+    assert bard_row["repeats"]["speedup_max_over_min"] == round(4.2 / 3.8, 3)
+    assert bard_row["repeats"]["decode_tokens_per_s_max_over_min"] == round(400 / 210, 3)
+    assert "repeats" not in merge_repeats([[row(1)], [row(2)]])[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +85,56 @@ def test_tiny_bench_end_to_end(run):
         assert r["tokens"] <= 3 * 12                                   # nothing counted past max_new / EOS
     assert res["rows"][0]["speedup_decode_vs_ar"] == 1.0
     assert (root / "out" / "bench.png").stat().st_size > 5000
-    assert json.loads((root / "out" / "bench.json").read_text())["header"]["backend"] == "TorchBackend"
+    header = json.loads((root / "out" / "bench.json").read_text())["header"]
+    assert header["backend"] == "torch" and header["threads"]["backend"] == header["threads"]["host"] >= 1
+
+
+def test_the_baseline_runs_on_the_backend_and_variant_bard_runs_on(run, tmp_path):
+    """An export's AR baseline is the source's export: the recorded torch source is refused, and so is a mixed
+    pair; the source path recorded relative to the checkpoint is found from any working directory."""
+    from bard_deploy.converters.export import export
+    from bard_deploy.errors import RuntimeInputError
+
+    src, b4, root = run
+    ex = tmp_path / "b4-export"
+    export(b4, ex, log=lambda *a: None)
+    opts = dict(requests=1, warmup=0, max_new_tokens=4, transformers_baseline=False, write=False)
+    with pytest.raises(RuntimeInputError, match="same backend and variant.*the AR source's export"):
+        bench(BenchOptions((ex,), **opts), log=lambda *a: None)
+    with pytest.raises(RuntimeInputError, match="same backend and variant"):
+        bench(BenchOptions((b4,), ar_model=ex, **opts), log=lambda *a: None)
+    rel = new_checkpoint(root / "rel" / "b4", bard={"block_size": 4, "source_model": "../../source"}, **SIZES)
+    res = bench(BenchOptions((rel,), **opts), log=lambda *a: None)
+    assert res["rows"][0]["name"] == "AR baseline"
+
+
+def test_the_thread_policy(run, tmp_path):
+    """onnxruntime gets the cores and torch one thread for the host work; torch alone gets them all; a bad count
+    is a typed error. Decoding applies the pipeline's policy to torch."""
+    import torch
+
+    from bard_deploy.converters.export import export
+    from bard_deploy.errors import RuntimeInputError
+    from bard_deploy.runtimes.api import Pipeline
+    from bard_deploy.threads import Threads, available_cores
+
+    assert Threads.policy("onnxruntime", 3) == Threads(3, 1) and Threads.policy("torch", 3) == Threads(3, 3)
+    assert Threads.policy("onnxruntime") == Threads(available_cores(), 1)
+    with pytest.raises(RuntimeInputError, match="threads must be a positive integer"):
+        Threads.policy("torch", 0)
+    _, b4, _ = run
+    export(b4, tmp_path / "ex", log=lambda *a: None)
+    before = torch.get_num_threads()
+    try:
+        pipe = Pipeline.load(tmp_path / "ex", threads=1)
+        assert pipe.threads == Threads(1, 1)
+        assert pipe.backend.decoder.get_session_options().intra_op_num_threads == 1
+        pipe.generate("Describe the picture.", max_new_tokens=4)
+        assert torch.get_num_threads() == 1
+        Pipeline.load(b4, threads=2).generate("Describe the picture.", max_new_tokens=4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cli_bench_last_line_is_json(run, capsys):
@@ -69,7 +144,7 @@ def test_cli_bench_last_line_is_json(run, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     obj = json.loads(last)
     assert {"header", "rows", "plot"} <= set(obj) and ROW_KEYS <= set(obj["rows"][1])
-    assert {"machine", "backend", "torch", "onnxruntime", "transformers", "torch_threads"} <= set(obj["header"])
+    assert {"machine", "backend", "torch", "onnxruntime", "transformers", "threads", "repeats"} <= set(obj["header"])
 
 
 def test_tokens_after_eos_are_not_counted(run):

@@ -8,6 +8,7 @@ stage continues from its `run_dir/.work/<stage>/<pass>` trainer state, which is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -80,7 +81,9 @@ def train_stage(ctx: StageContext, stage: Stage, parent_dir: Path) -> Path:
     model = load_model(parent_dir).train()
     model.language_model.checkpoint_layers = recipe.activation_checkpointing
     mask_id = ctx.tokenizer.convert_tokens_to_ids("<|mask|>")
-    model.config = stage_config(model.config, recipe, stage, parent_dir.name, str(ctx.source_dir), mask_id,
+    # the source is recorded relative to the checkpoint (bench finds it from any working directory)
+    source = os.path.relpath(Path(ctx.source_dir).resolve(), out.resolve())
+    model.config = stage_config(model.config, recipe, stage, parent_dir.name, source, mask_id,
                                 ctx.data_hash)
     setup = stage_loss_setup(ctx, stage, mask_id, device)
     t0 = time.perf_counter()
