@@ -25,6 +25,7 @@ from bard_deploy.converters.onnx_export import export_decoder
 from bard_deploy.errors import ConfigError
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.ort_backend import session, to_numpy
+from bard_deploy.threads import Threads
 from bard_deploy.vlm import BardVLM
 
 SHAPES = {
@@ -53,6 +54,7 @@ class StepOptions:
     out: Path | None = Path("runs/bench")          # bench_step.json goes here (None: not written)
     full_depth: bool = False                       # time the real depth (its graph exports: external data)
     int4_accuracy_level: int = 0                   # MatMulNBits compute type (0 unset, 1 fp32 ... 4 int8)
+    threads: int | None = None                     # the backend's threads (None: the available cores)
 
     def check(self) -> StepOptions:
         """A typed error naming a bad value."""
@@ -161,7 +163,8 @@ def step_bench(opts: StepOptions = StepOptions(), log=print) -> dict:
     rows = step_rows(raw, list(o.backends), list(o.tokens), subset, L, o.past, dims)
     how = (f"timed at full depth ({L} layers)" if o.full_depth else
            f"timed {subset[0]} and {subset[1]} layers with lm_head, extrapolated linearly to {L} layers")
-    note = f"{how}; random weights; batch 1; past {o.past}; median of {o.repeats}"
+    note = (f"{how}; random weights; batch 1; past {o.past}; median of {o.repeats}; "
+            f"{Threads.policy('onnxruntime', o.threads).backend} threads")
     res = {"shape": o.shape, "dims": dims, "rows": rows, "note": note}
     if o.out is not None:
         o.out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +176,8 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
     """Median step times {(backend, k, T): seconds} of a k-layer decoder on every backend of `o`."""
     raw = {}
     model = _model(dims, k)
+    threads = Threads.policy("onnxruntime", o.threads).backend      # the same count for every backend
+    torch.set_num_threads(threads)
     if "torch" in o.backends:
         backend = TorchBackend(model)
         for T in o.tokens:
@@ -181,7 +186,7 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         del backend
     fp32 = tmp / f"k{k}.onnx"
     if any(b.startswith("onnxruntime") for b in o.backends):
-        export_decoder(model, fp32)
+        export_decoder(model, fp32, embeddings=f"k{k}.embeddings.safetensors")
     del model                               # the torch weights go before the quantizers load the graph
     variants = []
     if "onnxruntime-fp32" in o.backends:
@@ -195,7 +200,7 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         quantize_int4(fp32, int4, block_size=32, accuracy_level=o.int4_accuracy_level)
         variants.append(("onnxruntime-int4", int4))
     for name, path in variants:
-        sess = session(path)
+        sess = session(path, threads)
         outs = [x.name for x in sess.get_outputs()]
         for T in o.tokens:
             f = to_numpy(_feeds(_config(dims, k), T, o.past))

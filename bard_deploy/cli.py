@@ -297,11 +297,14 @@ def bench_step(
     out: Path = typer.Option(S.out, help="Where bench_step.json goes."),
     int4_accuracy_level: int = typer.Option(S.int4_accuracy_level, help="INT4 kernel compute type: 0 unset, "
                                             "1 fp32, 2 fp16, 3 bf16, 4 int8."),
+    threads: int | None = typer.Option(S.threads, help="CPU threads of every backend timed.",
+                                       show_default="the available cores"),
 ):
     """One decoder step at real model shapes (random weights) on torch and onnxruntime fp32 / INT8 / INT4; one JSON
     line last."""
     o = StepOptions(shape, _ints(tokens, "tokens"), past, _ints(layers_subset, "layers-subset"), repeats,
-                    tuple(b.strip() for b in backends.split(",") if b.strip()), out, full_depth, int4_accuracy_level)
+                    tuple(b.strip() for b in backends.split(",") if b.strip()), out, full_depth, int4_accuracy_level,
+                    threads)
     res = step_bench(o, log=console.print)
     console.print(step_table(res))
     print(json.dumps(res))

@@ -19,6 +19,7 @@ from bard_deploy.config import load_config
 from bard_deploy.errors import ExportError, RuntimeInputError
 from bard_deploy.manifest import Manifest
 from bard_deploy.onnx_files import EmbeddingTable
+from bard_deploy.threads import Threads
 
 # what onnxruntime raises (plain Exception subclasses): turned into one-line typed errors here
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException, ort_state.InvalidGraph,
@@ -28,7 +29,8 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 
 
 def session(path: Path, threads: int = 0, device: str = "cpu") -> ort.InferenceSession:
-    """An onnxruntime session the way every part of bard-deploy opens one (quiet, non-spinning workers)."""
+    """An onnxruntime session the way every part of bard-deploy opens one (quiet, non-spinning workers,
+    `threads` intra-op threads; 0: the thread policy's default, the cores this process may use)."""
     if device not in PROVIDERS:
         raise RuntimeInputError(f"device must be one of {tuple(PROVIDERS)}, got {device!r}", device)
     opts = ort.SessionOptions()
@@ -36,8 +38,7 @@ def session(path: Path, threads: int = 0, device: str = "cpu") -> ort.InferenceS
     # ORT's worker threads spin after each run by default, starving the torch ops of the decode loop that
     # run between two steps (a 16 x vocab softmax took 4 ms instead of 20 us): let them sleep.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or Threads.policy("onnxruntime").backend
     providers = [p for p in PROVIDERS[device] if p in ort.get_available_providers()]
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
