@@ -21,6 +21,7 @@ POSITION_IDS = "position_ids"
 ATTENTION_BIAS = "attention_bias"
 DEEPSTACK_EMBEDS = "deepstack_embeds"
 LOGITS = "logits"
+LOGITS_TO_KEEP = "logits_to_keep"     # the step positions whose logits are computed (transformers' name)
 PIXEL_VALUES = "pixel_values"
 IMAGE_EMBEDS = "image_embeds"
 
@@ -133,12 +134,15 @@ class DecoderIO(GraphIO):
         if self.num_deepstack:
             specs.append(TensorSpec(DEEPSTACK_EMBEDS, f,
                                     (self.num_deepstack, "batch", "seq", self.hidden_size)))
+        # positions (indices into the step's tokens) whose logits the loop reads: prefill and a commit+denoise
+        # step compute no logits for positions nobody reads (at 2B a logit row costs 0.6 GFLOP and 0.6 MB)
+        specs.append(TensorSpec(LOGITS_TO_KEEP, "int64", ("keep",)))
         return tuple(specs)
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
-        """Outputs in graph order: logits of every step position, then the step tokens' K/V per layer."""
-        specs = [TensorSpec(LOGITS, self.float_dtype, ("batch", "seq", self.vocab_size))]
+        """Outputs in graph order: logits of the kept positions, then the step tokens' K/V per layer."""
+        specs = [TensorSpec(LOGITS, self.float_dtype, ("batch", "keep", self.vocab_size))]
         for i in range(self.num_layers):
             for name in (new_key(i), new_value(i)):
                 specs.append(TensorSpec(name, self.float_dtype, ("batch", self.num_kv_heads, "seq", self.head_dim)))
@@ -151,10 +155,10 @@ class DecoderIO(GraphIO):
 
     # ---- feeds and outputs ---------------------------------------------------------------------------------
     def feeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_bias: torch.Tensor,
-              past: KV, deepstack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              past: KV, deepstack: torch.Tensor | None = None, keep: int | None = None) -> dict[str, torch.Tensor]:
         """Named feeds of one step. inputs_embeds (B, T, hidden), position_ids (3, B, T), attention_bias
         (B, 1, T, P + T), past per layer (B, kv_heads, P, head_dim); deepstack (n_ds, B, T, hidden) or None
-        (zeros: no image in this step)."""
+        (zeros: no image in this step); keep: logits for the last `keep` positions only (None: all T)."""
         assert len(past) == self.num_layers, (len(past), self.num_layers)
         f = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: position_ids, ATTENTION_BIAS: attention_bias}
         for i, (k, v) in enumerate(past):
@@ -162,14 +166,18 @@ class DecoderIO(GraphIO):
         if self.num_deepstack:
             f[DEEPSTACK_EMBEDS] = (deepstack if deepstack is not None
                                    else inputs_embeds.new_zeros(self.num_deepstack, *inputs_embeds.shape))
+        T = inputs_embeds.shape[1]
+        assert keep is None or 1 <= keep <= T, (keep, T)
+        f[LOGITS_TO_KEEP] = torch.arange(T - (keep or T), T, device=inputs_embeds.device)
         return f
 
     def unpack_feeds(self, feeds: dict[str, torch.Tensor]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KV, torch.Tensor | None]:
-        """Inverse of `feeds`: (inputs_embeds, position_ids, attention_bias, past, deepstack or None)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KV, torch.Tensor | None, torch.Tensor]:
+        """Inverse of `feeds`: (inputs_embeds, position_ids, attention_bias, past, deepstack or None,
+        logits_to_keep), the arguments of `BardVLM.step`."""
         past = [(feeds[past_key(i)], feeds[past_value(i)]) for i in range(self.num_layers)]
         return (feeds[INPUTS_EMBEDS], feeds[POSITION_IDS], feeds[ATTENTION_BIAS], past,
-                feeds.get(DEEPSTACK_EMBEDS))
+                feeds.get(DEEPSTACK_EMBEDS), feeds[LOGITS_TO_KEEP])
 
     def outputs_of(self, logits: torch.Tensor, new_kv: KV) -> dict[str, torch.Tensor]:
         """Named outputs of one step from the model's (logits (B, T, V), new K/V per layer)."""

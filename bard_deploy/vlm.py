@@ -97,10 +97,14 @@ class BardVLM(nn.Module):
     # ---- the step ----------------------------------------------------------------------------------
     def step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_bias: torch.Tensor,
              past_key_values: list[KV] | tuple[KV, ...] | None = None,
-             deepstack_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
-        """The decoder step: logits (B, T, vocab) and the new tokens' K/V per layer (B, Hkv, T, D)."""
+             deepstack_embeds: torch.Tensor | None = None,
+             logits_to_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """The decoder step: logits (B, K, vocab) of the positions `logits_to_keep` (indices into the T step
+        tokens; None: all, K = T) and the new tokens' K/V per layer (B, Hkv, T, D)."""
         h, new_kv = self.language_model(inputs_embeds, position_ids, attention_bias, past_key_values,
                                         deepstack_embeds)
+        if logits_to_keep is not None:
+            h = h.index_select(1, logits_to_keep)
         return self.head(h), new_kv
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -46,8 +46,8 @@ class DecoderStep(nn.Module):
 
     def forward(self, *flat):
         """Flat inputs in IO-table order -> flat outputs in IO-table order."""
-        x, pos, bias, past, ds = self.io.unpack_feeds(dict(zip(self.io.input_names, flat, strict=True)))
-        return tuple(self.io.outputs_of(*self.model.step(x, pos, bias, past, ds)).values())
+        args = self.io.unpack_feeds(dict(zip(self.io.input_names, flat, strict=True)))
+        return tuple(self.io.outputs_of(*self.model.step(*args)).values())
 
 
 class VisionEncoder(nn.Module):

@@ -59,5 +59,5 @@ class TorchBackend:
     @torch.inference_mode()
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One decoder forward; feeds (from any device) and outputs keyed by the IO table's names."""
-        x, pos, bias, past, ds = self.io.unpack_feeds({k: v.to(self.device) for k, v in feeds.items()})
-        return self.io.outputs_of(*self.model.step(x, pos, bias, past, ds))
+        return self.io.outputs_of(*self.model.step(*self.io.unpack_feeds({k: v.to(self.device)
+                                                                          for k, v in feeds.items()})))

@@ -201,14 +201,16 @@ class Session:
         pos, self.delta = rope_index(batch.input_ids, cfg.image_token_id, batch.image_grid_thw,
                                      cfg.spatial_merge_size, batch.attention_mask)
         layout = prompt_layout(batch.attention_mask, prompt_block)
-        self.last_logits = self._forward(x, pos, layout, ds)[:, -1]                  # (B, V)
+        self.last_logits = self._forward(x, pos, layout, ds, keep=1)[:, -1]          # (B, V): AR reads it
         self.cache.commit(self._new_kv, layout)
         stats.prefill_s += time.perf_counter() - t0
 
-    def _forward(self, x: torch.Tensor, pos: torch.Tensor, layout: Layout, ds: torch.Tensor | None) -> torch.Tensor:
-        """One backend step over the cache + `x`; returns the logits and keeps the new K/V for `commit`."""
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, layout: Layout, ds: torch.Tensor | None,
+                 keep: int | None = None) -> torch.Tensor:
+        """One backend step over the cache + `x`; returns the logits of the last `keep` positions (None: all)
+        and keeps the new K/V for `commit`."""
         bias = attention_bias(layout, self.cache.keys_layout(layout), self.prompt_attention, dtype=x.dtype)
-        feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), self.cache.past(), ds)
+        feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), self.cache.past(), ds, keep)
         t0 = time.perf_counter()
         out = self.backend.step(feeds)
         if self.device.type == "cuda":                  # a step's time, not its launch time
@@ -218,12 +220,13 @@ class Session:
         self.stats.nfe += 1
         return logits
 
-    def step(self, tokens: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """One cached decode forward over `tokens` (B, T) -> logits (B, T, V). Response tokens are text, so
-        all three MRoPE rows are index + delta. The new K/V wait in `_new_kv` until `commit`."""
+    def step(self, tokens: torch.Tensor, layout: Layout, keep: int | None = None) -> torch.Tensor:
+        """One cached decode forward over `tokens` (B, T) -> logits (B, K, V) of the last `keep` positions (None:
+        all T). Response tokens are text, so all three MRoPE rows are index + delta. The new K/V wait in
+        `_new_kv` until `commit`."""
         t0 = time.perf_counter()
         pos = (layout.index + self.delta[:, None]).unsqueeze(0).expand(3, -1, -1)
-        logits = self._forward(self.backend.embed(tokens), pos, layout, None)
+        logits = self._forward(self.backend.embed(tokens), pos, layout, None, keep)
         self.stats.step_s.append(time.perf_counter() - t0)
         self.stats.backend_s.append(self._backend_s)
         return logits
@@ -353,7 +356,7 @@ def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
                 tokens, layout = torch.cat([pending[0], canvas], 1), Layout.cat([pending[1], noisy])
             else:
                 tokens, layout = canvas, noisy
-            logits = session.step(tokens, layout)[:, -B_sz:]
+            logits = session.step(tokens, layout, keep=B_sz)            # the canvas only
             if pending is not None:
                 session.commit(layout, B_sz)
                 pending = None
@@ -395,7 +398,7 @@ def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequenc
             break
         layout = Layout(torch.full((rows, 1), PROMPT), torch.zeros(rows, 1, dtype=torch.long),
                         (session.start + j)[:, None])
-        logits = session.step(token[:, None], layout)[:, -1]
+        logits = session.step(token[:, None], layout, keep=1)[:, -1]
         session.commit(layout, 1)
     stats.decode_s += time.perf_counter() - t0
 

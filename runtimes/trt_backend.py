@@ -54,10 +54,13 @@ def check_engine_metadata(meta: dict, facts: dict, onnx_sha256: str) -> None:
 
 
 def profiles(block_size: int, max_prompt: int, max_len: int) -> list[dict]:
-    """(min, opt, max) sequence / past lengths of the two optimisation profiles."""
+    """(min, opt, max) sequence / past / kept-logits lengths of the two optimisation profiles (prefill keeps the
+    last position's logits, a BARD step its canvas's: one block)."""
     return [
-        {"name": "prefill", "seq": (1, min(256, max_prompt), max_prompt), "past": (0, 0, max_len)},
-        {"name": "denoise", "seq": (block_size, block_size, 2 * block_size), "past": (0, max_len // 2, max_len)},
+        {"name": "prefill", "seq": (1, min(256, max_prompt), max_prompt), "past": (0, 0, max_len),
+         "keep": (1, 1, max_prompt)},
+        {"name": "denoise", "seq": (block_size, block_size, 2 * block_size), "past": (0, max_len // 2, max_len),
+         "keep": (1, block_size, 2 * block_size)},
     ]
 
 
@@ -85,7 +88,8 @@ def build_engine(onnx_path: Path, engine_path: Path, io: iospec.DecoderIO, block
         for spec in io.inputs:
             # (min, opt, max) shapes: the profile's sequence and past lengths, batch 1
             prof.set_shape(spec.name, *(iospec.concrete(spec.shape, {"batch": 1, "seq": p["seq"][i],
-                                                                     "past": p["past"][i]}) for i in range(3)))
+                                                                     "past": p["past"][i], "keep": p["keep"][i]})
+                                        for i in range(3)))
         config.add_optimization_profile(prof)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

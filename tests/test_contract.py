@@ -22,10 +22,13 @@ def test_feeds_and_outputs_round_trip_in_table_order():
     f = io.dummy_feeds(batch=2, seq=3, past=4)
     assert list(f) == io.input_names
     for spec in io.inputs:
-        assert tuple(f[spec.name].shape) == iospec.concrete(spec.shape, {"batch": 2, "seq": 3, "past": 4})
-    x, pos, bias, past, ds = io.unpack_feeds(f)
+        assert tuple(f[spec.name].shape) == iospec.concrete(spec.shape, {"batch": 2, "seq": 3, "past": 4,
+                                                                          "keep": 3})
+    x, pos, bias, past, ds, keep = io.unpack_feeds(f)
     assert ds.shape == (io.num_deepstack, 2, 3, io.hidden_size) and not ds.any()      # no image: zeros
-    assert io.feeds(x, pos, bias, past, ds).keys() == f.keys()
+    assert keep.tolist() == [0, 1, 2]                                                 # default: every position
+    again = io.feeds(x, pos, bias, past, ds, keep=2)
+    assert again.keys() == f.keys() and again[iospec.LOGITS_TO_KEEP].tolist() == [1, 2]
     new_kv = [(torch.zeros(2, io.num_kv_heads, 3, io.head_dim),) * 2 for _ in range(io.num_layers)]
     out = io.outputs_of(torch.zeros(2, 3, io.vocab_size), new_kv)
     assert list(out) == io.output_names
@@ -73,3 +76,31 @@ def test_recorded_steps_replay_exactly_and_survive_a_save(tmp_path):
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(AssertionError, match="without their outputs"):
         next(back.records())
+
+
+def test_logits_to_keep_computes_only_the_positions_read(tmp_path):
+    """The step computes logits for the kept positions only, equal to those rows of the full logits, in PyTorch
+    and in the exported graph; the decoded tokens do not change (the loop asks for what it reads)."""
+    from bard_deploy.converters.export import export
+    from bard_deploy.data.synthetic import make_sample
+    from bard_deploy.runtimes.ort_backend import OrtBackend
+
+    ckpt = new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=64, layers=2)
+    pipe = Pipeline.load(ckpt)
+    io = pipe.backend.io
+    full = io.dummy_feeds(batch=2, seq=6, past=5)
+    last2 = dict(full, **{iospec.LOGITS_TO_KEEP: torch.tensor([4, 5])})
+    ref = pipe.backend.step(full)[iospec.LOGITS]
+    assert ref.shape[1] == 6
+    got = pipe.backend.step(last2)
+    assert got[iospec.LOGITS].shape[1] == 2 and torch.allclose(got[iospec.LOGITS], ref[:, 4:], atol=1e-6)
+    assert torch.equal(got[iospec.new_key(0)], pipe.backend.step(full)[iospec.new_key(0)])   # K/V of all T
+    export(ckpt, tmp_path / "ex", log=lambda *a: None)
+    ort = OrtBackend(tmp_path / "ex")
+    for keep in (1, 3, 6):
+        feeds = dict(full, **{iospec.LOGITS_TO_KEEP: torch.arange(6 - keep, 6)})
+        assert torch.allclose(ort.step(feeds)[iospec.LOGITS], ref[:, 6 - keep:], atol=1e-4)
+    s = make_sample(3)
+    a = pipe.generate(s.question, images=[s.image()], max_new_tokens=12)
+    b = Pipeline.load(tmp_path / "ex").generate(s.question, images=[s.image()], max_new_tokens=12)
+    assert a.token_ids == b.token_ids

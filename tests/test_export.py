@@ -347,3 +347,31 @@ def test_fp16_graphs_validate_and_decode_like_fp16_pytorch(ckpt, tmp_path):
         export(ckpt, tmp_path / "no", dtype="fp16", int4=True, **QUIET)
     with pytest.raises(ExportError, match="--dtype must be one of"):
         export(ckpt, tmp_path / "no", dtype="bf16", **QUIET)
+
+
+def test_lean_dynamic_int8_is_ort_s_own(exported_external, tmp_path):
+    """The lean INT8 path (one copy of the graph in memory) writes the graph onnxruntime's quantize_dynamic writes
+    with the same settings: same nodes, same initializers, byte for byte, with and without excluded nodes."""
+    import shutil
+
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from bard_deploy.calibration.quantize import lm_head_matmuls, quantize_dynamic_lean
+
+    d = tmp_path / "g"
+    d.mkdir()
+    for name in ("decoder.onnx", "decoder.onnx.data", "embeddings.safetensors"):
+        shutil.copy(exported_external / name, d / name)
+    for exclude in ([], lm_head_matmuls(d / "decoder.onnx")):
+        quantize_dynamic(str(d / "decoder.onnx"), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], reduce_range=True, per_channel=True,
+                         nodes_to_exclude=exclude, use_external_data_format=False)
+        quantize_dynamic_lean(d / "decoder.onnx", tmp_path / "lean.onnx", exclude, external=False)
+        a, b = (onnx.load(str(tmp_path / n)).graph for n in ("ort.onnx", "lean.onnx"))
+        assert [(n.op_type, n.name, list(n.input)) for n in a.node] == [(n.op_type, n.name, list(n.input))
+                                                                         for n in b.node]
+        ia, ib = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in (a, b))
+        assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
+        assert sum(n.op_type == "MatMulInteger" for n in b.node) > 0
