@@ -190,8 +190,10 @@ class Session:
         self.start = batch.lengths                                       # (B,) index of the first new token
         t0 = time.perf_counter()
         x = backend.embed(batch.input_ids)
+        # a backend that wants the whole buffer (dense arrays, no per-step copy) gets it in chunks
+        self.padded = getattr(backend, "padded_past", None)
         self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim,
-                             dtype=x.dtype, device=self.device)
+                             dtype=x.dtype, device=self.device, chunk=self.padded)
         ds = None
         if batch.pixel_values is not None:
             tv = time.perf_counter()
@@ -209,8 +211,11 @@ class Session:
                  keep: int | None = None) -> torch.Tensor:
         """One backend step over the cache + `x`; returns the logits of the last `keep` positions (None: all)
         and keeps the new K/V for `commit`."""
-        bias = attention_bias(layout, self.cache.keys_layout(layout), self.prompt_attention, dtype=x.dtype)
-        feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), self.cache.past(), ds, keep)
+        padded = self.padded is not None and self.cache.length > 0      # an empty past is dense already
+        keys = self.cache.keys_layout(layout, padded=padded)
+        bias = attention_bias(layout, keys, self.prompt_attention, dtype=x.dtype)
+        past = self.cache.padded() if padded else self.cache.past()
+        feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), past, ds, keep)
         t0 = time.perf_counter()
         out = self.backend.step(feeds)
         if self.device.type == "cuda":                  # a step's time, not its launch time

@@ -90,6 +90,10 @@ class OrtBackend:
     `manifest`: a caller that has just written the directory (the exporter's INT8 gate) passes the manifest it
     holds; everyone else leaves it None and the directory is verified against its manifest.json first."""
 
+    # the decode loop hands this backend the whole KV buffer (contiguous: numpy feeds without a copy), grown in
+    # chunks of this many columns, instead of the filled part (a strided view numpy would copy every step)
+    padded_past = 256
+
     def __init__(self, directory: str | Path, variant: str | None = None, device: str = "cpu", threads: int = 0,
                  manifest: Manifest | None = None):
         directory = Path(directory)

@@ -72,3 +72,63 @@ def test_cached_blocks_equal_full_recompute(model, prompt_attention, with_image)
     assert (logits[:, -B:] - full_logits[:, -B:]).abs().max().item() <= 1e-5
     for (k1, v1), (k2, v2) in zip(kv, full_kv, strict=True):
         assert (k1 - k2).abs().max().item() <= 1e-5 and (v1 - v2).abs().max().item() <= 1e-5
+
+
+def test_a_chunked_cache_grows_keeps_its_content_and_hides_its_free_columns():
+    from bard_deploy.diffusion.mask import PAD
+    from bard_deploy.runtimes.kv import KVCache
+
+    c = KVCache(layers=2, batch=1, kv_heads=2, max_len=20, head_dim=3, chunk=8)
+    assert c.capacity == 8
+    written = []
+    for step in range(4):                                     # 5 columns per commit: grows to 8, 16, then 20
+        kv = [(torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 3)) for _ in range(2)]
+        written.append(kv)
+        lay = Layout(torch.full((1, 5), CLEAN), torch.full((1, 5), step), torch.arange(5)[None] + 5 * step)
+        c.commit(kv, lay)
+        assert c.capacity == min(20, -(-c.length // 8) * 8)
+    k0 = torch.cat([kv[0][0] for kv in written], dim=2)
+    assert torch.equal(c.past()[0][0], k0)                    # every commit survived the copies of growing
+    full = c.padded()[0][0]
+    assert full.is_contiguous() and full.shape[2] == c.capacity == 20
+    c2 = KVCache(layers=1, batch=1, kv_heads=1, max_len=20, head_dim=1, chunk=8)
+    c2.commit([(torch.ones(1, 1, 3, 1),) * 2], Layout(torch.full((1, 3), CLEAN), torch.zeros(1, 3, dtype=torch.long),
+                                                      torch.arange(3)[None]))
+    q = Layout(torch.full((1, 2), NOISY), torch.ones(1, 2, dtype=torch.long), torch.arange(3, 5)[None])
+    keys = c2.keys_layout(q, padded=True)
+    assert keys.shape == (1, 8 + 2) and (keys.kind[0, 3:8] == PAD).all()
+    bias = attention_bias(q, keys)
+    assert (bias[0, 0, :, 3:8] == torch.finfo(torch.float32).min).all()     # the free columns are hidden
+
+
+def test_the_onnxruntime_loop_hands_over_the_buffer_without_a_copy(tmp_path, monkeypatch):
+    """IO-bound decoding (the whole chunked buffer, no per-step copy of the past) gives the tokens that unbound
+    decoding (the filled part, copied) and torch give; its past feeds are the cache's own memory."""
+    import numpy as np
+
+    from bard_deploy.converters.export import export
+    from bard_deploy.data.synthetic import make_sample
+    from bard_deploy.embedded import new_checkpoint
+    from bard_deploy.iospec import past_key
+    from bard_deploy.runtimes.api import Pipeline
+    from bard_deploy.runtimes.ort_backend import OrtBackend, to_numpy
+
+    ckpt = new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=64, layers=2)
+    export(ckpt, tmp_path / "ex", log=lambda *a: None)
+    s = make_sample(5)
+    ref = Pipeline.load(ckpt).generate(s.question, images=[s.image()], max_new_tokens=16).token_ids
+    shared = []
+    step = OrtBackend.step
+
+    def watched(self, feeds):
+        if feeds[past_key(0)].shape[2]:
+            shared.append(np.shares_memory(to_numpy(feeds)[past_key(0)], feeds[past_key(0)].numpy()))
+        return step(self, feeds)
+
+    monkeypatch.setattr(OrtBackend, "step", watched)
+    for chunk in (4, 256, None):                        # 4: the buffer grows during the decode
+        monkeypatch.setattr(OrtBackend, "padded_past", chunk)
+        shared.clear()
+        got = Pipeline.load(tmp_path / "ex").generate(s.question, images=[s.image()], max_new_tokens=16)
+        assert got.token_ids == ref, chunk
+        assert shared and all(shared) == (chunk is not None), chunk
