@@ -22,6 +22,7 @@ ATTENTION_BIAS = "attention_bias"
 DEEPSTACK_EMBEDS = "deepstack_embeds"
 LOGITS = "logits"
 LOGITS_TO_KEEP = "logits_to_keep"     # the step positions whose logits are computed (transformers' name)
+TOP_IDS, TOP_PROBS = "top_ids", "top_probs"   # the fused greedy head: arg-max and its probability, MASK suppressed
 PIXEL_VALUES = "pixel_values"
 IMAGE_EMBEDS = "image_embeds"
 
@@ -100,6 +101,17 @@ class GraphIO:
 
 
 @dataclass(frozen=True)
+class Top:
+    """What the fused greedy head returns per kept position: arg-max ids (B, K) and their probabilities."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+
+    def __getitem__(self, index) -> Top:
+        return Top(self.ids[index], self.probs[index])
+
+
+@dataclass(frozen=True)
 class DecoderIO(GraphIO):
     """The decoder step's inputs and outputs for one model shape (one graph: prefill, denoise, commit+denoise)."""
 
@@ -110,14 +122,15 @@ class DecoderIO(GraphIO):
     vocab_size: int
     num_deepstack: int
     float_dtype: str = "float32"     # embeddings, bias, K/V and logits: float32, or float16 for GPU targets
+    fused_head: bool = False         # also the greedy head's outputs (TOP_IDS, TOP_PROBS): what greedy decoding reads
 
     @classmethod
-    def for_config(cls, config, float_dtype: str = "float32") -> DecoderIO:
-        """The contract of a ModelConfig's text decoder, with float IO in `float_dtype`."""
+    def for_config(cls, config, float_dtype: str = "float32", fused_head: bool = False) -> DecoderIO:
+        """The contract of a ModelConfig's text decoder, with float IO in `float_dtype` (and the fused head)."""
         t = config.text
         assert float_dtype in FLOAT_DTYPES, float_dtype
         return cls(t.num_hidden_layers, t.hidden_size, t.num_key_value_heads, t.head_dim, t.vocab_size,
-                   config.num_deepstack, float_dtype)
+                   config.num_deepstack, float_dtype, fused_head)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -141,8 +154,12 @@ class DecoderIO(GraphIO):
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
-        """Outputs in graph order: logits of the kept positions, then the step tokens' K/V per layer."""
+        """Outputs in graph order: logits of the kept positions (with the fused head: their arg-max and its
+        probability), then the step tokens' K/V per layer."""
         specs = [TensorSpec(LOGITS, self.float_dtype, ("batch", "keep", self.vocab_size))]
+        if self.fused_head:
+            specs += [TensorSpec(TOP_IDS, "int64", ("batch", "keep")),
+                      TensorSpec(TOP_PROBS, self.float_dtype, ("batch", "keep"))]
         for i in range(self.num_layers):
             for name in (new_key(i), new_value(i)):
                 specs.append(TensorSpec(name, self.float_dtype, ("batch", self.num_kv_heads, "seq", self.head_dim)))
@@ -179,16 +196,29 @@ class DecoderIO(GraphIO):
         return (feeds[INPUTS_EMBEDS], feeds[POSITION_IDS], feeds[ATTENTION_BIAS], past,
                 feeds.get(DEEPSTACK_EMBEDS), feeds[LOGITS_TO_KEEP])
 
-    def outputs_of(self, logits: torch.Tensor, new_kv: KV) -> dict[str, torch.Tensor]:
-        """Named outputs of one step from the model's (logits (B, T, V), new K/V per layer)."""
+    def outputs_of(self, logits: torch.Tensor, new_kv: KV,
+                   top: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Named outputs of one step from the model's (logits (B, K, V), new K/V per layer[, (top ids, top
+        probs) (B, K) of the fused head])."""
+        assert (top is not None) == self.fused_head, "the fused head's outputs go with a fused-head contract"
         out = {LOGITS: logits}
+        if top is not None:
+            out[TOP_IDS], out[TOP_PROBS] = top
         for i, (k, v) in enumerate(new_kv):
             out[new_key(i)], out[new_value(i)] = k, v
         return out
 
     def unpack_outputs(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, KV]:
-        """Inverse of `outputs_of`: (logits, new K/V per layer)."""
-        return outputs[LOGITS], [(outputs[new_key(i)], outputs[new_value(i)]) for i in range(self.num_layers)]
+        """Inverse of `outputs_of`: (logits, or `Top` when only the fused head's outputs were asked for; new K/V
+        per layer)."""
+        head = outputs[LOGITS] if LOGITS in outputs else Top(outputs[TOP_IDS], outputs[TOP_PROBS])
+        return head, [(outputs[new_key(i)], outputs[new_value(i)]) for i in range(self.num_layers)]
+
+    def greedy_outputs(self) -> list[str]:
+        """The outputs a greedy step asks a fused-head graph for: the head's arg-max and probability, the K/V
+        (not the logits: B x K x vocab values nobody reads)."""
+        assert self.fused_head
+        return [n for n in self.output_names if n != LOGITS]
 
     def dummy_feeds(self, batch: int, seq: int, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random feeds of the given sizes (tracing the export, timing a step): small embeddings, positions

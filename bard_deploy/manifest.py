@@ -76,6 +76,11 @@ class Manifest:
         return next(dtype for name, dtype, _ in self.io["inputs"] if name == iospec.INPUTS_EMBEDS)
 
     @property
+    def fused_head(self) -> bool:
+        """Whether the decoder graphs also return the fused greedy head's outputs (from the IO table)."""
+        return any(name == iospec.TOP_IDS for name, _, _ in self.io["outputs"])
+
+    @property
     def base_variant(self) -> str:
         """The unquantized decoder variant: "fp32", or "fp16"."""
         return "fp16" if self.float_dtype == "float16" else "fp32"
@@ -100,7 +105,7 @@ class Manifest:
 
     def check_config(self, config) -> None:
         """Refuse a manifest that does not describe `config` (the config.json beside it): IO table, model facts."""
-        io = iospec.DecoderIO.for_config(config, self.float_dtype)
+        io = iospec.DecoderIO.for_config(config, self.float_dtype, self.fused_head)
         if self.io != io.table():
             raise ExportError("manifest IO table does not match the model config in the export directory", "io")
         b = config.bard

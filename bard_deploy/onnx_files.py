@@ -128,6 +128,21 @@ def graph_bytes(graph: Path) -> int:
     return graph.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+def logits_matmuls(graph: onnx.GraphProto, logits: str) -> list[onnx.NodeProto]:
+    """The MatMul nodes that compute the `logits` output (the LM head), followed back through Cast / Identity."""
+    producer = {o: n for n in graph.node for o in n.output}
+    names, found = [logits], []
+    while names:
+        node = producer.get(names.pop())
+        if node is None:
+            continue
+        if node.op_type == "MatMul":
+            found.append(node)
+        elif node.op_type in ("Cast", "Identity"):
+            names.append(node.input[0])
+    return found
+
+
 def shared_tensors(graph: Path) -> dict[str, Shared]:
     """The initializers of `graph` that point into a file other than its own data file (the shared embedding
     table), as `gather_external_data` takes them for a copy of the graph written elsewhere (a quantized one)."""

@@ -107,6 +107,10 @@ class BardVLM(nn.Module):
             h = h.index_select(1, logits_to_keep)
         return self.head(h), new_kv
 
+    def greedy_head(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`greedy_head` with this model's MASK token (None for an AR model)."""
+        return greedy_head(logits, self.config.bard.mask_token_id if self.config.bard else None)
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """The training forward: final hidden states (N, L, hidden) of a whole packed batch, no cache.
@@ -124,3 +128,16 @@ class BardVLM(nn.Module):
         """Total number of parameters, vision tower included (shared tensors counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+
+
+def greedy_head(logits: torch.Tensor, mask_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(arg-max ids, their softmax probability) per position of logits (..., vocab), the MASK token suppressed
+    (a BARD model never predicts it): exactly the decode loop's greedy rule, for graphs to return instead of the
+    logits, and for the export to check them against."""
+    if logits.dtype != torch.float32:      # (a no-op cast would still be a graph node in front of the logits)
+        logits = logits.float()
+    if mask_token_id is not None:
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == mask_token_id,
+                                    float("-inf"))
+    conf, ids = torch.softmax(logits, dim=-1).max(-1)
+    return ids, conf

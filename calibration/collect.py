@@ -96,7 +96,11 @@ def track_worst(worst: dict[str, float], got: dict[str, torch.Tensor], expected:
         if not g.numel():
             worst[name] = max(worst.get(name, 0.0), 0.0)
             continue
-        e = expected[name].detach().cpu().float()
+        e = expected[name].detach().cpu()
+        if not e.is_floating_point():          # ids (the fused head's arg-max): the fraction that differ
+            worst[name] = max(worst.get(name, 0.0), float((g != e).float().mean()))
+            continue
+        e = e.float()
         diff = float((g.float() - e).abs().max())
         if relative:
             diff /= max(1.0, float(e.abs().max()))

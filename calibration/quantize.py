@@ -34,7 +34,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from bard_deploy import iospec
 from bard_deploy.calibration.collect import Trajectories
 from bard_deploy.errors import ExportError
-from bard_deploy.onnx_files import data_file, gather_external_data, shared_tensors
+from bard_deploy.onnx_files import data_file, gather_external_data, logits_matmuls, shared_tensors
 from bard_deploy.runtimes.ort_backend import to_numpy
 
 TARGETS = ("cpu", "cuda", "tensorrt")
@@ -166,8 +166,9 @@ def quantize_int4(fp32: Path, out: Path, block_size: int = 32, accuracy_level: i
 def lm_head_matmuls(model_path: Path) -> list[str]:
     """The MatMul nodes of the LM head: the one that writes the logits output (a tied head is a bare `/MatMul`
     over the transposed embedding, with no lm_head in its name) and any named after lm_head."""
-    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node
-            if n.op_type == "MatMul" and (iospec.LOGITS in n.output or "lm_head" in n.name)]
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    head = {n.name for n in logits_matmuls(graph, iospec.LOGITS)}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and (n.name in head or "lm_head" in n.name)]
 
 
 def sensitive_matmuls(model_path: Path, layers: int) -> list[str]:

@@ -51,6 +51,7 @@ from bard_deploy.manifest import Manifest, VisionGraph
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.ort_backend import session
+from bard_deploy.vlm import greedy_head
 
 DECODER, VISION, EMBEDDINGS = "decoder.onnx", "vision.onnx", "embeddings.safetensors"
 GRAPH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -110,6 +111,17 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
     return manifest
 
 
+def with_head(records, manifest: Manifest):
+    """The recorded PyTorch steps with the fused greedy head's outputs added (computed from their logits by the
+    same function the graph runs), when the graphs have the head: every graph output is checked. Its ids must
+    match exactly (the fraction that differ is compared with the tolerance)."""
+    for feeds, outputs in records:
+        if manifest.fused_head:
+            ids, probs = greedy_head(outputs[iospec.LOGITS], manifest.mask_token_id)
+            outputs = {**outputs, iospec.TOP_IDS: ids, iospec.TOP_PROBS: probs.to(outputs[iospec.LOGITS].dtype)}
+        yield feeds, outputs
+
+
 def copy_side_files(model_dir: Path, config: ModelConfig, directory: Path) -> Path:
     """Write the (resolved) config and copy the tokenizer / processor / generation files of a checkpoint; returns
     `directory`. The config is written, not copied: an imported Bard-VL one gains its bard section here."""
@@ -161,7 +173,8 @@ def validate(directory: Path, manifest: Manifest, reference: Trajectories, image
     fp16: relative to max(1, each output's magnitude), <= FP16_TOLERANCE."""
     tolerance, relative = (FP32_TOLERANCE, False) if dtype == "fp32" else (FP16_TOLERANCE, True)
     parity = {"tolerance": tolerance, "steps": len(reference), **({"relative": True} if relative else {}),
-              "decoder": compare(DECODER, session(directory / DECODER), reference.records(), tolerance, relative)}
+              "decoder": compare(DECODER, session(directory / DECODER), with_head(reference.records(), manifest),
+                                 tolerance, relative)}
     if manifest.vision is not None:
         if not images:
             raise ExportError("no validation prompt has an image: vision.onnx cannot be validated", VISION)

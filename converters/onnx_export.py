@@ -26,7 +26,7 @@ from torch import nn
 from bard_deploy import iospec
 from bard_deploy.calibration.collect import track_worst
 from bard_deploy.errors import ExportError
-from bard_deploy.onnx_files import Shared, gather_external_data, write_table
+from bard_deploy.onnx_files import Shared, gather_external_data, logits_matmuls, write_table
 from bard_deploy.runtimes.ort_backend import run
 from bard_deploy.vision import encode_images
 
@@ -47,7 +47,12 @@ class DecoderStep(nn.Module):
     def forward(self, *flat):
         """Flat inputs in IO-table order -> flat outputs in IO-table order."""
         args = self.io.unpack_feeds(dict(zip(self.io.input_names, flat, strict=True)))
-        return tuple(self.io.outputs_of(*self.model.step(*args)).values())
+        logits, kv = self.model.step(*args)
+        top = None
+        if self.io.fused_head:
+            ids, probs = self.model.greedy_head(logits)
+            top = ids, probs.to(logits.dtype)
+        return tuple(self.io.outputs_of(logits, kv, top).values())
 
 
 class VisionEncoder(nn.Module):
@@ -93,8 +98,8 @@ def _tied_head(graph: Path, io: iospec.DecoderIO, table: Path, offset: int) -> d
     shared with the transposed table written at `offset` of `table`."""
     proto = onnx.load(str(graph), load_external_data=False).graph
     inits = {t.name: t for t in proto.initializer}
-    heads = [n.input[1] for n in proto.node if n.op_type == "MatMul" and iospec.LOGITS in n.output
-             and n.input[1] in inits and list(inits[n.input[1]].dims) == [io.hidden_size, io.vocab_size]]
+    heads = [n.input[1] for n in logits_matmuls(proto, iospec.LOGITS)
+             if n.input[1] in inits and list(inits[n.input[1]].dims) == [io.hidden_size, io.vocab_size]]
     if len(heads) != 1:
         raise ExportError(f"{graph.name}: cannot find the tied LM head's weight (found {heads})", graph.name)
     size = torch.finfo(iospec.FLOAT_DTYPES[io.float_dtype]).bits // 8
@@ -111,10 +116,11 @@ def float_dtype_of(model) -> str:
 
 
 def export_decoder(model, path: Path, external_data: bool | None = None,
-                   embeddings: str = "embeddings.safetensors") -> iospec.DecoderIO:
-    """Write decoder.onnx (fp32, MatMul+Softmax attention; `external_data` as in `_export`) and the embedding
-    table `embeddings` beside it (a tied head points into it); returns its IO."""
-    io = iospec.DecoderIO.for_config(model.config, float_dtype_of(model))
+                   embeddings: str = "embeddings.safetensors", fused_head: bool = True) -> iospec.DecoderIO:
+    """Write decoder.onnx (fp32, MatMul+Softmax attention; `external_data` as in `_export`; `fused_head`: with
+    the greedy head's outputs) and the embedding table `embeddings` beside it (a tied head points into it);
+    returns its IO."""
+    io = iospec.DecoderIO.for_config(model.config, float_dtype_of(model), fused_head)
     table = path.with_name(embeddings)
     tied = model.lm_head is None
     offset = write_table(table, model.language_model.embed_tokens.weight, transposed=tied)

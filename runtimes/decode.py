@@ -178,8 +178,11 @@ class Session:
     and rope deltas are made on the CPU and sent along with each step (a few integers per token)."""
 
     def __init__(self, backend, batch: PromptBatch, max_new: int, prompt_attention: str,
-                 prompt_block: int | None, stats: Stats):
+                 prompt_block: int | None, stats: Stats, greedy: bool = False):
         self.backend, self.stats, self.prompt_attention = backend, stats, prompt_attention
+        # greedy decoding reads only the arg-max and its probability: a graph with the fused head returns just
+        # those (B x K values instead of B x K x vocab logits); steps then return an iospec.Top
+        self.fused = greedy and backend.io.fused_head and getattr(backend, "takes_outputs", False)
         self.device: torch.device = backend.device
         cfg: ModelConfig = backend.config
         self.io: iospec.DecoderIO = backend.io
@@ -217,7 +220,7 @@ class Session:
         past = self.cache.padded() if padded else self.cache.past()
         feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), past, ds, keep)
         t0 = time.perf_counter()
-        out = self.backend.step(feeds)
+        out = self.backend.step(feeds, self.io.greedy_outputs()) if self.fused else self.backend.step(feeds)
         if self.device.type == "cuda":                  # a step's time, not its launch time
             torch.cuda.synchronize(self.device)
         self._backend_s = time.perf_counter() - t0
@@ -268,17 +271,29 @@ def _sample(logits: torch.Tensor, opts: DecodeOptions, gen: torch.Generator | No
     return pred, probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
 
 
-def denoise_step(logits: torch.Tensor, canvas: torch.Tensor, masked: torch.Tensor, edits_left: torch.Tensor,
-                 last: bool, opts: DecodeOptions, mask_id: int, gen: torch.Generator | None
-                 ) -> tuple[torch.Tensor, int]:
+def predict(logits: torch.Tensor | iospec.Top, opts: DecodeOptions, mask_id: int | None,
+            gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, its probability) per position: from logits (..., V) with the MASK token (when given) never
+    a prediction, or straight from the fused head's outputs (greedy; it suppressed MASK in the graph)."""
+    if isinstance(logits, iospec.Top):
+        assert opts.temperature == 0, "the fused head serves greedy decoding only"
+        return logits.ids, logits.probs.float()
+    if mask_id is not None:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+    return _sample(logits, opts, gen)
+
+
+def denoise_step(logits: torch.Tensor | iospec.Top, canvas: torch.Tensor, masked: torch.Tensor,
+                 edits_left: torch.Tensor, last: bool, opts: DecodeOptions, mask_id: int,
+                 gen: torch.Generator | None) -> tuple[torch.Tensor, int]:
     """The per-step rule, shared by the cached runtime and the slow reference decoder.
 
-    logits (B, T, V) of the canvas, canvas (B, T), masked (B, T) = canvas == MASK. Returns the new canvas
-    and the number of edits made (edits_left (B,) is decremented in place).
+    logits (B, T, V) of the canvas (or the fused head's `Top`), canvas (B, T), masked (B, T) = canvas == MASK.
+    Returns the new canvas and the number of edits made (edits_left (B,) is decremented in place).
     """
-    logits = logits.clone()
-    logits[..., mask_id] = float("-inf")                    # (1) the MASK token is never a prediction
-    pred, conf = _sample(logits, opts, gen)                 # (2) prediction and confidence per position
+    # (1) the MASK token is never a prediction; (2) prediction and confidence per position
+    pred, conf = predict(logits, opts, mask_id, gen)
     live = masked.any(1, keepdim=True)                      # rows still denoising this block
     # (3) commit: every masked token with conf >= threshold, at least min_commit per row (most confident),
     #     everything at the last allowed step.
@@ -339,7 +354,8 @@ def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
     B_sz, mask_id = opts.block_size, cfg.bard.mask_token_id
     n_blocks = -(-opts.max_new_tokens // B_sz)
     prompt_block = B_sz if cfg.bard.prompt_attention == "block" else None
-    session = Session(backend, batch, n_blocks * B_sz, cfg.bard.prompt_attention, prompt_block, stats)
+    session = Session(backend, batch, n_blocks * B_sz, cfg.bard.prompt_attention, prompt_block, stats,
+                      greedy=opts.temperature == 0)
     dev = session.device
     gen = _generator(opts, dev)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
@@ -388,7 +404,7 @@ def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequenc
     """Greedy (or sampled) next-token decoding through the same session, cache and statistics:
     yields each step's tokens (B, 1) until every row has emitted EOS or max_new_tokens."""
     opts = opts.resolved(backend.config, ar=True)
-    session = Session(backend, batch, opts.max_new_tokens, "causal", None, stats)
+    session = Session(backend, batch, opts.max_new_tokens, "causal", None, stats, greedy=opts.temperature == 0)
     gen = _generator(opts, session.device)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=session.device)
     rows = batch.input_ids.shape[0]
@@ -396,7 +412,7 @@ def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequenc
     logits = session.last_logits                                              # (B, V): predicts token 0
     t0 = time.perf_counter()
     for j in range(opts.max_new_tokens):
-        token, _ = _sample(logits, opts, gen)                                 # (B,)
+        token, _ = predict(logits, opts, None, gen)                           # (B,)
         yield token[:, None]
         done |= torch.isin(token, eos)
         if bool(done.all()) or j == opts.max_new_tokens - 1:

@@ -93,13 +93,14 @@ class OrtBackend:
     # the decode loop hands this backend the whole KV buffer (contiguous: numpy feeds without a copy), grown in
     # chunks of this many columns, instead of the filled part (a strided view numpy would copy every step)
     padded_past = 256
+    takes_outputs = True            # step(feeds, outputs): only the outputs asked for come back
 
     def __init__(self, directory: str | Path, variant: str | None = None, device: str = "cpu", threads: int = 0,
                  manifest: Manifest | None = None):
         directory = Path(directory)
         self.manifest = m = manifest if manifest is not None else Manifest.read(directory)
         self.config = load_config(directory)
-        self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype)
+        self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype, m.fused_head)
         self.device = torch.device("cpu")          # numpy in and out, whichever provider runs the graph
         m.check_config(self.config)
         self.variant, graph = m.decoder_graph(variant)
@@ -135,6 +136,7 @@ class OrtBackend:
             start += n
         return torch.cat(embeds), torch.cat(deepstack, dim=1)
 
-    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One decoder run; feeds and outputs keyed by the IO table's names."""
-        return run(self.decoder, self.io.output_names, feeds)
+    def step(self, feeds: dict[str, torch.Tensor], outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """One decoder run; feeds and outputs keyed by the IO table's names (`outputs`: only those; onnxruntime
+        then hands back nothing else)."""
+        return run(self.decoder, outputs or self.io.output_names, feeds)

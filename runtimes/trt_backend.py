@@ -115,7 +115,7 @@ def ensure_engine(directory: str | Path, m: Manifest, variant: str | None = None
     if not engine.is_file():
         cfg = load_config(directory)
         block = cfg.bard.block_size if cfg.bard else 1
-        build_engine(directory / graph, engine, iospec.DecoderIO.for_config(cfg, m.float_dtype), block,
+        build_engine(directory / graph, engine, iospec.DecoderIO.for_config(cfg, m.float_dtype, m.fused_head), block,
                      strongly_typed=variant != m.base_variant)
     return engine
 
@@ -136,7 +136,7 @@ class TrtBackend:
         m = manifest if manifest is not None else Manifest.read(directory)
         self.config = load_config(directory)
         m.check_config(self.config)
-        self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype)
+        self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype, m.fused_head)
         self.device = torch.device("cpu")          # step copies feeds to the GPU and its outputs back
         variant, graph = m.decoder_graph(variant)
         engine = engine_file(directory, variant)
@@ -163,8 +163,11 @@ class TrtBackend:
             raise RuntimeInputError("this export has no vision graph but an image was given", "image")
         return self.vision.encode_images(pixel_values, grid_thw)
 
-    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One engine run (prefill or denoise profile by the step's length); outputs copied back to the CPU."""
+    takes_outputs = True
+
+    def step(self, feeds: dict[str, torch.Tensor], outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """One engine run (prefill or denoise profile by the step's length); the outputs (`outputs`: only those)
+        copied back to the CPU."""
         seq = feeds[iospec.INPUTS_EMBEDS].shape[1]
         profile = 1 if seq in (self.block_size, 2 * self.block_size) and self.block_size > 1 else 0
         self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
@@ -175,9 +178,10 @@ class TrtBackend:
         outs = {}
         for spec in self.io.outputs:
             shape = tuple(self.context.get_tensor_shape(spec.name))
-            outs[spec.name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            dtype = torch.int64 if spec.dtype == "int64" else iospec.FLOAT_DTYPES[spec.dtype]
+            outs[spec.name] = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(spec.name, outs[spec.name].data_ptr())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise ExportError("TensorRT execution failed", "execute_async_v3")
         self.stream.synchronize()
-        return {k: v.cpu() for k, v in outs.items()}
+        return {k: v.cpu() for k, v in outs.items() if outputs is None or k in outputs}

@@ -45,7 +45,7 @@ def test_fp32_parity_on_recorded_steps(exported):
 
 def test_graph_io_names_equal_the_io_table(exported):
     from bard_deploy.config import load_config
-    io = iospec.DecoderIO.for_config(load_config(exported))
+    io = iospec.DecoderIO.for_config(load_config(exported), fused_head=True)      # exports carry the fused head
     g = onnx.load(str(exported / "decoder.onnx")).graph
     assert [i.name for i in g.input] == [s.name for s in io.inputs]
     assert [o.name for o in g.output] == [s.name for s in io.outputs]
@@ -375,3 +375,41 @@ def test_lean_dynamic_int8_is_ort_s_own(exported_external, tmp_path):
         ia, ib = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in (a, b))
         assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
         assert sum(n.op_type == "MatMulInteger" for n in b.node) > 0
+
+
+def test_the_fused_head_returns_what_greedy_decoding_reads(ckpt, exported, monkeypatch):
+    """The graph's fused greedy head (arg-max ids and probabilities, MASK suppressed) equals the host computation
+    from its full logits; greedy decoding asks for it instead of the logits (B x K values, not B x K x vocab) and
+    decodes the same tokens as from the logits and as torch."""
+    from bard_deploy.runtimes.ort_backend import OrtBackend
+
+    ort = OrtBackend(exported, variant="fp32")
+    io = ort.io
+    assert io.fused_head and io.greedy_outputs() == [n for n in io.output_names if n != iospec.LOGITS]
+    feeds = io.dummy_feeds(batch=2, seq=5, past=3)
+    out = ort.step(feeds)
+    logits = out[iospec.LOGITS].clone()
+    logits[..., ort.config.bard.mask_token_id] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    assert torch.equal(out[iospec.TOP_IDS], probs.argmax(-1))
+    assert torch.allclose(out[iospec.TOP_PROBS], probs.max(-1).values, atol=1e-6)
+    only = ort.step(feeds, io.greedy_outputs())
+    assert iospec.LOGITS not in only and torch.equal(only[iospec.TOP_IDS], out[iospec.TOP_IDS])
+
+    asked = []
+    step = OrtBackend.step
+    monkeypatch.setattr(OrtBackend, "step",
+                        lambda self, f, outputs=None: asked.append(outputs) or step(self, f, outputs))
+    s = make_sample(6)
+    ref = Pipeline.load(ckpt).generate(s.question, images=[s.image()], max_new_tokens=12).token_ids
+    fused = Pipeline.load(exported, variant="fp32").generate(s.question, images=[s.image()], max_new_tokens=12)
+    assert fused.token_ids == ref and asked and all(a == io.greedy_outputs() for a in asked)
+    asked.clear()
+    monkeypatch.setattr(OrtBackend, "takes_outputs", False)                # a backend without the fused path
+    unfused = Pipeline.load(exported, variant="fp32").generate(s.question, images=[s.image()], max_new_tokens=12)
+    assert unfused.token_ids == ref and all(a is None for a in asked)
+    sampled = Pipeline.load(exported, variant="fp32")
+    monkeypatch.setattr(OrtBackend, "takes_outputs", True)
+    asked.clear()
+    sampled.generate(s.question, images=[s.image()], max_new_tokens=8, temperature=0.7, seed=1)
+    assert asked and all(a is None for a in asked)                          # sampling reads the full logits
