@@ -33,6 +33,11 @@ def is_export(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
 
 
+def base_variant_of(float_dtype: str) -> str:
+    """The name of the unquantized decoder variant of graphs with this float IO dtype: "fp32" or "fp16"."""
+    return "fp16" if float_dtype == "float16" else "fp32"
+
+
 @dataclass(frozen=True)
 class VisionGraph:
     """The vision graph of an export: its file, the square image size and the (t, h, w) patch grid it was
@@ -83,7 +88,7 @@ class Manifest:
     @property
     def base_variant(self) -> str:
         """The unquantized decoder variant: "fp32", or "fp16"."""
-        return "fp16" if self.float_dtype == "float16" else "fp32"
+        return base_variant_of(self.float_dtype)
 
     @property
     def variants(self) -> list[str]:

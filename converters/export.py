@@ -44,17 +44,17 @@ from bard_deploy.converters.onnx_export import (
     compare,
     export_decoder,
     export_vision,
-    float_dtype_of,
 )
+from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import ExportError
-from bard_deploy.manifest import Manifest, VisionGraph
+from bard_deploy.manifest import Manifest, VisionGraph, base_variant_of
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.ort_backend import session
 from bard_deploy.vlm import greedy_head
 
 DECODER, VISION, EMBEDDINGS = "decoder.onnx", "vision.onnx", "embeddings.safetensors"
-GRAPH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+GRAPH_DTYPES = ("fp32", "fp16")
 
 
 def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | None = None, int8: bool = False,
@@ -73,7 +73,7 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     o = quant_options.check()
     if dtype not in GRAPH_DTYPES:
-        raise ExportError(f"--dtype must be one of {tuple(GRAPH_DTYPES)}, got {dtype!r}", dtype)
+        raise ExportError(f"--dtype must be one of {GRAPH_DTYPES}, got {dtype!r}", dtype)
     if dtype != "fp32" and (int8 or int4):
         raise ExportError("--int8 / --int4 quantize the fp32 graph: export them without --dtype fp16 (an INT4 graph "
                           "already runs on GPUs)", dtype)
@@ -88,7 +88,7 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
         prompts = ExportPrompts.for_checkpoint(model_dir, int8 or int4, o.calibration_samples, o.eval_samples)
     with atomic_dir(out_dir, ExportError, "export") as tmp:
         t0 = time.perf_counter()
-        model = load_model(model_dir, block_size=block_size, dtype=GRAPH_DTYPES[dtype])
+        model = load_model(model_dir, block_size=block_size, dtype=resolve_dtype(dtype))
         pipe = Pipeline.from_backend(TorchBackend(model), copy_side_files(model_dir, model.config, tmp))
         manifest = write_graphs(pipe, model_dir, tmp, image_size, external_data)
         log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
@@ -140,8 +140,8 @@ def write_graphs(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
                  external_data: bool | None = None) -> Manifest:
     """decoder.onnx, embeddings.safetensors and (for a VLM) vision.onnx; the manifest so far (no parity yet)."""
     model, cfg = pipe.backend.model, pipe.config
-    base = "fp16" if float_dtype_of(model) == "float16" else "fp32"
     io = export_decoder(model, directory / DECODER, external_data, EMBEDDINGS)
+    base = base_variant_of(io.float_dtype)
     vision = write_vision(pipe, model_dir, directory, image_size, external_data) if cfg.has_vision else None
     return Manifest(model=str(model_dir), io=io.table(), num_layers=io.num_layers, num_kv_heads=io.num_kv_heads,
                     head_dim=io.head_dim, hidden_size=io.hidden_size, vocab_size=io.vocab_size,

@@ -108,8 +108,6 @@ class Pipeline:
                                     backend)
         torch_dtype = resolve_dtype(dtype)
         directory = Path(directory)
-        policy = Threads.policy("torch" if backend == "torch" or (backend == "auto" and not is_export(directory))
-                                else backend, threads)
         recover_dir(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory", str(directory))
@@ -119,6 +117,7 @@ class Pipeline:
                                     "(choose one with variant / --variant)", dtype)
         if backend == "auto":
             backend = "onnxruntime" if exported else "torch"
+        policy = Threads.policy(backend, threads)
         if backend == "torch":
             if exported:
                 raise RuntimeInputError(f"{directory} is an export directory: use backend onnxruntime or tensorrt",

@@ -182,7 +182,8 @@ class Session:
         self.backend, self.stats, self.prompt_attention = backend, stats, prompt_attention
         # greedy decoding reads only the arg-max and its probability: a graph with the fused head returns just
         # those (B x K values instead of B x K x vocab logits); steps then return an iospec.Top
-        self.fused = greedy and backend.io.fused_head and getattr(backend, "takes_outputs", False)
+        fused = greedy and backend.io.fused_head and getattr(backend, "takes_outputs", False)
+        self.outputs = backend.io.greedy_outputs() if fused else None      # None: every output, logits included
         self.device: torch.device = backend.device
         cfg: ModelConfig = backend.config
         self.io: iospec.DecoderIO = backend.io
@@ -220,7 +221,7 @@ class Session:
         past = self.cache.padded() if padded else self.cache.past()
         feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), past, ds, keep)
         t0 = time.perf_counter()
-        out = self.backend.step(feeds, self.io.greedy_outputs()) if self.fused else self.backend.step(feeds)
+        out = self.backend.step(feeds, self.outputs) if self.outputs else self.backend.step(feeds)
         if self.device.type == "cuda":                  # a step's time, not its launch time
             torch.cuda.synchronize(self.device)
         self._backend_s = time.perf_counter() - t0
