@@ -13,6 +13,7 @@ evaluates them for given sizes (TensorRT optimisation profiles, dummy inputs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,6 +29,7 @@ IMAGE_EMBEDS = "image_embeds"
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer (K, V), each (batch, kv_heads, len, head_dim)
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}     # a graph's float IO (fp16: GPU targets)
+TORCH_DTYPES = {**FLOAT_DTYPES, "int64": torch.int64}
 
 
 def past_key(i: int) -> str:
@@ -132,7 +134,7 @@ class DecoderIO(GraphIO):
         return cls(t.num_hidden_layers, t.hidden_size, t.num_key_value_heads, t.head_dim, t.vocab_size,
                    config.num_deepstack, float_dtype, fused_head)
 
-    @property
+    @cached_property
     def inputs(self) -> tuple[TensorSpec, ...]:
         """Inputs in graph order: embeddings, MRoPE positions, additive bias, past K/V, DeepStack features."""
         f = self.float_dtype
@@ -152,7 +154,7 @@ class DecoderIO(GraphIO):
         specs.append(TensorSpec(LOGITS_TO_KEEP, "int64", ("keep",)))
         return tuple(specs)
 
-    @property
+    @cached_property
     def outputs(self) -> tuple[TensorSpec, ...]:
         """Outputs in graph order: logits of the kept positions (with the fused head: their arg-max and its
         probability), then the step tokens' K/V per layer."""
@@ -213,6 +215,16 @@ class DecoderIO(GraphIO):
         per layer)."""
         head = outputs[LOGITS] if LOGITS in outputs else Top(outputs[TOP_IDS], outputs[TOP_PROBS])
         return head, [(outputs[new_key(i)], outputs[new_value(i)]) for i in range(self.num_layers)]
+
+    def empty_outputs(self, feeds: dict[str, torch.Tensor], names: list[str] | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Uninitialised tensors for the outputs `names` (None: all) of a step on `feeds`, in their declared
+        dtypes and shapes: what an IO-bound backend has the graph write into."""
+        x = feeds[INPUTS_EMBEDS]
+        sizes = {"batch": x.shape[0], "seq": x.shape[1], "keep": feeds[LOGITS_TO_KEEP].shape[0]}
+        wanted = set(names) if names is not None else None
+        return {s.name: torch.empty(concrete(s.shape, sizes), dtype=TORCH_DTYPES[s.dtype], device=device)
+                for s in self.outputs if wanted is None or s.name in wanted}
 
     def greedy_outputs(self) -> list[str]:
         """The outputs a greedy step asks a fused-head graph for: the head's arg-max and probability, the K/V

@@ -18,7 +18,7 @@ import torch
 
 from bard_deploy import iospec
 from bard_deploy.config import ModelConfig
-from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, attention_bias, prompt_layout, response_layout
+from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, prompt_layout, response_layout
 from bard_deploy.errors import RuntimeInputError
 from bard_deploy.runtimes.kv import KVCache
 from bard_deploy.vision import merge_image_features, rope_index
@@ -196,6 +196,7 @@ class Session:
         x = backend.embed(batch.input_ids)
         # a backend that wants the whole buffer (dense arrays, no per-step copy) gets it in chunks
         self.padded = getattr(backend, "padded_past", None)
+        self._bias_memo: tuple[Layout, tuple, torch.Tensor] | None = None
         self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim,
                              dtype=x.dtype, device=self.device, chunk=self.padded)
         ds = None
@@ -216,10 +217,8 @@ class Session:
         """One backend step over the cache + `x`; returns the logits of the last `keep` positions (None: all)
         and keeps the new K/V for `commit`."""
         padded = self.padded is not None and self.cache.length > 0      # an empty past is dense already
-        keys = self.cache.keys_layout(layout, padded=padded)
-        bias = attention_bias(layout, keys, self.prompt_attention, dtype=x.dtype)
         past = self.cache.padded() if padded else self.cache.past()
-        feeds = self.io.feeds(x, pos.to(self.device), bias.to(self.device), past, ds, keep)
+        feeds = self.io.feeds(x, pos.to(self.device), self._bias(layout, padded), past, ds, keep)
         t0 = time.perf_counter()
         out = self.backend.step(feeds, self.outputs) if self.outputs else self.backend.step(feeds)
         if self.device.type == "cuda":                  # a step's time, not its launch time
@@ -228,6 +227,17 @@ class Session:
         logits, self._new_kv = self.io.unpack_outputs(out)
         self.stats.nfe += 1
         return logits
+
+    def _bias(self, layout: Layout, padded: bool) -> torch.Tensor:
+        """The step's attention bias, on the device; the steps of a block after its first see the same queries
+        (the same Layout object) over the same cache, and reuse the previous step's."""
+        key = (self.cache.length, self.cache.capacity, padded)
+        memo = self._bias_memo
+        if memo is not None and memo[0] is layout and memo[1] == key:
+            return memo[2]
+        bias = self.cache.step_bias(layout, self.prompt_attention, padded).to(self.device)
+        self._bias_memo = (layout, key, bias)
+        return bias
 
     def step(self, tokens: torch.Tensor, layout: Layout, keep: int | None = None) -> torch.Tensor:
         """One cached decode forward over `tokens` (B, T) -> logits (B, K, V) of the last `keep` positions (None:
@@ -295,21 +305,26 @@ def denoise_step(logits: torch.Tensor | iospec.Top, canvas: torch.Tensor, masked
     """
     # (1) the MASK token is never a prediction; (2) prediction and confidence per position
     pred, conf = predict(logits, opts, mask_id, gen)
-    live = masked.any(1, keepdim=True)                      # rows still denoising this block
     # (3) commit: every masked token with conf >= threshold, at least min_commit per row (most confident),
     #     everything at the last allowed step.
     if last:
         commit = masked.clone()
     else:
         commit = masked & (conf >= opts.threshold) if opts.threshold is not None else torch.zeros_like(masked)
-        ranked = conf.masked_fill(~masked, -1.0).argsort(dim=1, descending=True, stable=True)
-        k = masked.sum(1).clamp(max=opts.min_commit)                               # (B,)
-        top = torch.arange(masked.shape[1], device=masked.device)[None, :] < k[:, None]   # first k of the ranking
-        commit |= torch.zeros_like(masked).scatter(1, ranked, top)
+        candidates = conf.masked_fill(~masked, -1.0)
+        if opts.min_commit == 1:        # the most confident masked token (argmax: the first of equals, as below)
+            best = candidates.argmax(1, keepdim=True)
+            commit.scatter_(1, best, masked.gather(1, best))
+        else:
+            ranked = candidates.argsort(dim=1, descending=True, stable=True)
+            k = masked.sum(1).clamp(max=opts.min_commit)                               # (B,)
+            top = torch.arange(masked.shape[1], device=masked.device)[None, :] < k[:, None]   # first k ranked
+            commit |= torch.zeros_like(masked).scatter(1, ranked, top)
     new = torch.where(commit, pred, canvas)
     # (4) revision: tokens committed at earlier steps of this block whose prediction changed confidently
     n_edits = 0
     if opts.edit_threshold is not None:
+        live = masked.any(1, keepdim=True)                  # rows still denoising this block
         cand = live & ~masked & (pred != canvas) & (conf >= opts.edit_threshold)
         ranked = conf.masked_fill(~cand, -1.0).argsort(dim=1, descending=True, stable=True)
         k = torch.minimum(cand.sum(1), edits_left)

@@ -5,19 +5,27 @@ left padded and blocks advance together, so one `length` describes every row; wh
 to lives in the per-token layout vectors (`layout`), kept beside the buffer (pad columns are kind PAD).
 
 Two ways to hand the past to a step. `past()`: views of the filled columns, free for torch, but not contiguous
-(a prefix along the length axis), so a backend that needs dense arrays (onnxruntime's numpy feeds) copies the
-whole past every step (measured at a 2B shape: 142 against 82 ms for the bare graph at past 2048). `padded()`:
-the whole allocated buffer per layer, contiguous, handed over as it is; its unfilled columns are kind PAD in
+(a prefix along the length axis), so a backend that needs dense arrays (onnxruntime) would copy the whole past
+every step (measured at a 2B shape: 142 against 82 ms for the bare graph at past 2048). `padded()`: the whole
+allocated buffer per layer, contiguous, handed over as it is; its unfilled columns are kind PAD in
 `keys_layout(padded=True)`, so the attention bias hides them and the step sees exactly what `past()` shows.
 Such a cache is allocated in chunks (`chunk` columns at a time, copied once when it grows) so the hidden
 columns a step attends over stay fewer than `chunk`.
+
+The step's attention bias is built from the cache side incrementally (`step_bias`): every cached column is a
+prompt token or a committed token of an earlier block, so a decode step's query (clean, noisy, or the AR
+baseline's next prompt token) sees every cached column that is not PAD (DESIGN.md section 4: response queries
+see the whole prompt and every earlier clean block; a causal query sees every earlier token). The cache keeps
+that per-column bias row, written once per committed column, instead of re-deriving the table over the whole
+past each step (at past 8192 a few dozen elementwise passes over a (T, 8192) grid); only the step's own T x T
+part is computed from the table. A test checks it against `attention_bias` over `keys_layout` at every step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from bard_deploy.diffusion.mask import PAD, Layout
+from bard_deploy.diffusion.mask import PAD, Layout, attention_bias
 from bard_deploy.errors import RuntimeInputError
 
 
@@ -33,22 +41,40 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
-        self.layout: Layout | None = None  # (batch, length) vectors of the cached tokens
+        # the layout vectors of the columns (kind PAD where unfilled), and the bias row a decode step's query
+        # sees them with (0: a filled non-pad column; finfo.min: pad or unfilled); on the CPU, like the layouts
+        self._kind, self._block, self._index = (torch.zeros(batch, capacity, dtype=torch.long) for _ in range(3))
+        self.hidden = torch.finfo(dtype).min
+        self._bias_row = torch.full((batch, capacity), self.hidden, dtype=dtype)
 
     @property
     def capacity(self) -> int:
         """Columns allocated now (max_len unless the cache grows in chunks)."""
         return self.k.shape[3]
 
+    @property
+    def layout(self) -> Layout | None:
+        """(batch, length) layout vectors of the cached tokens (None while empty)."""
+        if self.length == 0:
+            return None
+        n = self.length
+        return Layout(self._kind[:, :n], self._block[:, :n], self._index[:, :n])
+
     def _reserve(self, end: int) -> None:
         """Grow a chunked buffer to hold `end` columns (whole chunks, at most max_len); one copy per growth."""
         if end <= self.capacity:
             return
         new = min(self.max_len, -(-end // self.chunk) * self.chunk)
+        n = self.length
         for name in ("k", "v"):
             old = getattr(self, name)
             buf = old.new_zeros(*old.shape[:3], new, old.shape[4])
-            buf[:, :, :, :self.length] = old[:, :, :, :self.length]
+            buf[:, :, :, :n] = old[:, :, :, :n]
+            setattr(self, name, buf)
+        for name, fill in (("_kind", PAD), ("_block", 0), ("_index", 0), ("_bias_row", self.hidden)):
+            old = getattr(self, name)
+            buf = old.new_full((old.shape[0], new), fill)
+            buf[:, :n] = old[:, :n]
             setattr(self, name, buf)
 
     def padded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,12 +89,21 @@ class KVCache:
     def keys_layout(self, queries: Layout, padded: bool = False) -> Layout:
         """Layout of the keys a step sees: the cached tokens (`padded`: then the unfilled columns of the buffer,
         kind PAD, never visible) followed by the step's own tokens."""
-        parts = [] if self.layout is None else [self.layout]
-        if padded and self.capacity > self.length:
-            B, free = queries.shape[0], self.capacity - self.length
-            pad = torch.zeros(B, free, dtype=torch.long, device=queries.kind.device)
-            parts.append(Layout(pad + PAD, pad, pad))
-        return Layout.cat(parts + [queries]) if parts else queries
+        n = self.capacity if padded else self.length
+        if n == 0:
+            return queries
+        return Layout.cat([Layout(self._kind[:, :n], self._block[:, :n], self._index[:, :n]), queries])
+
+    def step_bias(self, queries: Layout, prompt_attention: str, padded: bool = False) -> torch.Tensor:
+        """The additive bias (B, 1, T, n + T) of a decode step's queries over [the cache's n columns (`padded`:
+        all allocated ones, else the filled ones) | the step's own tokens]: equal to `attention_bias(queries,
+        keys_layout(queries, padded))` for every query of a decode step (see the module docstring)."""
+        n = self.capacity if padded else self.length
+        local = attention_bias(queries, queries, prompt_attention, dtype=self._bias_row.dtype)
+        if n == 0:
+            return local
+        B, T = queries.shape
+        return torch.cat([self._bias_row[:, None, None, :n].expand(B, 1, T, n), local], dim=3)
 
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], layout: Layout, n: int | None = None) -> None:
         """Append the first `n` (default all) new tokens of a step: their K/V and layout."""
@@ -76,11 +111,14 @@ class KVCache:
         if self.length + n > self.max_len:
             raise RuntimeInputError(f"KV cache full: {self.length} + {n} tokens > max length {self.max_len}",
                                     self.length + n)
-        end = self.length + n
+        start, end = self.length, self.length + n
         self._reserve(end)
         for i, (k, v) in enumerate(new_kv):
-            self.k[i, :, :, self.length:end] = k[:, :, :n]
-            self.v[i, :, :, self.length:end] = v[:, :, :n]
-        part = layout[:n]
-        self.layout = part if self.layout is None else Layout.cat([self.layout, part])
+            self.k[i, :, :, start:end] = k[:, :, :n]
+            self.v[i, :, :, start:end] = v[:, :, :n]
+        kind = layout.kind[:, :n]
+        self._kind[:, start:end] = kind
+        self._block[:, start:end] = layout.block[:, :n]
+        self._index[:, start:end] = layout.index[:, :n]
+        self._bias_row[:, start:end] = torch.where(kind == PAD, self.hidden, 0.0)
         self.length = end

@@ -84,6 +84,47 @@ def run(sess: ort.InferenceSession, names: list[str], feeds: dict[str, torch.Ten
     return {k: torch.from_numpy(v) for k, v in zip(names, outs, strict=True)}
 
 
+_NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+_DEVICES: dict[torch.device, object] = {}
+
+
+def _bind(binding: ort.IOBinding, name: str, t: torch.Tensor, output: bool = False) -> None:
+    """Bind a contiguous torch tensor's memory (CPU or CUDA) as an input or output: onnxruntime reads or writes it
+    in place, nothing is converted or copied. Through the binding's C object with the OrtDevice made once per
+    torch device: the Python wrappers rebuild the device per call (23 binds a step cost 0.24 ms, a fifth of a
+    small model's step)."""
+    dev = _DEVICES.get(t.device)
+    if dev is None:
+        dev = _DEVICES[t.device] = ort.OrtDevice.make(t.device.type, t.device.index or 0)._get_c_device()
+    c = binding._iobinding
+    (c.bind_output if output else c.bind_input)(name, dev, _NUMPY_OF[t.dtype], t.shape, t.data_ptr())
+
+
+def bound_run(sess: ort.InferenceSession, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+    """One run with IO binding: every feed is read from its torch tensor's own memory (a non-contiguous one is
+    made contiguous first) and every output written into the preallocated tensor `outputs[name]`, on the CPU or
+    a CUDA device alike; returns `outputs`."""
+    binding = sess.io_binding()              # one per run: concurrent requests share the session, not bindings
+    feeds = {k: v.contiguous() for k, v in feeds.items()}         # held until the run returns
+    for name, t in feeds.items():
+        _bind(binding, name, t)
+    for name, t in outputs.items():
+        _bind(binding, name, t, output=True)
+    try:
+        if any(t.is_cuda for t in feeds.values()):
+            binding.synchronize_inputs()
+        sess.run_with_iobinding(binding)
+        if any(t.is_cuda for t in outputs.values()):
+            binding.synchronize_outputs()
+    except ORT_ERRORS as e:
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        raise RuntimeInputError(f"onnxruntime refused the inputs {shapes}: {_first_line(e)}", shapes) from e
+    return outputs
+
+
 class OrtBackend:
     """Runs an export directory's decoder (and vision) graphs with onnxruntime.
 
@@ -138,5 +179,7 @@ class OrtBackend:
 
     def step(self, feeds: dict[str, torch.Tensor], outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
         """One decoder run; feeds and outputs keyed by the IO table's names (`outputs`: only those; onnxruntime
-        then hands back nothing else)."""
-        return run(self.decoder, outputs or self.io.output_names, feeds)
+        then computes and writes nothing else). IO-bound: the feeds (the KV buffer above all) are read where
+        they lie, the outputs written into tensors allocated here for this run (so they stay valid after the
+        next step, and concurrent requests never share them)."""
+        return bound_run(self.decoder, feeds, self.io.empty_outputs(feeds, outputs, self.device))

@@ -244,3 +244,54 @@ def test_cuda_decoding_equals_cpu_decoding(with_image, ar_pair):
     ar_gpu = generate_ar(TorchBackend(copy.deepcopy(ours), device="cuda"), batch, DecodeOptions(max_new_tokens=12),
                          eos_ids=[])
     assert ar_gpu.token_ids == ar_cpu.token_ids
+
+
+@pytest.mark.parametrize("prompt_attention", ["causal", "block"])
+@pytest.mark.parametrize("chunk", [None, 8], ids=["filled", "padded"])
+@pytest.mark.parametrize("ar", [False, True], ids=["bard", "ar"])
+def test_the_incremental_step_bias_equals_the_table_at_every_step(prompt_attention, chunk, ar, monkeypatch):
+    """The cache's bias row + the step's own T x T part (reused across the steps of a block) equals
+    `attention_bias` over the full key layout, at every step, with left-padded rows and a growing buffer."""
+    import bard_deploy.runtimes.decode as decode
+    from bard_deploy.diffusion.mask import attention_bias
+
+    m = peaked_model(prompt_attention)
+    checked = []
+    forward = decode.Session._forward
+
+    def checking(self, x, pos, layout, ds, keep=None):
+        padded = self.padded is not None and self.cache.length > 0
+        got = self._bias(layout, padded)
+        want = attention_bias(layout, self.cache.keys_layout(layout, padded), self.prompt_attention, x.dtype)
+        assert torch.equal(got, want), (self.cache.length, layout.shape)
+        checked.append(self.cache.length)
+        return forward(self, x, pos, layout, ds, keep)
+
+    backend = TorchBackend(m)
+    backend.padded_past = chunk
+    monkeypatch.setattr(decode.Session, "_forward", checking)
+    o = opts(threshold=0.6, max_new_tokens=12)
+    (generate_ar if ar else generate_bard)(backend, prompts(True, batch=2), o, eos_ids=[])
+    assert len(checked) > 5 and checked[0] == 0 and max(checked) > 8
+
+
+def test_the_single_most_confident_commit_equals_the_ranking():
+    """min_commit=1 takes the arg-max shortcut: the same tokens as the stable ranking it replaces (ties: the first
+    position), rows without a masked token commit nothing."""
+    from bard_deploy.iospec import Top
+    from bard_deploy.runtimes.decode import denoise_step
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        conf = (torch.randint(0, 4, (3, 8), generator=g) / 4).float()         # many ties
+        masked = torch.rand(3, 8, generator=g) < 0.6
+        masked[0] = False if trial % 5 == 0 else masked[0]
+        canvas = torch.where(masked, MASK_ID, 7)
+        top = Top(torch.randint(10, 20, (3, 8), generator=g), conf)
+        o = DecodeOptions(threshold=0.9, min_commit=1)
+        got, _ = denoise_step(top, canvas, masked, torch.zeros(3, dtype=torch.long), False, o, MASK_ID, None)
+        commit = masked & (conf >= 0.9)
+        ranked = conf.masked_fill(~masked, -1.0).argsort(dim=1, descending=True, stable=True)
+        first = torch.arange(8)[None] < masked.sum(1).clamp(max=1)[:, None]
+        commit |= torch.zeros_like(masked).scatter(1, ranked, first)
+        assert torch.equal(got, torch.where(commit, top.ids, canvas)), trial
