@@ -34,6 +34,8 @@ from bard_deploy.errors import ConfigError, RuntimeInputError
 from bard_deploy.evaluate import synthetic_conversations
 from bard_deploy.manifest import Manifest, is_export
 from bard_deploy.prompting import PromptEncoder
+from bard_deploy.replay import AR as AR_NAME
+from bard_deploy.replay import trace_rows
 from bard_deploy.runtimes.api import Pipeline, backend_kind, eos_ids_of
 
 
@@ -316,7 +318,7 @@ def bench(opts: BenchOptions, log=print) -> dict:
     torch_device = "cuda" if "tensorrt" in (o.backend, o.device) else o.device   # the GPU the runtime rows used
     log(f"bench: AR baseline {ar_model} ({kind}{f', {variant}' if variant else ''}; threads "
         f"{ar_pipe.threads.backend} backend / {ar_pipe.threads.host} host)")
-    configs = [(ar_pipe, "AR baseline", True, {})]
+    configs = [(ar_pipe, AR_NAME, True, {})]
     for path, pipe in pipes:
         trained = pipe.config.bard.block_size if pipe.config.bard else None
         for block in o.block_sizes or [trained]:
@@ -324,12 +326,15 @@ def bench(opts: BenchOptions, log=print) -> dict:
                 configs.append((pipe, f"BARD {path.name}", False, {"block_size": block, "threshold": th,
                                                                    "allow_block_size_mismatch": True}))
     runs: list[list[dict]] = [[] for _ in configs]        # per configuration, one row per repeat
+    first: list[Summary] = []                              # the first repeat's requests: the commit trace
     for rep in range(o.repeats):
         for i, (pipe, name, ar, options) in enumerate(configs):
             log(f"bench: {name}" + (f" block {options['block_size']} threshold {options['threshold']}" if options
                                     else "") + (f" (repeat {rep + 1}/{o.repeats})" if o.repeats > 1 else ""))
-            runs[i].append(run_config(pipe, convs, name, ar, o.warmup, max_new_tokens=o.max_new_tokens,
-                                      **options).as_dict())
+            summary = run_config(pipe, convs, name, ar, o.warmup, max_new_tokens=o.max_new_tokens, **options)
+            runs[i].append(summary.as_dict())
+            if rep == 0:
+                first.append(summary)
     rows = merge_repeats(runs)
     source = _checkpoint_of(ar_model) if o.transformers_baseline else None
     if source is not None:
@@ -343,6 +348,10 @@ def bench(opts: BenchOptions, log=print) -> dict:
     if o.write:
         o.out.mkdir(parents=True, exist_ok=True)
         (o.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        # what `bench-step --replay` replays at a real shape: per configuration and request, tokens and steps
+        trace = {"header": result["header"], "models": [str(m.resolve()) for m in o.models],
+                 "configs": trace_rows(first)}
+        (o.out / "trace.json").write_text(json.dumps(trace) + "\n")
         title = (f"{kind}{f' {variant}' if variant else ''}, {result['header']['machine']}, batch 1, "
                  f"{o.requests} requests")
         plot(rows, o.out / "bench.png", title)

@@ -22,9 +22,12 @@ from bard_deploy import iospec
 from bard_deploy.calibration.quantize import quantize, quantize_int4
 from bard_deploy.config import ModelConfig
 from bard_deploy.converters.onnx_export import export_decoder
+from bard_deploy.diffusion.mask import NOISY, response_layout
 from bard_deploy.errors import ConfigError
+from bard_deploy.replay import PHOTO_PROMPT_TOKENS, read_trace, replay
 from bard_deploy.runtimes.backend import TorchBackend
-from bard_deploy.runtimes.ort_backend import session, to_numpy
+from bard_deploy.runtimes.decode import Session, Stats
+from bard_deploy.runtimes.ort_backend import OrtBackend, to_numpy
 from bard_deploy.threads import Threads
 from bard_deploy.vlm import BardVLM
 
@@ -39,6 +42,8 @@ SHAPES = {
 
 BACKENDS = ("torch", "onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int4")
 DEFAULT_BACKENDS = BACKENDS[:3]
+# bytes a step reads per weight (int4: + an fp16 scale per block of 32)
+BYTES_PER_WEIGHT = {"torch": 4.0, "onnxruntime-fp32": 4.0, "onnxruntime-int8": 1.0, "onnxruntime-int4": 0.5 + 2 / 32}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,11 @@ class StepOptions:
     full_depth: bool = False                       # time the real depth (its graph exports: external data)
     int4_accuracy_level: int = 0                   # MatMulNBits compute type (0 unset, 1 fp32 ... 4 int8)
     threads: int | None = None                     # the backend's threads (None: the available cores)
+    loop: bool = False                             # also the decode loop's step against the bare graph's
+    replay: Path | None = None                     # a bench trace.json to replay AR against BARD with
+    replay_threshold: float | None = None          # its BARD configuration (None: the only one)
+    prompt_tokens: int = PHOTO_PROMPT_TOKENS       # the replayed requests' prompt
+    replay_requests: int | None = None             # replay the first this many requests (None: all)
 
     def check(self) -> StepOptions:
         """A typed error naming a bad value."""
@@ -69,6 +79,12 @@ class StepOptions:
             raise ConfigError(f"--int4-accuracy-level must be 0..4, got {self.int4_accuracy_level}",
                               self.int4_accuracy_level)
         shape_config(self.shape)
+        if self.replay is not None:
+            if not any(b.startswith("onnxruntime") for b in self.backends):
+                raise ConfigError("--replay runs on the onnxruntime variants: add one to --backends", "replay")
+            read_trace(self.replay, self.replay_threshold)
+        if self.prompt_tokens < 1:
+            raise ConfigError(f"--prompt-tokens must be >= 1, got {self.prompt_tokens}", self.prompt_tokens)
         return self
 
 
@@ -128,7 +144,7 @@ def step_rows(raw: dict, backends: list[str], tokens: list[int], ks: tuple[int, 
         for T in tokens:
             t1, t2 = raw[b, k1, T], raw[b, k2, T]
             t = t1 if k1 == k2 == L else t1 + (L - k1) * (t2 - t1) / (k2 - k1)
-            bpw = {"int8": 1.0, "int4": 0.5 + 2 / 32}.get(b.rsplit("-", 1)[-1], 4.0)   # int4: + an fp16 scale / 32
+            bpw = BYTES_PER_WEIGHT.get(b, 4.0)
             # more layers must cost more, and the extrapolation must be positive; if not, timing noise swamped
             # the slope and the row means nothing
             rows.append({"backend": b, "T": T, "past": past, "reliable": (t2 > t1 or k1 == k2) and t > 0,
@@ -157,33 +173,45 @@ def step_bench(opts: StepOptions = StepOptions(), log=print) -> dict:
     how = f"timing all {L}" if o.full_depth else f"timing {subset[0]} and {subset[1]} layers and extrapolating to {L}"
     log(f"bench-step: {o.shape}, {L} layers, {how} (+ lm_head); needs about {need:.1f} GiB of memory")
     raw: dict[tuple[str, int, int], float] = {}
+    extra: dict[str, list[dict]] = {"loop": [], "replay": []}
     with tempfile.TemporaryDirectory() as tmp:
         for k in subset:
-            raw.update(_time_layers(o, dims, k, Path(tmp)))
+            raw.update(_time_layers(o, dims, k, Path(tmp), extra))
     rows = step_rows(raw, list(o.backends), list(o.tokens), subset, L, o.past, dims)
     how = (f"timed at full depth ({L} layers)" if o.full_depth else
            f"timed {subset[0]} and {subset[1]} layers with lm_head, extrapolated linearly to {L} layers")
     note = (f"{how}; random weights; batch 1; past {o.past}; median of {o.repeats}; "
             f"{Threads.policy('onnxruntime', o.threads).backend} threads")
     res = {"shape": o.shape, "dims": dims, "rows": rows, "note": note}
+    if o.loop:
+        res["loop"] = extra["loop"]
+    if o.replay is not None:
+        res["replay"] = extra["replay"]
+        res["replay_note"] = (f"a REPLAY at the {o.shape} shape ({max(subset)} layers, random weights): the step and "
+                              f"commit sequence of {o.replay} (threshold {o.replay_threshold}) run through the decode "
+                              f"loop after a {o.prompt_tokens}-token prompt; tokens are not decoded")
     if o.out is not None:
         o.out.mkdir(parents=True, exist_ok=True)
         (o.out / "bench_step.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 
-def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[str, int, int], float]:
-    """Median step times {(backend, k, T): seconds} of a k-layer decoder on every backend of `o`."""
+def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path, results: dict) -> dict[tuple[str, int, int], float]:
+    """Median step times {(backend, k, T): seconds} of a k-layer decoder on every backend of `o`; the loop's step
+    against the bare graph (`o.loop`) and the replay (`o.replay`, at the deepest layer count) go to
+    results["loop"] / results["replay"]."""
     raw = {}
+    loops, replays = results["loop"], results["replay"]
+    subset = (dims["num_hidden_layers"],) if o.full_depth else o.layers_subset
     model = _model(dims, k)
     threads = Threads.policy("onnxruntime", o.threads).backend      # the same count for every backend
     torch.set_num_threads(threads)
     if "torch" in o.backends:
-        backend = TorchBackend(model)
+        reference = TorchBackend(model)
         for T in o.tokens:
             f = _feeds(model.config, T, o.past)
-            raw["torch", k, T] = _time(lambda f=f: backend.step(f), o.repeats)
-        del backend
+            raw["torch", k, T] = _time(lambda f=f, b=reference: b.step(f), o.repeats)
+        del reference
     fp32 = tmp / f"k{k}.onnx"
     if any(b.startswith("onnxruntime") for b in o.backends):
         export_decoder(model, fp32, embeddings=f"k{k}.embeddings.safetensors")
@@ -200,10 +228,51 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path) -> dict[tuple[st
         quantize_int4(fp32, int4, block_size=32, accuracy_level=o.int4_accuracy_level)
         variants.append(("onnxruntime-int4", int4))
     for name, path in variants:
-        sess = session(path, threads)
+        backend = OrtBackend.for_graph(path, _config(dims, k), tmp / f"k{k}.embeddings.safetensors", threads)
+        sess = backend.decoder
         outs = [x.name for x in sess.get_outputs()]
         for T in o.tokens:
             f = to_numpy(_feeds(_config(dims, k), T, o.past))
             raw[name, k, T] = _time(lambda f=f, s=sess, n=outs: s.run(n, f), o.repeats)
-        del sess
+        if o.loop:
+            for T in o.tokens:
+                loops.append({"backend": name, "layers": k, **loop_vs_bare(backend, T, o.past, o.repeats)})
+        if o.replay is not None and k == max(subset):
+            ar, bard = read_trace(o.replay, o.replay_threshold)
+            replays.append({"backend": name, "layers": k, "trace": str(o.replay),
+                            **replay(backend, ar, bard, o.prompt_tokens, o.replay_requests,
+                                     weight_bytes(dims, k, BYTES_PER_WEIGHT[name]))})
+        del backend, sess
     return raw
+
+
+def loop_vs_bare(backend: OrtBackend, T: int, past: int, repeats: int) -> dict:
+    """The decode loop's step (`Session.step`: embedding lookup, attention bias, IO-bound feeds over the chunked KV
+    buffer, the greedy outputs) against the bare graph run on dense numpy feeds of the same shape asking for the
+    same outputs: median ms of each, and the loop's overhead. A fresh layout per step: the bias is built every
+    time (the first step of a block; later ones reuse it)."""
+    session = Session.with_past(backend, past, T, Stats())
+    names = session.outputs or backend.io.output_names
+    bare = to_numpy(backend.io.feeds(*_bare_inputs(backend.io, T, past)))
+    tokens = torch.zeros(1, T, dtype=torch.long)
+    runs = {"bare": lambda: backend.decoder.run(names, bare),
+            "loop": lambda: session.step(tokens, response_layout(1, session.start, 0, T, T, NOISY), keep=T)}
+    times: dict[str, list[float]] = {"bare": [], "loop": []}
+    for fn in runs.values():
+        fn()                                                     # warm-up
+    for _ in range(repeats):                                     # interleaved: drift hits both alike
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    t_bare, t_loop = (statistics.median(times[n]) for n in ("bare", "loop"))
+    return {"T": T, "past": past, "cache_columns": session.cache.capacity, "bare_ms": round(1e3 * t_bare, 2),
+            "loop_ms": round(1e3 * t_loop, 2), "loop_over_bare": round(t_loop / t_bare - 1, 4),
+            "repeats": repeats}
+
+
+def _bare_inputs(io: iospec.DecoderIO, T: int, past: int):
+    """Dense step inputs at (T, past): random embeddings and past, positions after the past, nothing hidden."""
+    f = io.dummy_feeds(batch=1, seq=T, past=past)
+    x, pos, bias, kv, _, _ = io.unpack_feeds(f)
+    return x, pos, bias, kv, None, T

@@ -29,7 +29,7 @@ from bard_deploy.inspect import export_tables, inspect_tables
 from bard_deploy.runtimes.api import BACKENDS, Pipeline
 from bard_deploy.runtimes.decode import DecodeOptions, Stats
 from bard_deploy.standins import SIZES, write_standin
-from bard_deploy.tables import bench_table, mapping_table, step_table
+from bard_deploy.tables import bench_table, loop_table, mapping_table, replay_table, step_table
 from bard_deploy.train.recipe import Recipe, recipe_from_cli
 from bard_deploy.train.run import train as run_train
 
@@ -299,14 +299,28 @@ def bench_step(
                                             "1 fp32, 2 fp16, 3 bf16, 4 int8."),
     threads: int | None = typer.Option(S.threads, help="CPU threads of every backend timed.",
                                        show_default="the available cores"),
+    loop: bool = typer.Option(S.loop, "--loop", help="Also time the decode loop's own step (IO-bound KV buffer, "
+                              "bias, embeddings) against the bare graph's, per onnxruntime variant and T."),
+    replay: Path | None = typer.Option(S.replay, help="A trace.json written by bench: replay its AR and BARD "
+                                       "decodes through the loop at this shape (at the deepest layer count)."),
+    replay_threshold: float | None = typer.Option(S.replay_threshold, help="The trace's BARD configuration.",
+                                                  show_default="its only one"),
+    prompt_tokens: int = typer.Option(S.prompt_tokens, help="Prompt tokens before each replayed request "
+                                      "(330: a 640x480 photo and a question)."),
+    replay_requests: int | None = typer.Option(S.replay_requests, help="Replay the first this many requests.",
+                                               show_default="all"),
 ):
     """One decoder step at real model shapes (random weights) on torch and onnxruntime fp32 / INT8 / INT4; one JSON
     line last."""
     o = StepOptions(shape, _ints(tokens, "tokens"), past, _ints(layers_subset, "layers-subset"), repeats,
                     tuple(b.strip() for b in backends.split(",") if b.strip()), out, full_depth, int4_accuracy_level,
-                    threads)
+                    threads, loop, replay, replay_threshold, prompt_tokens, replay_requests)
     res = step_bench(o, log=console.print)
     console.print(step_table(res))
+    if "loop" in res:
+        console.print(loop_table(res))
+    if "replay" in res:
+        console.print(replay_table(res))
     print(json.dumps(res))
 
 

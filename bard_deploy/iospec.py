@@ -13,7 +13,7 @@ evaluates them for given sizes (TensorRT optimisation profiles, dummy inputs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -168,6 +168,11 @@ class DecoderIO(GraphIO):
         return tuple(specs)
 
     @property
+    def new_kv_names(self) -> list[str]:
+        """The step tokens' K/V output names, layer by layer (key, value)."""
+        return [name(i) for i in range(self.num_layers) for name in (new_key, new_value)]
+
+    @property
     def past_names(self) -> list[str]:
         """The past K/V input names, layer by layer (key, value)."""
         return [name(i) for i in range(self.num_layers) for name in (past_key, past_value)]
@@ -216,15 +221,20 @@ class DecoderIO(GraphIO):
         head = outputs[LOGITS] if LOGITS in outputs else Top(outputs[TOP_IDS], outputs[TOP_PROBS])
         return head, [(outputs[new_key(i)], outputs[new_value(i)]) for i in range(self.num_layers)]
 
-    def empty_outputs(self, feeds: dict[str, torch.Tensor], names: list[str] | None = None,
-                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Uninitialised tensors for the outputs `names` (None: all) of a step on `feeds`, in their declared
-        dtypes and shapes: what an IO-bound backend has the graph write into."""
+    def output_shapes(self, feeds: dict[str, torch.Tensor], names: list[str] | None = None
+                      ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of the outputs `names` (None: all) of a step on `feeds`: what an IO-bound backend
+        allocates for the graph to write into."""
         x = feeds[INPUTS_EMBEDS]
-        sizes = {"batch": x.shape[0], "seq": x.shape[1], "keep": feeds[LOGITS_TO_KEEP].shape[0]}
-        wanted = set(names) if names is not None else None
-        return {s.name: torch.empty(concrete(s.shape, sizes), dtype=TORCH_DTYPES[s.dtype], device=device)
-                for s in self.outputs if wanted is None or s.name in wanted}
+        return self._output_shapes(x.shape[0], x.shape[1], feeds[LOGITS_TO_KEEP].shape[0],
+                                   None if names is None else tuple(names))
+
+    @lru_cache(maxsize=64)      # noqa: B019 (a handful of contracts live as long as their backends)
+    def _output_shapes(self, batch: int, seq: int, keep: int, names: tuple[str, ...] | None
+                       ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        sizes = {"batch": batch, "seq": seq, "keep": keep}
+        return {s.name: (concrete(s.shape, sizes), TORCH_DTYPES[s.dtype])
+                for s in self.outputs if names is None or s.name in names}
 
     def greedy_outputs(self) -> list[str]:
         """The outputs a greedy step asks a fused-head graph for: the head's arg-max and probability, the K/V

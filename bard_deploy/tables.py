@@ -74,6 +74,31 @@ def step_table(result: dict) -> Table:
     return table
 
 
+def loop_table(result: dict) -> Table:
+    """`bench-step --loop`: the decode loop's step against the bare graph's, per variant, layers and T."""
+    table = _table(f"the loop's step vs the bare graph, {result['shape']} (median ms)",
+                   ("backend", "layers", "T", "past", "bare", "loop", "loop overhead"))
+    for r in result["loop"]:
+        table.add_row(r["backend"], str(r["layers"]), str(r["T"]), str(r["past"]), f"{r['bare_ms']:.2f}",
+                      f"{r['loop_ms']:.2f}", f"{100 * r['loop_over_bare']:+.1f} %")
+    return table
+
+
+def replay_table(result: dict) -> Table:
+    """`bench-step --replay`: AR against BARD replayed through the loop at a real shape."""
+    table = _table(result["replay_note"], ("backend", "side", "requests", "tokens", "steps", "tokens/step",
+                                          "step p50 ms", "decode tok/s", "speed-up", "AR weights GB/s"))
+    for r in result["replay"]:
+        for side in ("ar", "bard"):
+            x = r[side]
+            table.add_row(r["backend"], "AR" if side == "ar" else f"BARD B{r['block_size']} tau {r['threshold']}",
+                          str(x["requests"]), str(x["tokens"]), str(x["steps"]), f"{x['tokens_per_step']:.2f}",
+                          f"{x['step_ms_p50']:.1f}", f"{x['decode_tokens_per_s']:.2f}",
+                          f"{r['speedup_decode_vs_ar']:.2f}x" if side == "bard" else "",
+                          f"{r.get('ar_weight_GBps', '-')}" if side == "ar" else "")
+    return table
+
+
 def _size(path: Path) -> str:
     """A graph's size with its external data (`<graph>.data`), or a file's size."""
     return f"{graph_bytes(path) / 2**20:.2f} MiB" if path.is_file() else "missing"

@@ -179,26 +179,12 @@ class Session:
 
     def __init__(self, backend, batch: PromptBatch, max_new: int, prompt_attention: str,
                  prompt_block: int | None, stats: Stats, greedy: bool = False):
-        self.backend, self.stats, self.prompt_attention = backend, stats, prompt_attention
-        # greedy decoding reads only the arg-max and its probability: a graph with the fused head returns just
-        # those (B x K values instead of B x K x vocab logits); steps then return an iospec.Top
-        fused = greedy and backend.io.fused_head and getattr(backend, "takes_outputs", False)
-        self.outputs = backend.io.greedy_outputs() if fused else None      # None: every output, logits included
-        self.device: torch.device = backend.device
-        cfg: ModelConfig = backend.config
-        self.io: iospec.DecoderIO = backend.io
         B, P = batch.input_ids.shape
-        if P + max_new > cfg.text.max_position_embeddings:
-            raise RuntimeInputError(f"prompt of {P} tokens + {max_new} new tokens exceeds the model's context of "
-                                    f"{cfg.text.max_position_embeddings}", P + max_new)
-        self.start = batch.lengths                                       # (B,) index of the first new token
         t0 = time.perf_counter()
         x = backend.embed(batch.input_ids)
-        # a backend that wants the whole buffer (dense arrays, no per-step copy) gets it in chunks
-        self.padded = getattr(backend, "padded_past", None)
-        self._bias_memo: tuple[Layout, tuple, torch.Tensor] | None = None
-        self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim,
-                             dtype=x.dtype, device=self.device, chunk=self.padded)
+        self._prepare(backend, B, P, max_new, prompt_attention, stats, greedy, x.dtype)
+        cfg: ModelConfig = backend.config
+        self.start = batch.lengths                                       # (B,) index of the first new token
         ds = None
         if batch.pixel_values is not None:
             tv = time.perf_counter()
@@ -212,6 +198,48 @@ class Session:
         self.cache.commit(self._new_kv, layout)
         stats.prefill_s += time.perf_counter() - t0
 
+    def _prepare(self, backend, B: int, P: int, max_new: int, prompt_attention: str, stats: Stats,
+                 greedy: bool, dtype: torch.dtype) -> None:
+        """The state every session starts from: the backend's contract, the outputs a step asks for, an empty
+        KV buffer for P + max_new tokens in `dtype` (the embeddings')."""
+        self.backend, self.stats, self.prompt_attention = backend, stats, prompt_attention
+        # greedy decoding reads only the arg-max and its probability: a graph with the fused head returns just
+        # those (B x K values instead of B x K x vocab logits); steps then return an iospec.Top
+        fused = greedy and backend.io.fused_head and getattr(backend, "takes_outputs", False)
+        self.outputs = backend.io.greedy_outputs() if fused else None      # None: every output, logits included
+        self.device: torch.device = backend.device
+        self.io: iospec.DecoderIO = backend.io
+        cfg: ModelConfig = backend.config
+        if P + max_new > cfg.text.max_position_embeddings:
+            raise RuntimeInputError(f"prompt of {P} tokens + {max_new} new tokens exceeds the model's context of "
+                                    f"{cfg.text.max_position_embeddings}", P + max_new)
+        # a backend that wants the whole buffer (dense arrays, no per-step copy) gets it in chunks
+        self.padded = getattr(backend, "padded_past", None)
+        self._bias_memo: tuple[Layout, tuple, torch.Tensor] | None = None
+        # an IO-bound backend keeps one binding per request: only what changed is rebound between steps
+        self._binding = backend.binding() if hasattr(backend, "binding") else None
+        self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim,
+                             dtype=dtype, device=self.device, chunk=self.padded)
+
+    @classmethod
+    def with_past(cls, backend, past: int, max_new: int, stats: Stats, batch: int = 1, greedy: bool = True,
+                  seed: int = 0) -> Session:
+        """A session whose cache already holds `past` prompt tokens of random K/V (no prefill run): the loop's
+        own step at a long past without paying for that past's prefill (bench-step's loop timing and replay).
+        Response tokens then start at index `past`; the rope deltas are 0."""
+        self = cls.__new__(cls)
+        dtype = backend.embed(torch.zeros(1, 1, dtype=torch.long)).dtype
+        self._prepare(backend, batch, past, max_new, "causal", stats, greedy, dtype)
+        g = torch.Generator().manual_seed(seed)
+        shape = (batch, self.io.num_kv_heads, past, self.io.head_dim)
+        kv = [(torch.randn(shape, generator=g).to(self.cache.k.dtype),
+               torch.randn(shape, generator=g).to(self.cache.k.dtype)) for _ in range(self.io.num_layers)]
+        self.cache.commit(kv, prompt_layout(torch.ones(batch, past, dtype=torch.long)))
+        self.start = torch.full((batch,), past, dtype=torch.long)
+        self.delta = torch.zeros(batch, dtype=torch.long)
+        self.last_logits = None
+        return self
+
     def _forward(self, x: torch.Tensor, pos: torch.Tensor, layout: Layout, ds: torch.Tensor | None,
                  keep: int | None = None) -> torch.Tensor:
         """One backend step over the cache + `x`; returns the logits of the last `keep` positions (None: all)
@@ -220,7 +248,8 @@ class Session:
         past = self.cache.padded() if padded else self.cache.past()
         feeds = self.io.feeds(x, pos.to(self.device), self._bias(layout, padded), past, ds, keep)
         t0 = time.perf_counter()
-        out = self.backend.step(feeds, self.outputs) if self.outputs else self.backend.step(feeds)
+        kw = {"binding": self._binding} if self._binding is not None else {}
+        out = self.backend.step(feeds, self.outputs, **kw) if self.outputs else self.backend.step(feeds, **kw)
         if self.device.type == "cuda":                  # a step's time, not its launch time
             torch.cuda.synchronize(self.device)
         self._backend_s = time.perf_counter() - t0

@@ -46,6 +46,7 @@ class KVCache:
         self._kind, self._block, self._index = (torch.zeros(batch, capacity, dtype=torch.long) for _ in range(3))
         self.hidden = torch.finfo(dtype).min
         self._bias_row = torch.full((batch, capacity), self.hidden, dtype=dtype)
+        self._local: dict[str, torch.Tensor] = {}        # step-local biases by layout structure (`_local_bias`)
 
     @property
     def capacity(self) -> int:
@@ -99,11 +100,22 @@ class KVCache:
         all allocated ones, else the filled ones) | the step's own tokens]: equal to `attention_bias(queries,
         keys_layout(queries, padded))` for every query of a decode step (see the module docstring)."""
         n = self.capacity if padded else self.length
-        local = attention_bias(queries, queries, prompt_attention, dtype=self._bias_row.dtype)
+        local = self._local_bias(queries, prompt_attention)
         if n == 0:
             return local
         B, T = queries.shape
         return torch.cat([self._bias_row[:, None, None, :n].expand(B, 1, T, n), local], dim=3)
+
+    def _local_bias(self, queries: Layout, prompt_attention: str) -> torch.Tensor:
+        """The step tokens' bias among themselves, memoised by their structure: the table compares kinds and
+        differences of block ids and indices only, so layouts equal up to a per-row shift of both share it (every
+        AR step; the first steps of every later block; the other steps of every block)."""
+        key = repr((prompt_attention, queries.kind.tolist(), (queries.block - queries.block[:, :1]).tolist(),
+                    (queries.index - queries.index[:, :1]).tolist()))
+        bias = self._local.get(key)
+        if bias is None:
+            bias = self._local[key] = attention_bias(queries, queries, prompt_attention, dtype=self._bias_row.dtype)
+        return bias
 
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], layout: Layout, n: int | None = None) -> None:
         """Append the first `n` (default all) new tokens of a step: their K/V and layout."""
@@ -113,9 +125,13 @@ class KVCache:
                                     self.length + n)
         start, end = self.length, self.length + n
         self._reserve(end)
-        for i, (k, v) in enumerate(new_kv):
-            self.k[i, :, :, start:end] = k[:, :, :n]
-            self.v[i, :, :, start:end] = v[:, :, :n]
+        if len(new_kv) > 1:              # every layer in one copy (a copy per layer is two Python-level ops each)
+            self.k[:, :, :, start:end] = torch.stack([k for k, _ in new_kv])[:, :, :, :n]
+            self.v[:, :, :, start:end] = torch.stack([v for _, v in new_kv])[:, :, :, :n]
+        else:
+            for i, (k, v) in enumerate(new_kv):
+                self.k[i, :, :, start:end] = k[:, :, :n]
+                self.v[i, :, :, start:end] = v[:, :, :n]
         kind = layout.kind[:, :n]
         self._kind[:, start:end] = kind
         self._block[:, start:end] = layout.block[:, :n]

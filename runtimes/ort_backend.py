@@ -102,27 +102,51 @@ def _bind(binding: ort.IOBinding, name: str, t: torch.Tensor, output: bool = Fal
     (c.bind_output if output else c.bind_input)(name, dev, _NUMPY_OF[t.dtype], t.shape, t.data_ptr())
 
 
-def bound_run(sess: ort.InferenceSession, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
-              ) -> dict[str, torch.Tensor]:
-    """One run with IO binding: every feed is read from its torch tensor's own memory (a non-contiguous one is
-    made contiguous first) and every output written into the preallocated tensor `outputs[name]`, on the CPU or
-    a CUDA device alike; returns `outputs`."""
-    binding = sess.io_binding()              # one per run: concurrent requests share the session, not bindings
-    feeds = {k: v.contiguous() for k, v in feeds.items()}         # held until the run returns
-    for name, t in feeds.items():
-        _bind(binding, name, t)
-    for name, t in outputs.items():
-        _bind(binding, name, t, output=True)
-    try:
-        if any(t.is_cuda for t in feeds.values()):
-            binding.synchronize_inputs()
-        sess.run_with_iobinding(binding)
-        if any(t.is_cuda for t in outputs.values()):
-            binding.synchronize_outputs()
-    except ORT_ERRORS as e:
-        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-        raise RuntimeInputError(f"onnxruntime refused the inputs {shapes}: {_first_line(e)}", shapes) from e
-    return outputs
+class Binding:
+    """The IO binding of one request's steps on one decoder session, kept from step to step: a feed is (re)bound
+    only when its memory or shape changed (the KV buffer's layers stay bound until the buffer grows). The new
+    K/V (`reuse`) are written into tensors kept per name and reallocated only when their shape changes: valid
+    until the same request's next step, and the decode loop commits them before it; every other output (logits,
+    the greedy head's ids, which the loop yields) gets a fresh tensor each run. Concurrent requests each have
+    their own binding. Pointers of CPU or CUDA tensors alike: the same code binds a device-resident KV buffer on
+    the CUDA execution provider."""
+
+    def __init__(self, sess: ort.InferenceSession, reuse: frozenset[str] = frozenset()):
+        self.sess, self.reuse = sess, reuse
+        self.iob = sess.io_binding()
+        self.inputs: dict[str, tuple[int, tuple[int, ...]]] = {}      # name -> (data pointer, shape) bound
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.names: list[str] | None = None
+
+    def run(self, feeds: dict[str, torch.Tensor], shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+            device: torch.device) -> dict[str, torch.Tensor]:
+        """One run on `feeds` (torch tensors; a non-contiguous one is made contiguous first) writing the outputs
+        `shapes` (name -> (shape, dtype)); returns them by name."""
+        feeds = {k: v.contiguous() for k, v in feeds.items()}         # held until the run returns
+        for name, t in feeds.items():
+            key = (t.data_ptr(), tuple(t.shape))
+            if self.inputs.get(name) != key:
+                _bind(self.iob, name, t)
+                self.inputs[name] = key
+        names = list(shapes)
+        if names != self.names:                      # another set of outputs: none of the old stays bound
+            self.iob.clear_binding_outputs()
+            self.outputs, self.names = {}, names
+        for name, (shape, dtype) in shapes.items():
+            t = self.outputs.get(name)
+            if t is None or tuple(t.shape) != shape or name not in self.reuse:
+                t = self.outputs[name] = torch.empty(shape, dtype=dtype, device=device)
+                _bind(self.iob, name, t, output=True)
+        try:
+            if device.type == "cuda":
+                self.iob.synchronize_inputs()
+            self.sess.run_with_iobinding(self.iob)
+            if device.type == "cuda":
+                self.iob.synchronize_outputs()
+        except ORT_ERRORS as e:
+            given = {k: tuple(v.shape) for k, v in feeds.items()}
+            raise RuntimeInputError(f"onnxruntime refused the inputs {given}: {_first_line(e)}", given) from e
+        return dict(self.outputs)
 
 
 class OrtBackend:
@@ -155,6 +179,20 @@ class OrtBackend:
             self.vision = session(directory / m.vision.graph, threads, device)
             self.vision_io = iospec.VisionIO.for_grid(self.config, m.vision.grid_thw, m.float_dtype)
 
+    @classmethod
+    def for_graph(cls, graph: Path, config, embeddings: Path, threads: int = 0, device: str = "cpu",
+                  fused_head: bool = True) -> OrtBackend:
+        """A backend over one bare fp32 decoder graph and its embedding table, no export directory (nothing to
+        verify): bench-step times the decode loop's own step on the graphs it builds."""
+        self = cls.__new__(cls)
+        self.manifest, self.config, self.variant = None, config, Path(graph).stem
+        self.io = iospec.DecoderIO.for_config(config, "float32", fused_head)
+        self.device = torch.device("cpu")
+        self.decoder = session(Path(graph), threads, device)
+        self.embeddings = EmbeddingTable(Path(embeddings))
+        self.vision = None
+        return self
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 -> (B, T, hidden), a lookup in the exported table."""
         return self.embeddings(input_ids)
@@ -177,9 +215,15 @@ class OrtBackend:
             start += n
         return torch.cat(embeds), torch.cat(deepstack, dim=1)
 
-    def step(self, feeds: dict[str, torch.Tensor], outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def binding(self) -> Binding:
+        """A request's IO binding (the decode loop makes one per request and passes it to every `step`)."""
+        return Binding(self.decoder, frozenset(self.io.new_kv_names))
+
+    def step(self, feeds: dict[str, torch.Tensor], outputs: list[str] | None = None,
+             binding: Binding | None = None) -> dict[str, torch.Tensor]:
         """One decoder run; feeds and outputs keyed by the IO table's names (`outputs`: only those; onnxruntime
         then computes and writes nothing else). IO-bound: the feeds (the KV buffer above all) are read where
-        they lie, the outputs written into tensors allocated here for this run (so they stay valid after the
-        next step, and concurrent requests never share them)."""
-        return bound_run(self.decoder, feeds, self.io.empty_outputs(feeds, outputs, self.device))
+        they lie and the outputs written in place; with a request's `binding` only what changed since its last
+        step is rebound, and the outputs are valid until its next step (without one: a binding for this run
+        alone, its outputs never reused)."""
+        return (binding or Binding(self.decoder)).run(feeds, self.io.output_shapes(feeds, outputs), self.device)

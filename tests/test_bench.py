@@ -210,3 +210,61 @@ def test_step_mode_at_full_depth_has_no_extrapolation(tmp_path, capsys):
     assert "full depth (3 layers)" in res["note"]
     for r in res["rows"]:
         assert r["ms_per_step"] == r["ms_measured_3_layers"] and r["reliable"]
+
+
+def test_bench_writes_the_commit_trace_and_the_replay_follows_it(run, tmp_path, capsys, monkeypatch):
+    """bench's trace.json holds per configuration and request the tokens and steps per block; bench-step --replay
+    drives exactly those steps through the loop (counted at the backend), AR one token a step, BARD's first step of
+    every later block carrying the previous block, and says it is a replay."""
+    from bard_deploy.runtimes.ort_backend import OrtBackend
+
+    src, b4, root = run
+    res = bench(BenchOptions((b4,), thresholds=(0.5,), requests=3, warmup=0, max_new_tokens=12, out=tmp_path / "b",
+                             transformers_baseline=False), log=lambda *a: None)
+    trace = json.loads((tmp_path / "b" / "trace.json").read_text())
+    ar, bard = trace["configs"]
+    assert ar["name"] == "AR baseline" and bard["block_size"] == 4 and bard["threshold"] == 0.5
+    assert sum(r["tokens"] for r in bard["requests"]) == res["rows"][1]["tokens"]
+    assert sum(sum(r["steps_per_block"]) for r in bard["requests"]) == res["rows"][1]["nfe"] - 3
+    calls = []
+    step = OrtBackend.step
+
+    def counted(self, feeds, outputs=None, binding=None):
+        calls.append(feeds["inputs_embeds"].shape[1])
+        return step(self, feeds, outputs, binding)
+
+    monkeypatch.setattr(OrtBackend, "step", counted)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1", "--past", "8", "--full-depth", "--repeats", "1",
+                 "--backends", "onnxruntime-fp32", "--replay", str(tmp_path / "b" / "trace.json"),
+                 "--prompt-tokens", "40", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (r,) = out["replay"]
+    assert out["replay_note"].startswith("a REPLAY") and r["replay"] and r["prompt_tokens"] == 40
+    ar_steps = sum(x["tokens"] - 1 for x in ar["requests"])
+    bard_steps = sum(sum(x["steps_per_block"]) for x in bard["requests"])
+    assert r["ar"]["steps"] == ar_steps and r["bard"]["steps"] == bard_steps
+    later_blocks = sum(len(x["steps_per_block"]) - 1 for x in bard["requests"])
+    assert calls.count(1) == ar_steps and calls.count(8) == later_blocks
+    assert calls.count(4) == bard_steps - later_blocks
+    assert r["speedup_decode_vs_ar"] == pytest.approx(r["bard"]["decode_tokens_per_s"] / r["ar"]["decode_tokens_per_s"],
+                                                      rel=1e-2)
+    with pytest.raises(Exception, match="exactly one BARD configuration at threshold 0.7"):
+        from bard_deploy.replay import read_trace
+        read_trace(tmp_path / "b" / "trace.json", 0.7)
+
+
+def test_the_loop_step_is_timed_against_the_bare_graph(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1,4", "--past", "300", "--full-depth",
+                 "--repeats", "2", "--backends", "onnxruntime-fp32", "--loop", "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["T"], r["past"]) for r in res["loop"]] == [(1, 300), (4, 300)]
+    for r in res["loop"]:
+        assert r["bare_ms"] > 0 and r["loop_ms"] > 0 and r["cache_columns"] == 300 + r["T"]
+        rounding = 0.01 * (1 + r["loop_ms"] / r["bare_ms"]) / r["bare_ms"]        # both are rounded to 0.01 ms
+        assert r["loop_over_bare"] == pytest.approx(r["loop_ms"] / r["bare_ms"] - 1, abs=rounding + 1e-3)

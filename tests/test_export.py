@@ -399,7 +399,8 @@ def test_the_fused_head_returns_what_greedy_decoding_reads(ckpt, exported, monke
     asked = []
     step = OrtBackend.step
     monkeypatch.setattr(OrtBackend, "step",
-                        lambda self, f, outputs=None: asked.append(outputs) or step(self, f, outputs))
+                        lambda self, f, outputs=None, binding=None: asked.append(outputs) or step(self, f, outputs,
+                                                                                                binding))
     s = make_sample(6)
     ref = Pipeline.load(ckpt).generate(s.question, images=[s.image()], max_new_tokens=12).token_ids
     fused = Pipeline.load(exported, variant="fp32").generate(s.question, images=[s.image()], max_new_tokens=12)

@@ -295,3 +295,21 @@ def test_the_single_most_confident_commit_equals_the_ranking():
         first = torch.arange(8)[None] < masked.sum(1).clamp(max=1)[:, None]
         commit |= torch.zeros_like(masked).scatter(1, ranked, first)
         assert torch.equal(got, torch.where(commit, top.ids, canvas)), trial
+
+
+def test_a_session_with_a_given_past_steps_like_one_over_that_past(model):
+    """Session.with_past (bench-step's loop timing and replay): its step over the random past equals the model's
+    step over the same past given explicitly, every past column visible."""
+    from bard_deploy.diffusion.mask import NOISY, Layout, attention_bias, prompt_layout, response_layout
+    from bard_deploy.runtimes.decode import Session, Stats
+
+    backend = TorchBackend(model)
+    s = Session.with_past(backend, past=9, max_new=4, stats=Stats(), greedy=False)
+    assert s.cache.length == 9 and s.start.tolist() == [9]
+    tokens = torch.tensor([[5, 6, MASK_ID, MASK_ID]])
+    lay = response_layout(1, s.start, 0, 4, 4, NOISY)
+    logits = s.step(tokens, lay, keep=4)
+    keys = Layout.cat([prompt_layout(torch.ones(1, 9, dtype=torch.long)), lay])
+    want, _ = model.step(model.language_model.embed_tokens(tokens), lay.index.unsqueeze(0).expand(3, -1, -1),
+                         attention_bias(lay, keys), s.cache.past())
+    assert torch.allclose(logits, want, atol=1e-5)
