@@ -172,6 +172,10 @@ def export(
                                               show_default="above the 2 GB protobuf limit"),
     dtype: str = typer.Option("fp32", "--dtype", help="Graph precision: fp32 (CPU; the base of --int8 / --int4) or "
                               "fp16 (GPU targets)."),
+    min_pixels: int | None = typer.Option(None, help="Smallest image (pixels) the export's processor resizes to.",
+                                          show_default="the checkpoint's processor"),
+    max_pixels: int | None = typer.Option(None, help="Largest image (pixels) the export's processor resizes to.",
+                                          show_default="the checkpoint's processor"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
 ):
     """Export the decoder step and vision tower to ONNX (validated against PyTorch), optionally INT8 / INT4."""
@@ -179,7 +183,8 @@ def export(
                      int4_block_size, int4_accuracy_level, int4_lm_head).check()
     prompts = ExportPrompts.for_checkpoint(model, int8 or int4, o.calibration_samples, o.eval_samples, calib_data)
     m = export_model(model, out, prompts, int8=int8, int4=int4, quant_options=o, force=force, image_size=image_size,
-                     block_size=block_size, external_data=external_data, dtype=dtype, log=console.print)
+                     block_size=block_size, external_data=external_data, dtype=dtype, min_pixels=min_pixels,
+                     max_pixels=max_pixels, log=console.print)
     for table in export_tables(m, out, verified=False):    # the manifest just written: no second pass over files
         console.print(table)
 

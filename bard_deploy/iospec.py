@@ -25,6 +25,9 @@ LOGITS = "logits"
 LOGITS_TO_KEEP = "logits_to_keep"     # the step positions whose logits are computed (transformers' name)
 TOP_IDS, TOP_PROBS = "top_ids", "top_probs"   # the fused greedy head: arg-max and its probability, MASK suppressed
 PIXEL_VALUES = "pixel_values"
+# the vision graph's grid-derived inputs (transformers' precompute keys: interp_indices / interp_weights /
+# position_ids; the last renamed so it never reads as the decoder's MRoPE positions)
+INTERP_INDICES, INTERP_WEIGHTS, VISION_POSITION_IDS = "interp_indices", "interp_weights", "vision_position_ids"
 IMAGE_EMBEDS = "image_embeds"
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer (K, V), each (batch, kv_heads, len, head_dim)
@@ -256,41 +259,55 @@ class DecoderIO(GraphIO):
 
 @dataclass(frozen=True)
 class VisionIO(GraphIO):
-    """The vision graph's inputs and outputs: pixel patches of one image -> merged image embeddings and the
-    DeepStack features. Traced for one grid: `patches` = t*h*w, `tokens` = patches / merge^2."""
+    """The vision graph's inputs and outputs: the pixel patches of one image (any grid) -> merged image embeddings
+    and the DeepStack features. What depends on the grid alone (the bilinear taps that resample the learned
+    position table, the patches' (h, w) rotary positions) is computed outside the graph from the grid
+    (`vision.grid_inputs`, transformers' own helpers) and fed in, so one graph serves every image size:
+    `patches` = t*h*w, `tokens` = patches / merge^2."""
 
     patch_dim: int                   # C * temporal_patch * patch * patch
     hidden_size: int
     num_deepstack: int
-    patches: int
-    tokens: int
+    merge: int                       # spatial merge size (2: 4 patches per LM token)
     float_dtype: str = "float32"
 
     @classmethod
-    def for_grid(cls, config, grid_thw: list[int], float_dtype: str = "float32") -> VisionIO:
-        """The contract of a ModelConfig's vision tower for one image of grid (t, h, w) in patches."""
+    def for_config(cls, config, float_dtype: str = "float32") -> VisionIO:
+        """The contract of a ModelConfig's vision tower."""
         v = config.vision
-        t, h, w = grid_thw
-        patches = t * h * w
         # transformers' Qwen3VLVisionConfig defaults for keys a config.json may leave out
         patch_dim = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 16) ** 2
-        return cls(patch_dim, config.text.hidden_size,
-                   config.num_deepstack, patches, patches // config.spatial_merge_size ** 2, float_dtype)
+        return cls(patch_dim, config.text.hidden_size, config.num_deepstack, config.spatial_merge_size, float_dtype)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
-        """The pixel patches, (patches, patch_dim)."""
-        return (TensorSpec(PIXEL_VALUES, self.float_dtype, (self.patches, self.patch_dim)),)
+        """The pixel patches (patches, patch_dim); per patch the 4 bilinear taps into the learned position table
+        and their weights; per patch its (h, w) rotary position."""
+        return (TensorSpec(PIXEL_VALUES, self.float_dtype, ("patches", self.patch_dim)),
+                TensorSpec(INTERP_INDICES, "int64", ("patches", 4)),
+                TensorSpec(INTERP_WEIGHTS, self.float_dtype, ("patches", 4)),
+                TensorSpec(VISION_POSITION_IDS, "int64", ("patches", 2)))
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
-        """Image embeddings (tokens, hidden) and DeepStack features (n_ds, tokens, hidden)."""
-        return (TensorSpec(IMAGE_EMBEDS, self.float_dtype, (self.tokens, self.hidden_size)),
-                TensorSpec(DEEPSTACK_EMBEDS, self.float_dtype, (self.num_deepstack, self.tokens, self.hidden_size)))
+        """Image embeds (tokens, hidden) and DeepStack features (n_ds, tokens, hidden)."""
+        return (TensorSpec(IMAGE_EMBEDS, self.float_dtype, ("tokens", self.hidden_size)),
+                TensorSpec(DEEPSTACK_EMBEDS, self.float_dtype, (self.num_deepstack, "tokens", self.hidden_size)))
 
-    def feeds(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named feeds of one image's patches (in the graph's float dtype)."""
-        return {PIXEL_VALUES: pixel_values.to(FLOAT_DTYPES[self.float_dtype])}
+    def feeds(self, pixel_values: torch.Tensor, grid_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        """Named feeds of one image: its patches and `vision.grid_inputs` of its grid (floats in the graph's
+        dtype)."""
+        dt = FLOAT_DTYPES[self.float_dtype]
+        indices, weights, positions = grid_inputs
+        return {PIXEL_VALUES: pixel_values.to(dt), INTERP_INDICES: indices, INTERP_WEIGHTS: weights.to(dt),
+                VISION_POSITION_IDS: positions}
+
+    def grid_of(self, feeds: dict[str, torch.Tensor]) -> list[int]:
+        """The (t, h, w) patch grid of one image's feeds (its rotary positions span h x w; t = patches / (h w))."""
+        pos = feeds[VISION_POSITION_IDS]
+        h, w = int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1
+        return [feeds[PIXEL_VALUES].shape[0] // (h * w), h, w]
 
     def outputs_of(self, image_embeds: torch.Tensor, deepstack: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named outputs from the tower's (image embeds, DeepStack features)."""

@@ -41,12 +41,13 @@ def base_variant_of(float_dtype: str) -> str:
 @dataclass(frozen=True)
 class VisionGraph:
     """The vision graph of an export: its file, the square image size and the (t, h, w) patch grid it was
-    traced at, and its IO table."""
+    traced at (it takes any grid), its IO table, and the grids the export validated it at against PyTorch."""
 
     graph: str
     image_size: int
     grid_thw: list[int]
     io: dict | None = None           # absent in exports written before the IO table was recorded
+    validated_grids: list[list[int]] | None = None     # absent in exports of one-grid graphs
 
 
 @dataclass(frozen=True)

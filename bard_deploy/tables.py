@@ -126,8 +126,8 @@ def export_table(m: Manifest, directory: Path) -> Table:
                   f"(tol {p['tolerance']:g})")
     if m.vision is not None:
         table.add_row(m.vision.graph, _size(directory / m.vision.graph),
-                      f"max diff {max(p['vision'].values()):.2e}, grid {m.vision.grid_thw} "
-                      f"({m.vision.image_size} px)")
+                      f"max diff {max(p['vision'].values()):.2e} over grids "
+                      f"{m.vision.validated_grids or [m.vision.grid_thw]} (any grid)")
     for variant in ("int8", "int4"):
         if getattr(m, variant) is not None:
             table.add_row(m.graphs["decoder"][variant], _size(directory / m.graphs["decoder"][variant]),
@@ -145,7 +145,9 @@ def export_summary(m: Manifest, verified: bool = True) -> dict[str, object]:
         "decoder": f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_kv_heads} kv heads x {m.head_dim}, "
                    f"vocab {m.vocab_size}",
         "variants": ", ".join(f"{v}{' (default)' if v == m.default_variant else ''}" for v in m.variants),
-        "vision": "none" if m.vision is None else f"{m.vision.image_size} px, grid {m.vision.grid_thw}",
+        "vision": "none" if m.vision is None else (f"any image size (validated at grids {m.vision.validated_grids})"
+                                                   if m.vision.validated_grids else
+                                                   f"{m.vision.image_size} px only, grid {m.vision.grid_thw}"),
         "parity": f"{m.parity['steps']} trajectory steps, tolerance {m.parity['tolerance']:g}",
         "exporter": m.exporter,
     }

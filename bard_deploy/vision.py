@@ -32,6 +32,22 @@ def encode_images(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch
     return embeds, deepstack
 
 
+def grid_inputs(vision: dict, grid_thw: list[int] | torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the vision tower derives from an image's grid (t, h, w) alone, computed by transformers' own helpers
+    exactly as `Qwen3VLVisionModel.forward` does: per patch the 4 bilinear taps (indices, fp32 weights) that
+    resample the learned square position table, and the (h, w) rotary positions, in the processor's patch order
+    (spatial-merge blocks). The vision graph takes them as inputs, so it runs at any grid."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+    grid = torch.as_tensor(grid_thw, dtype=torch.long).reshape(1, 3)
+    merge = vision.get("spatial_merge_size", 2)
+    side = int(vision.get("num_position_embeddings", 2304) ** 0.5)
+    indices, weights = get_vision_interpolation_indices_and_weights(grid, num_grid_per_side=side, mode="bilinear",
+                                                                    align_corners=True, spatial_merge_size=merge)
+    return indices.long(), weights.float(), get_vision_position_ids(grid, merge).long()
+
+
 def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
                          feats: torch.Tensor, deepstack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Put image features where the image-pad tokens are (row-major over the batch, as HF does).

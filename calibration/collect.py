@@ -34,6 +34,7 @@ from bard_deploy.errors import ExportError
 from bard_deploy.manifest import sha256
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.runtimes.ort_backend import run
+from bard_deploy.vision import grid_inputs
 
 FORMAT_VERSION = 2
 
@@ -246,11 +247,20 @@ def record_vision(pipe: Pipeline, conversations: list[list[dict]]) -> list[Recor
         enc = pipe.encoder.encode(prompt_of(conv))
         if enc.pixel_values is None:
             continue
-        start = 0
-        for grid in enc.image_grid_thw:
-            vio = iospec.VisionIO.for_grid(pipe.config, grid.tolist())
-            pixels = enc.pixel_values[start:start + vio.patches]
-            start += vio.patches
-            embeds, deepstack = pipe.backend.encode_images(pixels, grid[None])
-            records.append((vio.feeds(pixels), {k: v.cpu() for k, v in vio.outputs_of(embeds, deepstack).items()}))
+        records += vision_records(pipe, enc.pixel_values, enc.image_grid_thw)
+    return records
+
+
+def vision_records(pipe: Pipeline, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[Record]:
+    """(feeds, outputs) of the vision tower (the pipeline's backend: transformers' forward on torch) for each
+    image of one encoded prompt; the feeds as the vision graph takes them (`vision.grid_inputs`)."""
+    vio = iospec.VisionIO.for_config(pipe.config)
+    records, start = [], 0
+    for grid in grid_thw:
+        n = int(grid.prod())
+        pixels = pixel_values[start:start + n]
+        start += n
+        embeds, deepstack = pipe.backend.encode_images(pixels, grid[None])
+        records.append((vio.feeds(pixels, grid_inputs(pipe.config.vision, grid.tolist())),
+                        {k: v.cpu() for k, v in vio.outputs_of(embeds, deepstack).items()}))
     return records

@@ -9,7 +9,7 @@ variant is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from bard_deploy.data.chat import read_conversations
@@ -17,7 +17,6 @@ from bard_deploy.embedded import is_embedded_default
 from bard_deploy.errors import CheckpointError, DataError, ExportError
 from bard_deploy.evaluate import synthetic_conversations
 from bard_deploy.manifest import sha256
-from bard_deploy.prompting import load_image
 
 VALIDATION_PROMPTS = 3
 
@@ -36,18 +35,6 @@ def _needed(calibration_samples: int) -> int:
 def trajectory_options(config) -> dict:
     """Decode options of recorded trajectories: greedy, 64 new tokens, threshold 0.9 for BARD."""
     return {"max_new_tokens": 64} if config.bard is None else {"max_new_tokens": 64, "threshold": 0.9}
-
-
-def images_resized(conversation: list[dict], size: int) -> list[dict]:
-    """A copy of a conversation with every image part loaded and resized to size x size."""
-    out = []
-    for m in conversation:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = [{**p, "image": load_image(p["image"]).resize((size, size))}
-                       if isinstance(p, dict) and p.get("type") == "image" else p for p in content]
-        out.append({**m, "content": content})
-    return out
 
 
 @dataclass(frozen=True)
@@ -70,15 +57,6 @@ class ExportPrompts:
         the test split for evaluation."""
         val = synthetic_conversations("validation", _needed(calibration_samples))
         return cls(*_cut(val, calibration_samples), synthetic_conversations("test", eval_samples), "validation split")
-
-    def at_image_size(self, size: int) -> ExportPrompts:
-        """Every image resized to size x size: what a vision graph traced at one grid accepts (until the vision
-        graph takes any grid, the gate decodes through it at that size)."""
-        def each(convs: list[list[dict]]) -> list[list[dict]]:
-            return [images_resized(c, size) for c in convs]
-
-        return replace(self, validation=each(self.validation), calibration=each(self.calibration),
-                       held_out=each(self.held_out), evaluation=each(self.evaluation))
 
     @classmethod
     def from_jsonl(cls, path: str | Path, calibration_samples: int = 16, eval_samples: int = 100) -> ExportPrompts:

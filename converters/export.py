@@ -23,6 +23,7 @@ recorded steps are kept lean (calibration/collect.py).
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
 from dataclasses import replace
@@ -33,7 +34,7 @@ from PIL import Image
 
 from bard_deploy import iospec
 from bard_deploy.atomic import atomic_dir, recover_dir, write_json
-from bard_deploy.calibration.collect import Trajectories, record_trajectories, record_vision
+from bard_deploy.calibration.collect import Trajectories, record_trajectories, record_vision, vision_records
 from bard_deploy.calibration.gate import QuantOptions, quantize_and_gate
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
 from bard_deploy.checkpoint import SIDE_FILES, load_model
@@ -60,7 +61,8 @@ GRAPH_DTYPES = ("fp32", "fp16")
 def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | None = None, int8: bool = False,
            int4: bool = False, quant_options: QuantOptions = QuantOptions(), force: bool = False,
            image_size: int | None = None, block_size: int | None = None, external_data: bool | None = None,
-           dtype: str = "fp32", log=print) -> Manifest:
+           dtype: str = "fp32", min_pixels: int | None = None, max_pixels: int | None = None,
+           log=print) -> Manifest:
     """Export a checkpoint directory into `out_dir`; returns the manifest written there.
 
     prompts: the conversations to validate and calibrate on (default: `ExportPrompts.for_checkpoint`).
@@ -69,6 +71,8 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
     external_data: graph weights in `<graph>.onnx.data` (None: only above the 2 GB protobuf limit).
     dtype: the graphs' precision: "fp32" (CPU, the base of INT8 / INT4) or "fp16" (GPU targets: half the
     weights; validated against the model in fp16 PyTorch, tolerance FP16_TOLERANCE).
+    min_pixels / max_pixels: the image processor's pixel budget in the export (its preprocessor_config.json, so
+    every runtime resizes images into it the way the processor does); None: the checkpoint's.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     o = quant_options.check()
@@ -89,15 +93,23 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
     with atomic_dir(out_dir, ExportError, "export") as tmp:
         t0 = time.perf_counter()
         model = load_model(model_dir, block_size=block_size, dtype=resolve_dtype(dtype))
-        pipe = Pipeline.from_backend(TorchBackend(model), copy_side_files(model_dir, model.config, tmp))
+        side = copy_side_files(model_dir, model.config, tmp)
+        if min_pixels is not None or max_pixels is not None:
+            set_pixel_budget(side, min_pixels, max_pixels)
+        pipe = Pipeline.from_backend(TorchBackend(model), side)
         manifest = write_graphs(pipe, model_dir, tmp, image_size, external_data)
         log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
-        if manifest.vision is not None:        # a vision graph of one grid: decode through it at that size
-            prompts = prompts.at_image_size(manifest.vision.image_size)
         options = {"ar": model.config.bard is None, **trajectory_options(model.config)}
         t1 = time.perf_counter()
         reference = record_trajectories(pipe, prompts.validation, outputs=True, **options)
-        images = record_vision(pipe, prompts.validation) if manifest.vision is not None else None
+        images = None
+        if manifest.vision is not None:      # the prompts' own images, then the budget's extremes and shapes
+            images = record_vision(pipe, prompts.validation)
+            checks = [vision_records(pipe, e["pixel_values"], e["image_grid_thw"])[0]
+                      for e in size_check_images(pipe.encoder.processor)]
+            images += checks
+            grids = sorted({tuple(iospec.VisionIO.for_config(model.config).grid_of(f)) for f, _ in images})
+            manifest = replace(manifest, vision=replace(manifest.vision, validated_grids=[list(g) for g in grids]))
         calibration = record_trajectories(pipe, prompts.calibration, **options) if int8 else None
         log(f"export: {len(reference)} reference steps recorded in {time.perf_counter() - t1:.1f} s")
         del pipe, model                 # the PyTorch weights go before any graph is loaded
@@ -163,6 +175,48 @@ def write_vision(pipe: Pipeline, model_dir: Path, directory: Path, image_size: i
     io = export_vision(pipe.backend.model, directory / VISION, out["pixel_values"], out["image_grid_thw"],
                        external_data)
     return VisionGraph(VISION, size, out["image_grid_thw"][0].tolist(), io.table())
+
+
+def set_pixel_budget(directory: Path, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Write the pixel budget into an export's preprocessor_config.json (the processor's own keys); a typed error
+    naming a bad value (below one merged patch, min above max, or no image processor)."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        raise ExportError("--min-pixels / --max-pixels need an image processor (preprocessor_config.json); this "
+                          "checkpoint has none", "max_pixels")
+    cfg = json.loads(path.read_text())
+    unit = (cfg.get("patch_size", 16) * cfg.get("merge_size", 2)) ** 2          # one LM image token
+    size = dict(cfg.get("size") or {})
+    lo = min_pixels if min_pixels is not None else size.get("shortest_edge", cfg.get("min_pixels", unit))
+    hi = max_pixels if max_pixels is not None else size.get("longest_edge", cfg.get("max_pixels", lo))
+    for name, value in (("--min-pixels", lo), ("--max-pixels", hi)):
+        if not isinstance(value, int) or value < unit:
+            raise ExportError(f"{name} must be an integer >= {unit} pixels (one image token), got {value}", value)
+    if lo > hi:
+        raise ExportError(f"--min-pixels {lo} is above --max-pixels {hi}", lo)
+    size.update(shortest_edge=lo, longest_edge=hi)
+    cfg["size"] = size
+    for key, value in (("min_pixels", lo), ("max_pixels", hi)):    # older processor configs carry these too
+        if key in cfg:
+            cfg[key] = value
+    write_json(path, cfg)
+
+
+# the largest image the export validates the vision graph at: a budget of 16 M pixels (Qwen3-VL's default) would
+# need the PyTorch tower at 65536 patches, a 17 GB attention matrix per head
+VALIDATION_MAX_PIXELS = 1024 * 1024
+
+
+def size_check_images(processor) -> list[dict]:
+    """The processor's outputs for grey images at the extremes of its pixel budget and of aspect ratio (the
+    smallest it allows, the largest square, 2:1 wide and 1:3 tall at the budget, capped at
+    VALIDATION_MAX_PIXELS): the vision graph is validated at each grid they give."""
+    lo = processor.size["shortest_edge"]
+    hi = min(processor.size["longest_edge"], VALIDATION_MAX_PIXELS)
+    side = int(hi ** 0.5)
+    sizes = [(int(lo ** 0.5),) * 2, (side, side), (int(side * 2 ** 0.5), int(side / 2 ** 0.5)),
+             (int(side / 3 ** 0.5), int(side * 3 ** 0.5))]
+    return [processor(images=[Image.new("RGB", wh, (96, 128, 160))], return_tensors="pt") for wh in sizes]
 
 
 def validate(directory: Path, manifest: Manifest, reference: Trajectories, images: list | None, dtype: str,

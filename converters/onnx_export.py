@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -28,7 +29,7 @@ from bard_deploy.calibration.collect import track_worst
 from bard_deploy.errors import ExportError
 from bard_deploy.onnx_files import Shared, gather_external_data, logits_matmuls, write_table
 from bard_deploy.runtimes.ort_backend import run
-from bard_deploy.vision import encode_images
+from bard_deploy.vision import grid_inputs
 
 FP32_TOLERANCE = 1e-4   # max abs diff, ONNX vs PyTorch, every output, on recorded real step inputs
 # fp16 graphs against the same model in fp16 PyTorch: both round to fp16 (~3 decimal digits) but accumulate in
@@ -56,16 +57,59 @@ class DecoderStep(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """The vision tower for one image of a fixed grid: pixel patches -> (image embeds, DeepStack features)."""
+    """The vision tower for one image of any grid: (pixel patches, the grid-derived inputs of
+    `vision.grid_inputs`) -> (image embeds, DeepStack features). transformers' own forward, given its precomputed
+    tensors, with one attention segment per image (`whole_image_attention`)."""
 
-    def __init__(self, visual, grid_thw: torch.Tensor):
+    def __init__(self, visual):
         super().__init__()
         self.visual = visual
-        self.register_buffer("grid", grid_thw, persistent=False)
 
-    def forward(self, pixel_values):
-        """(patches, patch_dim) -> image embeds (tokens, hidden), DeepStack features (n_ds, tokens, hidden)."""
-        return encode_images(self.visual, pixel_values, self.grid)
+    def forward(self, pixel_values, interp_indices, interp_weights, position_ids):
+        """(patches, patch_dim), (patches, 4), (patches, 4), (patches, 2) -> image embeds (tokens, hidden),
+        DeepStack features (n_ds, tokens, hidden)."""
+        n = pixel_values.shape[0]
+        cu_seqlens = torch.stack([torch.zeros((), dtype=torch.int32), torch.tensor(n, dtype=torch.int32)])
+        out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=torch.zeros(1, 3, dtype=torch.long),
+                          interp_indices=interp_indices, interp_weights=interp_weights.to(self.visual.dtype),
+                          position_ids=position_ids, cu_seqlens=cu_seqlens, return_dict=True)
+        ds = out.deepstack_features
+        embeds = out.pooler_output
+        return embeds, torch.stack(ds) if ds else embeds.new_zeros(0, *embeds.shape)
+
+
+def _whole_image_attention(self, hidden_states, cu_seqlens=None, position_embeddings=None, max_seqlen=None,
+                           **kwargs):
+    """Qwen3VLVisionAttention.forward for one segment (one image): the same projections, rotary and attention
+    function over all patches, without transformers' split by `cu_seqlens.tolist()` (a trace would freeze those
+    lengths into the graph)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        ALL_ATTENTION_FUNCTIONS,
+        apply_rotary_pos_emb_vision,
+        eager_attention_forward,
+    )
+
+    seq = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    out = attention(self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=0.0, is_causal=False)[0]
+    return self.proj(out.reshape(seq, -1).contiguous())
+
+
+@contextmanager
+def whole_image_attention():
+    """Within: every Qwen3-VL vision attention computes one segment per call (what the vision graph traces)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
+
+    previous = Qwen3VLVisionAttention.forward
+    Qwen3VLVisionAttention.forward = _whole_image_attention
+    try:
+        yield
+    finally:
+        Qwen3VLVisionAttention.forward = previous
 
 
 def _dynamic_axes(specs) -> dict[str, dict[int, str]]:
@@ -138,10 +182,12 @@ def export_decoder(model, path: Path, external_data: bool | None = None,
 
 def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
                   external_data: bool | None = None) -> iospec.VisionIO:
-    """Write vision.onnx for one image of the given grid (the processor's fixed resolution); returns its IO."""
-    io = iospec.VisionIO.for_grid(model.config, grid_thw[0].tolist(), float_dtype_of(model))
-    _export(VisionEncoder(model.visual, grid_thw), (io.feeds(pixel_values)[iospec.PIXEL_VALUES],), path, io.inputs,
-            io.outputs, external_data)
+    """Write vision.onnx, traced on one image (`pixel_values` of grid `grid_thw`) but taking any grid: the
+    number of patches is dynamic and the grid-derived tensors are inputs; returns its IO."""
+    io = iospec.VisionIO.for_config(model.config, float_dtype_of(model))
+    feeds = io.feeds(pixel_values, grid_inputs(model.config.vision, grid_thw[0].tolist()))
+    with whole_image_attention():
+        _export(VisionEncoder(model.visual), tuple(feeds.values()), path, io.inputs, io.outputs, external_data)
     return io
 
 

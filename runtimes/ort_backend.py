@@ -20,6 +20,7 @@ from bard_deploy.errors import ExportError, RuntimeInputError
 from bard_deploy.manifest import Manifest
 from bard_deploy.onnx_files import EmbeddingTable
 from bard_deploy.threads import Threads
+from bard_deploy.vision import grid_inputs
 
 # what onnxruntime raises (plain Exception subclasses): turned into one-line typed errors here
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException, ort_state.InvalidGraph,
@@ -78,7 +79,7 @@ def run(sess: ort.InferenceSession, names: list[str], feeds: dict[str, torch.Ten
     processor's fp32 pixels), the named outputs `names` out as torch tensors."""
     try:
         outs = sess.run(names, to_numpy(feeds, _float_inputs(sess)))
-    except ORT_ERRORS as e:
+    except (*ORT_ERRORS, ValueError) as e:        # ValueError: onnxruntime's own check of the feed names
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         raise RuntimeInputError(f"onnxruntime refused the inputs {shapes}: {_first_line(e)}", shapes) from e
     return {k: torch.from_numpy(v) for k, v in zip(names, outs, strict=True)}
@@ -177,7 +178,12 @@ class OrtBackend:
         self.vision = None
         if m.vision is not None:
             self.vision = session(directory / m.vision.graph, threads, device)
-            self.vision_io = iospec.VisionIO.for_grid(self.config, m.vision.grid_thw, m.float_dtype)
+            self.vision_io = iospec.VisionIO.for_config(self.config, m.float_dtype)
+            names = [i.name for i in self.vision.get_inputs()]
+            if names != self.vision_io.input_names:
+                raise ExportError(f"{m.vision.graph} takes {names}, not {self.vision_io.input_names}: it was exported "
+                                  "for one image size by an older bard-deploy; export the checkpoint again (the "
+                                  "vision graph now takes any size)", names)
 
     @classmethod
     def for_graph(cls, graph: Path, config, embeddings: Path, threads: int = 0, device: str = "cpu",
@@ -198,17 +204,17 @@ class OrtBackend:
         return self.embeddings(input_ids)
 
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
-        """Run vision.onnx once per image; only the grid it was traced at is accepted."""
+        """Run vision.onnx once per image, at whatever grid the processor gave it."""
         if self.vision is None:
             raise RuntimeInputError("this export has no vision graph but an image was given", "image")
-        grid_traced = self.manifest.vision.grid_thw
         embeds, deepstack, start = [], [], 0
         for grid in grid_thw.tolist():
-            if grid != grid_traced:
-                raise RuntimeInputError(f"vision.onnx was exported for image grid {grid_traced} (t, h, w "
-                                        f"patches); this image gives {grid}: resize it to the exported size", grid)
+            if grid[0] != 1:
+                raise RuntimeInputError(f"an input of {grid[0]} temporal patches (a video) was given: the "
+                                        "onnxruntime vision graph encodes still images (t = 1) only", grid)
             n = grid[0] * grid[1] * grid[2]
-            out = run(self.vision, self.vision_io.output_names, self.vision_io.feeds(pixel_values[start:start + n]))
+            feeds = self.vision_io.feeds(pixel_values[start:start + n], grid_inputs(self.config.vision, grid))
+            out = run(self.vision, self.vision_io.output_names, feeds)
             e, d = self.vision_io.unpack_outputs(out)
             embeds.append(e)
             deepstack.append(d)

@@ -116,7 +116,7 @@ def test_export_into_non_empty_directory_needs_force(ckpt, tmp_path, capsys):
 def test_inspect_summarises_an_export(exported, capsys):
     assert main(["inspect", str(exported)]) == 0
     out = capsys.readouterr().out
-    assert "int8 (default)" in out and "fp32" in out and "passed" in out and "grid [1, 6, 6]" in out
+    assert "int8 (default)" in out and "fp32" in out and "passed" in out and "any image size" in out
     assert "sha256 verified" in out and "decoder.int8.onnx" in out
 
 
@@ -279,7 +279,11 @@ def test_onnxruntime_errors_are_typed(exported):
     from bard_deploy.runtimes.ort_backend import run, session
     sess = session(exported / "vision.onnx")
     with pytest.raises(RuntimeInputError, match="onnxruntime refused the inputs"):
-        run(sess, ["image_embeds"], {"pixel_values": torch.zeros(3, 5)})
+        run(sess, ["image_embeds"], {"pixel_values": torch.zeros(3, 5)})              # inputs missing
+    with pytest.raises(RuntimeInputError, match="onnxruntime refused the inputs"):
+        run(sess, ["image_embeds"], {"pixel_values": torch.zeros(3, 5), "interp_indices": torch.zeros(3, 4).long(),
+                                     "interp_weights": torch.zeros(3, 4),
+                                     "vision_position_ids": torch.zeros(3, 2).long()})
     (exported.parent / "bad.onnx").write_bytes(b"not a graph")
     with pytest.raises(ExportError, match="cannot load bad.onnx"):
         session(exported.parent / "bad.onnx")
@@ -414,3 +418,50 @@ def test_the_fused_head_returns_what_greedy_decoding_reads(ckpt, exported, monke
     asked.clear()
     sampled.generate(s.question, images=[s.image()], max_new_tokens=8, temperature=0.7, seed=1)
     assert asked and all(a is None for a in asked)                          # sampling reads the full logits
+
+
+def _photo(w: int, h: int, seed: int = 0):
+    """A random RGB picture of w x h pixels (noise: every patch differs)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
+
+
+def test_the_vision_graph_takes_any_grid_and_was_validated_at_several(ckpt, exported):
+    """One vision graph for every image size: the export validated it against PyTorch at >= 3 grids (non-square
+    among them, up to the budget's largest), and onnxruntime decodes images of any size and aspect, several in one
+    prompt, to exactly the torch tokens (equal image tokens on both backends)."""
+    m = json.loads((exported / "manifest.json").read_text())
+    grids = m["vision"]["validated_grids"]
+    assert len(grids) >= 3 and any(h != w for _, h, w in grids)
+    assert max(h * w for _, h, w in grids) * 16 ** 2 >= 0.75 * 36864         # the budget's largest (192 x 192)
+    assert max(m["parity"]["vision"].values()) <= m["parity"]["tolerance"]
+    torch_pipe, ort_pipe = Pipeline.load(ckpt), Pipeline.load(exported, variant="fp32")
+    grids_seen = set()
+    for images in ([_photo(96, 96)], [_photo(200, 100, 1)], [_photo(64, 192, 2)], [_photo(4000, 3000, 3)],
+                   [_photo(120, 80, 4), _photo(60, 150, 5)]):
+        enc = ort_pipe.encoder.encode(ort_pipe._messages("What is this?", None, images))
+        grids_seen |= {tuple(g) for g in enc.image_grid_thw.tolist()}
+        want = torch_pipe.generate("What is this?", images=images, max_new_tokens=8).token_ids
+        assert ort_pipe.generate("What is this?", images=images, max_new_tokens=8).token_ids == want, images
+        feats_t = torch_pipe.backend.encode_images(enc.pixel_values, enc.image_grid_thw)
+        feats_o = ort_pipe.backend.encode_images(enc.pixel_values, enc.image_grid_thw)
+        assert all((a - b).abs().max() <= 1e-4 for a, b in zip(feats_t, feats_o, strict=True))
+    assert len(grids_seen) >= 5
+
+
+def test_a_pixel_budget_resizes_images_into_it(ckpt, tmp_path):
+    """--max-pixels / --min-pixels go into the export's processor: a large photo is resized into the budget (as
+    the processor resizes, never refused), a tiny one up to the minimum; bad budgets are typed errors."""
+    m = export(ckpt, tmp_path / "ex", max_pixels=64 * 64, min_pixels=32 * 32, **QUIET)
+    assert max(h * w for _, h, w in m.vision.validated_grids) * 256 <= 64 * 64
+    pipe = Pipeline.load(tmp_path / "ex")
+    for size in ((4000, 3000), (20, 20)):
+        (t, h, w), = pipe.encoder.encode(pipe._messages("What?", None, [_photo(*size)])).image_grid_thw.tolist()
+        assert 32 * 32 <= t * h * w * 256 <= 64 * 64, size
+    assert len(pipe.generate("What?", images=[_photo(4000, 3000)], max_new_tokens=4).token_ids) == 4
+    with pytest.raises(ExportError, match="--max-pixels must be an integer >= 1024"):
+        export(ckpt, tmp_path / "bad", max_pixels=100, **QUIET)
+    with pytest.raises(ExportError, match="above --max-pixels"):
+        export(ckpt, tmp_path / "bad", min_pixels=128 * 128, max_pixels=64 * 64, **QUIET)
