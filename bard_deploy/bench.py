@@ -3,10 +3,12 @@
 Per configuration (model x block size x threshold): time to first block (TTFT), per-step latency p50/p90/p99,
 the backend's and the host's (the decode loop's own work) time per step, steps per block, tokens per forward,
 NFE per token, decode and end-to-end tokens/s (tokens counted up to EOS only), prefill and vision time, peak
-memory, exact match; then the speed-up over AR. With `repeats` > 1 every configuration runs that many times,
-interleaved (AR, then each BARD configuration, then again), and the rows give the median decode tokens/s and
-speed-up with their min / max. Plus the same AR task through transformers' own `generate` (what a user would
-run without us). Outputs: a rich table, a PNG of exact match vs decode tokens/s, a JSON file, and one JSON line
+memory, exact match; then the speed-up over AR. Configurations are interleaved request by request (prompt 1
+through AR and every BARD configuration, then prompt 2, ...), so a slow spell of a shared machine hits every side
+of a ratio alike instead of one configuration's whole run. With `repeats` > 1 all of that runs that many times,
+and the rows give the median decode tokens/s and speed-up with their min / max. Plus the same AR task through
+transformers' own `generate` (what a user would run without us). Outputs: a rich table, a PNG of exact match
+vs decode tokens/s, a JSON file, the commit trace (`trace.json`, for `bench-step --replay`), and one JSON line
 last on stdout.
 
 The AR baseline always runs on the backend and variant BARD runs on: an export's baseline is the source's
@@ -176,21 +178,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_config(pipe, convs: list[list[dict]], name: str, ar: bool, warmup: int, **options) -> Summary:
-    """Time batch-1 requests of one configuration (the first `warmup` conversations are not counted)."""
-    block = None if ar else options.get("block_size") or pipe.config.bard.block_size
-    summary = Summary(name, block, None if ar else options.get("threshold"))
-    for conv in convs[:warmup]:
-        pipe.generate(messages=conv[:-1], ar=ar, **options)
+def run_configs(configs: list[tuple], convs: list[list[dict]], warmup: int, max_new_tokens: int) -> list[Summary]:
+    """Time batch-1 requests of every configuration (pipe, name, ar, options), interleaved request by request;
+    the first `warmup` conversations warm every configuration up and are not counted. Peak memory: the whole
+    interleaved run's (one process holds every configuration's pipeline)."""
+    summaries = []
+    for pipe, name, ar, options in configs:
+        block = None if ar else options.get("block_size") or pipe.config.bard.block_size
+        summaries.append(Summary(name, block, None if ar else options.get("threshold")))
+        for conv in convs[:warmup]:
+            pipe.generate(messages=conv[:-1], ar=ar, max_new_tokens=max_new_tokens, **options)
     reset_peak_rss()
     for conv in convs[warmup:]:
-        res = pipe.generate(messages=conv[:-1], ar=ar, **options)
-        st = res.stats
-        summary.requests.append(Request(st.total_tokens, st.nfe, st.prefill_s, st.vision_s, st.decode_s,
-                                        list(st.step_s), list(st.steps_per_block),
-                                        res.text == assistant_text(conv[-1]).strip(), list(st.backend_s)))
-    summary.peak_rss_mb = peak_rss_mb()
-    return summary
+        for summary, (pipe, _, ar, options) in zip(summaries, configs, strict=True):
+            res = pipe.generate(messages=conv[:-1], ar=ar, max_new_tokens=max_new_tokens, **options)
+            st = res.stats
+            summary.requests.append(Request(st.total_tokens, st.nfe, st.prefill_s, st.vision_s, st.decode_s,
+                                            list(st.step_s), list(st.steps_per_block),
+                                            res.text == assistant_text(conv[-1]).strip(), list(st.backend_s)))
+    peak = peak_rss_mb()
+    for summary in summaries:
+        summary.peak_rss_mb = peak
+    return summaries
 
 
 def _hf_model(source_dir: Path, device: torch.device, dtype: torch.dtype):
@@ -327,14 +336,15 @@ def bench(opts: BenchOptions, log=print) -> dict:
                                                                    "allow_block_size_mismatch": True}))
     runs: list[list[dict]] = [[] for _ in configs]        # per configuration, one row per repeat
     first: list[Summary] = []                              # the first repeat's requests: the commit trace
+    log("bench: " + "; ".join(name + (f" block {opt['block_size']} threshold {opt['threshold']}" if opt else "")
+                              for _, name, _, opt in configs) + ", interleaved request by request")
     for rep in range(o.repeats):
-        for i, (pipe, name, ar, options) in enumerate(configs):
-            log(f"bench: {name}" + (f" block {options['block_size']} threshold {options['threshold']}" if options
-                                    else "") + (f" (repeat {rep + 1}/{o.repeats})" if o.repeats > 1 else ""))
-            summary = run_config(pipe, convs, name, ar, o.warmup, max_new_tokens=o.max_new_tokens, **options)
+        if o.repeats > 1:
+            log(f"bench: repeat {rep + 1}/{o.repeats}")
+        summaries = run_configs(configs, convs, o.warmup, o.max_new_tokens)
+        for i, summary in enumerate(summaries):
             runs[i].append(summary.as_dict())
-            if rep == 0:
-                first.append(summary)
+        first = first or summaries
     rows = merge_repeats(runs)
     source = _checkpoint_of(ar_model) if o.transformers_baseline else None
     if source is not None:

@@ -10,6 +10,13 @@ competed: measured on the embedded default, B16 over AR went from 5x to 0.5x bet
   may run on), torch gets 1 for the host work;
 - torch backend: the backend *is* torch, so torch gets `threads` for both (they never run at the same time).
 
+The default count follows the model's size: a step of a small model is made of ops too small to split, and a
+second intra-op thread only adds its hand-offs (the embedded default, 5 MB of weights, on a 2-core EPYC:
+onnxruntime on 1 thread decoded B16 1.3-2.0x and AR 0.85-1.8x faster than on 2, in 4 alternating runs), while a
+2B step (GBs of weights per step) wants every core. So a backend gets one thread per WEIGHT_BYTES_PER_THREAD of
+the weights a step reads, at least 1 and at most the available cores (measured at the two ends only; the
+threshold between is a round guess). An explicit `threads` is used as given.
+
 torch's thread count is process-wide: a Pipeline sets it when it starts decoding (`apply_host_threads`), so
 pipelines of different policies in one process each decode with their own.
 """
@@ -32,6 +39,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+WEIGHT_BYTES_PER_THREAD = 64 * 2**20
+
+
 @dataclass(frozen=True)
 class Threads:
     """How many threads each side of a decode step uses."""
@@ -40,12 +50,15 @@ class Threads:
     host: int        # torch's threads for the loop's host work
 
     @classmethod
-    def policy(cls, backend: str, threads: int | None = None) -> Threads:
-        """The policy for a backend kind ("torch", "onnxruntime", "tensorrt") and a thread budget (None: the
+    def policy(cls, backend: str, threads: int | None = None, weight_bytes: int | None = None) -> Threads:
+        """The policy for a backend kind ("torch", "onnxruntime", "tensorrt") and a thread budget (None: one
+        thread per WEIGHT_BYTES_PER_THREAD of `weight_bytes`, within 1 .. the available cores; no size given: the
         available cores)."""
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}", threads)
-        n = threads or available_cores()
+        cores = available_cores()
+        by_size = cores if weight_bytes is None else max(1, min(cores, weight_bytes // WEIGHT_BYTES_PER_THREAD))
+        n = threads or by_size
         return cls(n, n) if backend == "torch" else cls(n, 1)
 
     def as_dict(self) -> dict:

@@ -27,7 +27,8 @@ from bard_deploy.atomic import recover_dir
 from bard_deploy.checkpoint import load_model
 from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import CheckpointError, RuntimeInputError
-from bard_deploy.manifest import is_export
+from bard_deploy.manifest import Manifest, is_export
+from bard_deploy.onnx_files import graph_bytes
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import (
@@ -117,19 +118,24 @@ class Pipeline:
                                     "(choose one with variant / --variant)", dtype)
         if backend == "auto":
             backend = "onnxruntime" if exported else "torch"
-        policy = Threads.policy(backend, threads)
         if backend == "torch":
             if exported:
                 raise RuntimeInputError(f"{directory} is an export directory: use backend onnxruntime or tensorrt",
                                         backend)
-            impl = TorchBackend(load_model(directory, dtype=torch_dtype), device=device)
+            model = load_model(directory, dtype=torch_dtype)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            impl = TorchBackend(model, device=device)
+            policy = Threads.policy(backend, threads, weights)
         elif not exported:
             raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "
                                     f"{directory} has no manifest.json", backend)
         elif backend == "tensorrt":
             impl = TrtBackend.open(directory, variant=variant)
+            policy = Threads.policy(backend, threads)
         else:
-            impl = OrtBackend(directory, variant=variant, device=device, threads=policy.backend)
+            m = Manifest.read(directory)
+            policy = Threads.policy(backend, threads, graph_bytes(directory / m.decoder_graph(variant)[1]))
+            impl = OrtBackend(directory, variant=variant, device=device, threads=policy.backend, manifest=m)
         return cls.from_backend(impl, directory, policy)
 
     @classmethod

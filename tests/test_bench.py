@@ -120,6 +120,11 @@ def test_the_thread_policy(run, tmp_path):
 
     assert Threads.policy("onnxruntime", 3) == Threads(3, 1) and Threads.policy("torch", 3) == Threads(3, 3)
     assert Threads.policy("onnxruntime") == Threads(available_cores(), 1)
+    # by default one thread per 64 MiB of weights, within 1 .. the cores; an explicit count is used as given
+    assert Threads.policy("onnxruntime", None, 5 * 2**20) == Threads(1, 1)
+    assert Threads.policy("torch", None, 5 * 2**20) == Threads(1, 1)
+    assert Threads.policy("onnxruntime", None, 8 * 2**30) == Threads(available_cores(), 1)
+    assert Threads.policy("onnxruntime", 2, 5 * 2**20) == Threads(2, 1)
     with pytest.raises(RuntimeInputError, match="threads must be a positive integer"):
         Threads.policy("torch", 0)
     _, b4, _ = run
@@ -133,6 +138,7 @@ def test_the_thread_policy(run, tmp_path):
         assert torch.get_num_threads() == 1
         Pipeline.load(b4, threads=2).generate("Describe the picture.", max_new_tokens=4)
         assert torch.get_num_threads() == 2
+        assert Pipeline.load(tmp_path / "ex").threads == Threads(1, 1)         # a 0.3 MB model: one thread
     finally:
         torch.set_num_threads(before)
 
