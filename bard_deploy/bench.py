@@ -101,6 +101,7 @@ class Request:
     steps_per_block: list[int]
     correct: bool
     backend_s: list[float] = field(default_factory=list)     # the backend's share of each step
+    image_tokens: int = 0
 
     @property
     def host_s(self) -> float:
@@ -151,6 +152,7 @@ class Summary:
             "host_fraction": round(host / decode, 4) if backend and decode else None,
             "prefill_ms": round(1e3 * statistics.median([x.prefill_s for x in r]), 3) if r else 0.0,
             "vision_ms": round(1e3 * statistics.median([x.vision_s for x in r]), 3) if r else 0.0,
+            "image_tokens": round(statistics.median([x.image_tokens for x in r]), 1) if r else 0,
             "decode_tokens_per_s": round(tokens / decode, 2) if decode else 0.0,
             "e2e_tokens_per_s": round(tokens / total, 2) if total else 0.0,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
@@ -195,7 +197,8 @@ def run_configs(configs: list[tuple], convs: list[list[dict]], warmup: int, max_
             st = res.stats
             summary.requests.append(Request(st.total_tokens, st.nfe, st.prefill_s, st.vision_s, st.decode_s,
                                             list(st.step_s), list(st.steps_per_block),
-                                            res.text == assistant_text(conv[-1]).strip(), list(st.backend_s)))
+                                            res.text == assistant_text(conv[-1]).strip(), list(st.backend_s),
+                                            st.image_tokens))
     peak = peak_rss_mb()
     for summary in summaries:
         summary.peak_rss_mb = peak

@@ -137,6 +137,7 @@ class Stats:
     steps_per_block: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)          # per row
     edits: int = 0
+    image_tokens: int = 0                                    # the prompts' image tokens (all rows)
 
     @property
     def total_tokens(self) -> int:
@@ -154,7 +155,8 @@ class Stats:
         return {"nfe": self.nfe, "tokens": self.tokens, "tokens_per_forward": round(self.tokens_per_forward, 4),
                 "steps_per_block": self.steps_per_block, "mean_steps_per_block":
                     round(sum(self.steps_per_block) / len(self.steps_per_block), 3) if self.steps_per_block else 0.0,
-                "edits": self.edits, "prefill_s": round(self.prefill_s, 6), "vision_s": round(self.vision_s, 6),
+                "edits": self.edits, "image_tokens": self.image_tokens, "prefill_s": round(self.prefill_s, 6),
+                "vision_s": round(self.vision_s, 6),
                 "decode_s": round(self.decode_s, 6)}
 
 
@@ -190,6 +192,7 @@ class Session:
             tv = time.perf_counter()
             feats, deepstack = backend.encode_images(batch.pixel_values, batch.image_grid_thw)
             stats.vision_s += time.perf_counter() - tv
+            stats.image_tokens += feats.shape[0]
             x, ds = merge_image_features(x, batch.input_ids, cfg.image_token_id, feats, deepstack)
         pos, self.delta = rope_index(batch.input_ids, cfg.image_token_id, batch.image_grid_thw,
                                      cfg.spatial_merge_size, batch.attention_mask)

@@ -28,6 +28,11 @@ import torch
 from bard_deploy.diffusion.mask import PAD, Layout, attention_bias
 from bard_deploy.errors import RuntimeInputError
 
+# step-local biases by layout structure (`KVCache._local_bias`), shared by every request of the process (read-only
+# tensors; the oldest entry goes first)
+LOCAL_BIAS_ENTRIES = 256
+_LOCAL_BIAS: dict[str, torch.Tensor] = {}
+
 
 class KVCache:
     """The preallocated K/V of one request; `commit` appends a step's tokens, nothing else writes."""
@@ -46,7 +51,6 @@ class KVCache:
         self._kind, self._block, self._index = (torch.zeros(batch, capacity, dtype=torch.long) for _ in range(3))
         self.hidden = torch.finfo(dtype).min
         self._bias_row = torch.full((batch, capacity), self.hidden, dtype=dtype)
-        self._local: dict[str, torch.Tensor] = {}        # step-local biases by layout structure (`_local_bias`)
 
     @property
     def capacity(self) -> int:
@@ -110,11 +114,15 @@ class KVCache:
         """The step tokens' bias among themselves, memoised by their structure: the table compares kinds and
         differences of block ids and indices only, so layouts equal up to a per-row shift of both share it (every
         AR step; the first steps of every later block; the other steps of every block)."""
-        key = repr((prompt_attention, queries.kind.tolist(), (queries.block - queries.block[:, :1]).tolist(),
-                    (queries.index - queries.index[:, :1]).tolist()))
-        bias = self._local.get(key)
+        dtype = self._bias_row.dtype
+        key = repr((prompt_attention, str(dtype), queries.kind.tolist(),
+                    (queries.block - queries.block[:, :1]).tolist(), (queries.index - queries.index[:, :1]).tolist()))
+        bias = _LOCAL_BIAS.get(key)
         if bias is None:
-            bias = self._local[key] = attention_bias(queries, queries, prompt_attention, dtype=self._bias_row.dtype)
+            bias = attention_bias(queries, queries, prompt_attention, dtype=dtype)
+            if len(_LOCAL_BIAS) >= LOCAL_BIAS_ENTRIES:          # bounded: prefills of every length pass by here
+                _LOCAL_BIAS.pop(next(iter(_LOCAL_BIAS)))
+            _LOCAL_BIAS[key] = bias
         return bias
 
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], layout: Layout, n: int | None = None) -> None:

@@ -12,7 +12,7 @@ SIZES = dict(hidden=64, layers=2)
 ROW_KEYS = {"name", "block_size", "threshold", "requests", "exact_match", "tokens", "nfe", "tokens_per_forward",
             "nfe_per_token", "steps_per_block", "ttft_ms", "step_ms_p50", "step_ms_p90", "step_ms_p99", "prefill_ms",
             "vision_ms", "decode_tokens_per_s", "e2e_tokens_per_s", "peak_rss_mb", "speedup_decode_vs_ar",
-            "speedup_e2e_vs_ar", "backend_ms_per_step", "host_ms_per_step", "host_fraction"}
+            "speedup_e2e_vs_ar", "backend_ms_per_step", "host_ms_per_step", "host_fraction", "image_tokens"}
 
 
 def test_percentiles():

@@ -444,7 +444,10 @@ def test_the_vision_graph_takes_any_grid_and_was_validated_at_several(ckpt, expo
         enc = ort_pipe.encoder.encode(ort_pipe._messages("What is this?", None, images))
         grids_seen |= {tuple(g) for g in enc.image_grid_thw.tolist()}
         want = torch_pipe.generate("What is this?", images=images, max_new_tokens=8).token_ids
-        assert ort_pipe.generate("What is this?", images=images, max_new_tokens=8).token_ids == want, images
+        got = ort_pipe.generate("What is this?", images=images, max_new_tokens=8)
+        assert got.token_ids == want, images
+        assert got.stats.image_tokens == sum(t * h * w // 4 for t, h, w in enc.image_grid_thw.tolist())
+        assert got.stats.vision_s > 0 and got.stats.as_dict()["image_tokens"] == got.stats.image_tokens
         feats_t = torch_pipe.backend.encode_images(enc.pixel_values, enc.image_grid_thw)
         feats_o = ort_pipe.backend.encode_images(enc.pixel_values, enc.image_grid_thw)
         assert all((a - b).abs().max() <= 1e-4 for a, b in zip(feats_t, feats_o, strict=True))
