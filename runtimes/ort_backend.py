@@ -40,6 +40,10 @@ def session(path: Path, threads: int = 0, device: str = "cpu") -> ort.InferenceS
     # run between two steps (a 16 x vocab softmax took 4 ms instead of 20 us): let them sleep.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = threads or Threads.policy("onnxruntime").backend
+    wanted = PROVIDERS[device][0]
+    if wanted not in ort.get_available_providers():          # never a quiet CPU run instead
+        raise RuntimeInputError(f"device {device!r}: this onnxruntime has no {wanted} (available: "
+                                f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu)", device)
     providers = [p for p in PROVIDERS[device] if p in ort.get_available_providers()]
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
@@ -167,7 +171,9 @@ class OrtBackend:
         self.manifest = m = manifest if manifest is not None else Manifest.read(directory)
         self.config = load_config(directory)
         self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype, m.fused_head)
-        self.device = torch.device("cpu")          # numpy in and out, whichever provider runs the graph
+        # where the loop keeps the KV buffer and the step's tensors: on the GPU with the CUDA / TensorRT
+        # execution providers (bound in place: nothing crosses PCIe per step but the step's own inputs)
+        self.device = torch.device("cuda" if device in ("cuda", "tensorrt") else "cpu")
         m.check_config(self.config)
         self.variant, graph = m.decoder_graph(variant)
         self.decoder = session(directory / graph, threads, device)
@@ -200,8 +206,9 @@ class OrtBackend:
         return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) int64 -> (B, T, hidden), a lookup in the exported table."""
-        return self.embeddings(input_ids)
+        """(B, T) int64 -> (B, T, hidden), a lookup in the exported table, on the backend's device."""
+        x = self.embeddings(input_ids.cpu())
+        return x if self.device.type == "cpu" else x.to(self.device)
 
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """Run vision.onnx once per image, at whatever grid the processor gave it."""
@@ -219,7 +226,7 @@ class OrtBackend:
             embeds.append(e)
             deepstack.append(d)
             start += n
-        return torch.cat(embeds), torch.cat(deepstack, dim=1)
+        return torch.cat(embeds).to(self.device), torch.cat(deepstack, dim=1).to(self.device)
 
     def binding(self) -> Binding:
         """A request's IO binding (the decode loop makes one per request and passes it to every `step`)."""

@@ -468,3 +468,15 @@ def test_a_pixel_budget_resizes_images_into_it(ckpt, tmp_path):
         export(ckpt, tmp_path / "bad", max_pixels=100, **QUIET)
     with pytest.raises(ExportError, match="above --max-pixels"):
         export(ckpt, tmp_path / "bad", min_pixels=128 * 128, max_pixels=64 * 64, **QUIET)
+
+
+def test_a_requested_execution_provider_that_is_absent_is_an_error(exported):
+    """device="cuda" without onnxruntime-gpu is a one-line typed error, never a quiet CPU run."""
+    import onnxruntime as ort
+
+    from bard_deploy.errors import RuntimeInputError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA execution provider")
+    with pytest.raises(RuntimeInputError, match="no CUDAExecutionProvider"):
+        Pipeline.load(exported, device="cuda")
