@@ -225,6 +225,10 @@ def generate(
                                                    help="Allow a block size other than the trained one."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer block by block as it is decoded."),
     stats: bool = typer.Option(False, "--stats", help="Print decoding statistics."),
+    min_pixels: int | None = typer.Option(None, help="Resize smaller images up to this many pixels.",
+                                          show_default="the model's processor"),
+    max_pixels: int | None = typer.Option(None, help="Resize larger images down to this many pixels.",
+                                          show_default="the model's processor"),
 ):
     """Decode with the block-diffusion runtime (or, with --ar, the AR baseline)."""
     if static and "threshold" in _given(ctx, ["threshold"]):
@@ -233,7 +237,8 @@ def generate(
                    max_steps=max_steps, max_new_tokens=max_new_tokens, edit_threshold=edit_threshold,
                    max_edits=max_edits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    allow_block_size_mismatch=allow_block_size_mismatch)
-    pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads)
+    pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads,
+                         min_pixels=min_pixels, max_pixels=max_pixels)
     images = [str(p) for p in image]
     st = Stats()
     if stream:

@@ -154,6 +154,19 @@ def predicted_grid(processor, images: list[Image.Image]) -> torch.Tensor | None:
     return torch.tensor(grids, dtype=torch.int64)
 
 
+def pixel_budget(size: dict, unit: int, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """(min, max) pixels of an image processor's budget `size` (its shortest_edge / longest_edge) with the given
+    overrides; ValueError naming a bad value (below one image token of `unit` pixels, or min above max)."""
+    lo = min_pixels if min_pixels is not None else size.get("shortest_edge", unit)
+    hi = max_pixels if max_pixels is not None else size.get("longest_edge", lo)
+    for name, value in (("min_pixels", lo), ("max_pixels", hi)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < unit:
+            raise ValueError(f"{name} must be an integer >= {unit} pixels (one image token), got {value!r}")
+    if lo > hi:
+        raise ValueError(f"min_pixels {lo} is above max_pixels {hi}")
+    return lo, hi
+
+
 @dataclass
 class EncodedPrompt:
     """A conversation encoded for the model: token ids with image pads expanded, and the images' patches."""
@@ -170,6 +183,19 @@ class PromptEncoder:
     def __init__(self, tokenizer, processor, image_token_id: int | None, merge: int):
         self.tokenizer, self.processor = tokenizer, processor
         self.image_token_id, self.merge = image_token_id, merge
+
+    def set_pixel_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Resize images into [min_pixels, max_pixels] from now on (the processor's own budget, its own resize
+        rule); a DataError naming a bad value."""
+        if self.processor is None:
+            raise DataError("a pixel budget was given but this model has no image processor", "max_pixels")
+        p = self.processor
+        unit = (p.patch_size * p.merge_size) ** 2
+        try:
+            lo, hi = pixel_budget(dict(p.size), unit, min_pixels, max_pixels)
+        except ValueError as e:
+            raise DataError(str(e), max_pixels if max_pixels is not None else min_pixels) from e
+        p.size = {"shortest_edge": lo, "longest_edge": hi}
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = True,
                image_root: str | Path | None = None, compress_images: bool = False) -> EncodedPrompt:

@@ -49,6 +49,7 @@ from bard_deploy.converters.onnx_export import (
 from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import ExportError
 from bard_deploy.manifest import Manifest, VisionGraph, base_variant_of
+from bard_deploy.prompting import pixel_budget
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.ort_backend import session
@@ -187,13 +188,13 @@ def set_pixel_budget(directory: Path, min_pixels: int | None, max_pixels: int | 
     cfg = json.loads(path.read_text())
     unit = (cfg.get("patch_size", 16) * cfg.get("merge_size", 2)) ** 2          # one LM image token
     size = dict(cfg.get("size") or {})
-    lo = min_pixels if min_pixels is not None else size.get("shortest_edge", cfg.get("min_pixels", unit))
-    hi = max_pixels if max_pixels is not None else size.get("longest_edge", cfg.get("max_pixels", lo))
-    for name, value in (("--min-pixels", lo), ("--max-pixels", hi)):
-        if not isinstance(value, int) or value < unit:
-            raise ExportError(f"{name} must be an integer >= {unit} pixels (one image token), got {value}", value)
-    if lo > hi:
-        raise ExportError(f"--min-pixels {lo} is above --max-pixels {hi}", lo)
+    known = {"shortest_edge": size.get("shortest_edge", cfg.get("min_pixels", unit)),
+             "longest_edge": size.get("longest_edge", cfg.get("max_pixels", unit))}
+    try:
+        lo, hi = pixel_budget(known, unit, min_pixels, max_pixels)
+    except ValueError as e:
+        message = str(e).replace("min_pixels", "--min-pixels").replace("max_pixels", "--max-pixels")
+        raise ExportError(message, max_pixels if max_pixels is not None else min_pixels) from e
     size.update(shortest_edge=lo, longest_edge=hi)
     cfg["size"] = size
     for key, value in (("min_pixels", lo), ("max_pixels", hi)):    # older processor configs carry these too

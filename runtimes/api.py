@@ -92,7 +92,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "auto", variant: str | None = None,
-             device: str = "cpu", dtype: str = "fp32", threads: int | None = None) -> Pipeline:
+             device: str = "cpu", dtype: str = "fp32", threads: int | None = None, min_pixels: int | None = None,
+             max_pixels: int | None = None) -> Pipeline:
         """Load a checkpoint directory (torch backend) or an export directory (onnxruntime / tensorrt) once.
 
         backend "auto": torch for a checkpoint, onnxruntime for an export directory (one with manifest.json).
@@ -101,8 +102,11 @@ class Pipeline:
           live there); onnxruntime: cpu or cuda (the execution provider). TensorRT always runs on the GPU.
         dtype: the torch backend's weights: fp32, bf16 or fp16 (loaded lean, straight into that dtype); an export
           runs the graphs it holds (choose those with `variant`).
-        threads: the CPU threads of the backend (default: the cores this process may use); onnxruntime and
-          TensorRT leave torch one thread for the loop's host work (bard_deploy/threads.py).
+        threads: the CPU threads of the backend (default: one per 64 MiB of weights, at most the cores this
+          process may use); onnxruntime and TensorRT leave torch one thread for the loop's host work
+          (bard_deploy/threads.py).
+        min_pixels / max_pixels: the image processor's pixel budget for this pipeline (default: the directory's
+          preprocessor_config.json); images are resized into it, never refused for their size.
         """
         if backend not in BACKENDS:
             raise RuntimeInputError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}",
@@ -136,7 +140,10 @@ class Pipeline:
             m = Manifest.read(directory)
             policy = Threads.policy(backend, threads, graph_bytes(directory / m.decoder_graph(variant)[1]))
             impl = OrtBackend(directory, variant=variant, device=device, threads=policy.backend, manifest=m)
-        return cls.from_backend(impl, directory, policy)
+        pipe = cls.from_backend(impl, directory, policy)
+        if min_pixels is not None or max_pixels is not None:
+            pipe.encoder.set_pixel_budget(min_pixels, max_pixels)
+        return pipe
 
     @classmethod
     def from_backend(cls, backend, directory: str | Path, threads: Threads | None = None) -> Pipeline:

@@ -480,3 +480,21 @@ def test_a_requested_execution_provider_that_is_absent_is_an_error(exported):
         pytest.skip("this onnxruntime has the CUDA execution provider")
     with pytest.raises(RuntimeInputError, match="no CUDAExecutionProvider"):
         Pipeline.load(exported, device="cuda")
+
+
+def test_a_run_time_pixel_budget(exported, capsys):
+    """Pipeline.load(max_pixels=...) / generate --max-pixels resize into the given budget on the export; a bad
+    budget is a typed one-line error."""
+    from bard_deploy.errors import DataError
+
+    pipe = Pipeline.load(exported, max_pixels=64 * 64, min_pixels=32 * 32)
+    (t, h, w), = pipe.encoder.encode(pipe._messages("What?", None, [_photo(4000, 3000)])).image_grid_thw.tolist()
+    assert 32 * 32 <= t * h * w * 256 <= 64 * 64
+    with pytest.raises(DataError, match="max_pixels must be an integer >= 1024"):
+        Pipeline.load(exported, max_pixels=10)
+    img = exported.parent / "big.png"
+    _photo(1200, 900).save(img)
+    assert main(["generate", "--prompt", "What?", "--model", str(exported), "--image", str(img), "--max-pixels",
+                 "4096", "--max-new-tokens", "4", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "image_tokens" in out and "vision_s" in out
