@@ -78,6 +78,27 @@ class VisionEncoder(nn.Module):
         return embeds, torch.stack(ds) if ds else embeds.new_zeros(0, *embeds.shape)
 
 
+class FusedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v, unmasked, over (1, S, heads * head_dim) tensors; in the graph one
+    com.microsoft MultiHeadAttention node, whose onnxruntime CPU kernel is a flash attention (no S x S score
+    matrix: at 8160 patches the decomposed MatMul + Softmax holds 4.3 GB per score tensor)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_heads: int, scale: float):
+        """The attention in PyTorch (what runs while tracing and what the node must equal)."""
+        seq = q.shape[1]
+        q, k, v = (t.view(1, seq, num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.transpose(1, 2).reshape(1, seq, -1)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads: int, scale: float):
+        """The ONNX node the TorchScript exporter writes in its place."""
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads, scale_f=scale)
+        out.setType(q.type())
+        return out
+
+
 def _whole_image_attention(self, hidden_states, cu_seqlens=None, position_embeddings=None, max_seqlen=None,
                            **kwargs):
     """Qwen3VLVisionAttention.forward for one segment (one image): the same projections, rotary and attention
@@ -93,23 +114,31 @@ def _whole_image_attention(self, hidden_states, cu_seqlens=None, position_embedd
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    if _FUSED[0] and q.dtype == torch.float32:     # the CPU graph: onnxruntime's fused (flash) attention
+        out = FusedAttention.apply(*(t.reshape(1, seq, -1) for t in (q, k, v)), self.num_heads, self.scaling)
+        return self.proj(out.reshape(seq, -1))
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
     out = attention(self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=0.0, is_causal=False)[0]
     return self.proj(out.reshape(seq, -1).contiguous())
 
 
+_FUSED = [True]        # whole_image_attention(fused=...) while tracing
+
+
 @contextmanager
-def whole_image_attention():
-    """Within: every Qwen3-VL vision attention computes one segment per call (what the vision graph traces)."""
+def whole_image_attention(fused: bool = True):
+    """Within: every Qwen3-VL vision attention computes one segment per call (what the vision graph traces);
+    `fused`: fp32 attention as one FusedAttention node (else MatMul + Softmax, e.g. for fp16 graphs, which
+    onnxruntime's CPU MultiHeadAttention does not run)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
 
-    previous = Qwen3VLVisionAttention.forward
-    Qwen3VLVisionAttention.forward = _whole_image_attention
+    previous, was = Qwen3VLVisionAttention.forward, _FUSED[0]
+    Qwen3VLVisionAttention.forward, _FUSED[0] = _whole_image_attention, fused
     try:
         yield
     finally:
-        Qwen3VLVisionAttention.forward = previous
+        Qwen3VLVisionAttention.forward, _FUSED[0] = previous, was
 
 
 def _dynamic_axes(specs) -> dict[str, dict[int, str]]:
@@ -128,7 +157,8 @@ def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs, exte
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), example, str(path), input_names=[s.name for s in inputs],
                           output_names=[s.name for s in outputs], dynamic_axes=_dynamic_axes((*inputs, *outputs)),
-                          opset_version=17, dynamo=False, do_constant_folding=True)
+                          opset_version=17, dynamo=False, do_constant_folding=True,
+                          custom_opsets={"com.microsoft": 1})
     written = [p for p in set(path.parent.iterdir()) - before if p != path]      # per-tensor files, if any
     shared = share(path) if share is not None else {}
     if written or external_data or shared:

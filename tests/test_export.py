@@ -437,6 +437,8 @@ def test_the_vision_graph_takes_any_grid_and_was_validated_at_several(ckpt, expo
     assert len(grids) >= 3 and any(h != w for _, h, w in grids)
     assert max(h * w for _, h, w in grids) * 16 ** 2 >= 0.75 * 36864         # the budget's largest (192 x 192)
     assert max(m["parity"]["vision"].values()) <= m["parity"]["tolerance"]
+    ops = {n.op_type for n in onnx.load(str(exported / "vision.onnx"), load_external_data=False).graph.node}
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops          # the fused (flash) attention on CPU
     torch_pipe, ort_pipe = Pipeline.load(ckpt), Pipeline.load(exported, variant="fp32")
     grids_seen = set()
     for images in ([_photo(96, 96)], [_photo(200, 100, 1)], [_photo(64, 192, 2)], [_photo(4000, 3000, 3)],
