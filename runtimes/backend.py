@@ -3,6 +3,9 @@
 A backend embeds token ids, encodes images, and runs the decoder step `step(feeds) -> outputs` where both
 dicts use `bard_deploy.iospec` names. The denoising loop imports none of them; it receives one, and keeps its
 own tensors (KV buffer, canvas, logits) on the backend's `device`: where `embed` and `step` return theirs.
+Optional, where a backend has them: `takes_outputs` (then `step(feeds, outputs)` computes only the outputs
+named), `padded_past` (it takes the whole chunked KV buffer), `binding()` (a per-request state the loop passes
+back as `step(..., binding=...)`: onnxruntime's IO binding).
 """
 
 from __future__ import annotations
