@@ -146,19 +146,20 @@ def _dynamic_axes(specs) -> dict[str, dict[int, str]]:
 
 
 def _export(module: nn.Module, example: tuple, path: Path, inputs, outputs, external_data: bool | None,
-            share=None) -> None:
+            share=None, contrib_ops: bool = False) -> None:
     """torch.onnx.export with our settings: TorchScript exporter, opset 17, IO names and dynamic axes from specs.
 
     external_data: weights in one `<graph>.data` file beside the graph; None = only when the graph would pass
     protobuf's 2 GB limit (the exporter then writes one file per tensor, which this gathers into one).
-    share(path) -> {initializer name: Shared}: initializers that point into another file instead."""
+    share(path) -> {initializer name: Shared}: initializers that point into another file instead.
+    contrib_ops: the graph uses onnxruntime's com.microsoft operators (FusedAttention)."""
     before = set(path.parent.iterdir())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), example, str(path), input_names=[s.name for s in inputs],
                           output_names=[s.name for s in outputs], dynamic_axes=_dynamic_axes((*inputs, *outputs)),
                           opset_version=17, dynamo=False, do_constant_folding=True,
-                          custom_opsets={"com.microsoft": 1})
+                          custom_opsets={"com.microsoft": 1} if contrib_ops else None)
     written = [p for p in set(path.parent.iterdir()) - before if p != path]      # per-tensor files, if any
     shared = share(path) if share is not None else {}
     if written or external_data or shared:
@@ -217,7 +218,8 @@ def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch
     io = iospec.VisionIO.for_config(model.config, float_dtype_of(model))
     feeds = io.feeds(pixel_values, grid_inputs(model.config.vision, grid_thw[0].tolist()))
     with whole_image_attention():
-        _export(VisionEncoder(model.visual), tuple(feeds.values()), path, io.inputs, io.outputs, external_data)
+        _export(VisionEncoder(model.visual), tuple(feeds.values()), path, io.inputs, io.outputs, external_data,
+                contrib_ops=io.float_dtype == "float32")
     return io
 
 
