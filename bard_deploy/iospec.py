@@ -55,6 +55,12 @@ def new_value(i: int) -> str:
     return f"new_key_values.{i}.value"
 
 
+@lru_cache(maxsize=256)
+def _positions(start: int, end: int, device: str) -> torch.Tensor:
+    """arange(start, end) made once per range (a step's logits_to_keep; read-only)."""
+    return torch.arange(start, end, device=device)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One graph input or output."""
@@ -195,7 +201,7 @@ class DecoderIO(GraphIO):
                                    else inputs_embeds.new_zeros(self.num_deepstack, *inputs_embeds.shape))
         T = inputs_embeds.shape[1]
         assert keep is None or 1 <= keep <= T, (keep, T)
-        f[LOGITS_TO_KEEP] = torch.arange(T - (keep or T), T, device=inputs_embeds.device)
+        f[LOGITS_TO_KEEP] = _positions(T - (keep or T), T, str(inputs_embeds.device))
         return f
 
     def unpack_feeds(self, feeds: dict[str, torch.Tensor]

@@ -196,6 +196,7 @@ class Session:
             x, ds = merge_image_features(x, batch.input_ids, cfg.image_token_id, feats, deepstack)
         pos, self.delta = rope_index(batch.input_ids, cfg.image_token_id, batch.image_grid_thw,
                                      cfg.spatial_merge_size, batch.attention_mask)
+        self._delta_col = self.delta[:, None]                            # (B, 1): every text step adds it
         layout = prompt_layout(batch.attention_mask, prompt_block)
         self.last_logits = self._forward(x, pos, layout, ds, keep=1)[:, -1]          # (B, V): AR reads it
         self.cache.commit(self._new_kv, layout)
@@ -219,6 +220,7 @@ class Session:
         # a backend that wants the whole buffer (dense arrays, no per-step copy) gets it in chunks
         self.padded = getattr(backend, "padded_past", None)
         self._bias_memo: tuple[Layout, tuple, torch.Tensor] | None = None
+        self._ds_zeros: dict[int, torch.Tensor] = {}
         # an IO-bound backend keeps one binding per request: only what changed is rebound between steps
         self._binding = backend.binding() if hasattr(backend, "binding") else None
         self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim,
@@ -240,6 +242,7 @@ class Session:
         self.cache.commit(kv, prompt_layout(torch.ones(batch, past, dtype=torch.long)))
         self.start = torch.full((batch,), past, dtype=torch.long)
         self.delta = torch.zeros(batch, dtype=torch.long)
+        self._delta_col = self.delta[:, None]
         self.last_logits = None
         return self
 
@@ -276,11 +279,22 @@ class Session:
         all T). Response tokens are text, so all three MRoPE rows are index + delta. The new K/V wait in
         `_new_kv` until `commit`."""
         t0 = time.perf_counter()
-        pos = (layout.index + self.delta[:, None]).unsqueeze(0).expand(3, -1, -1)
-        logits = self._forward(self.backend.embed(tokens), pos, layout, None, keep)
+        pos = (layout.index + self._delta_col).unsqueeze(0).expand(3, -1, -1)
+        logits = self._forward(self.backend.embed(tokens), pos, layout, self._no_deepstack(tokens.shape), keep)
         self.stats.step_s.append(time.perf_counter() - t0)
         self.stats.backend_s.append(self._backend_s)
         return logits
+
+    def _no_deepstack(self, shape: torch.Size) -> torch.Tensor | None:
+        """Zero DeepStack features for a text step of (B, T) tokens (made once per T; None without DeepStack)."""
+        if not self.io.num_deepstack:
+            return None
+        zeros = self._ds_zeros.get(shape[1])
+        if zeros is None:
+            dtype = self.cache.k.dtype
+            zeros = self._ds_zeros[shape[1]] = torch.zeros(self.io.num_deepstack, *shape, self.io.hidden_size,
+                                                           dtype=dtype, device=self.device)
+        return zeros
 
     def commit(self, layout: Layout, n: int) -> None:
         """Write the first n tokens of the last step into the cache."""
@@ -458,6 +472,9 @@ def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequenc
     rows = batch.input_ids.shape[0]
     done = torch.zeros(rows, dtype=torch.bool, device=session.device)
     logits = session.last_logits                                              # (B, V): predicts token 0
+    # every step's layout: kind PROMPT, block 0, the next index (made once; each step takes a column)
+    kind, block = torch.full((rows, 1), PROMPT), torch.zeros(rows, 1, dtype=torch.long)
+    index = session.start[:, None] + torch.arange(opts.max_new_tokens)
     t0 = time.perf_counter()
     for j in range(opts.max_new_tokens):
         token, _ = predict(logits, opts, None, gen)                           # (B,)
@@ -465,8 +482,7 @@ def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequenc
         done |= torch.isin(token, eos)
         if bool(done.all()) or j == opts.max_new_tokens - 1:
             break
-        layout = Layout(torch.full((rows, 1), PROMPT), torch.zeros(rows, 1, dtype=torch.long),
-                        (session.start + j)[:, None])
+        layout = Layout(kind, block, index[:, j:j + 1])
         logits = session.step(token[:, None], layout, keep=1)[:, -1]
         session.commit(layout, 1)
     stats.decode_s += time.perf_counter() - t0
