@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 
@@ -63,9 +62,15 @@ def _root(
 
 
 def _given(ctx: typer.Context, names) -> dict:
-    """The options among `names` that the user set on the command line (not left at their default)."""
-    return {n: ctx.params[n] for n in names
-            if n in ctx.params and ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT}
+    """The options among `names` that the user set (on the command line or in the environment), not left at their
+    default. Compared by name: typer's context may hand back its own click's ParameterSource enum, whose members
+    are never `click.core.ParameterSource.DEFAULT` (so every option used to count as given: `--static` alone was
+    refused as "--static and --threshold")."""
+    def given(n: str) -> bool:
+        source = ctx.get_parameter_source(n)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return {n: ctx.params[n] for n in names if n in ctx.params and given(n)}
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
@@ -229,6 +234,14 @@ def generate(
                                           show_default="the model's processor"),
     max_pixels: int | None = typer.Option(None, help="Resize larger images down to this many pixels.",
                                           show_default="the model's processor"),
+    schedule: str = typer.Option(D.schedule, help="min: at least --min-commit a step, the rest at the last; even: "
+                                 "the block split evenly over --max-steps (the official generate)."),
+    strict_threshold: bool = typer.Option(D.strict_threshold, "--strict-threshold",
+                                          help="Commit above the threshold only (>, the official generate)."),
+    raw_confidence: bool = typer.Option(not D.suppress_mask, "--raw-confidence",
+                                        help="Let MASK be predicted (the official generate re-predicts it)."),
+    reference: bool = typer.Option(False, "--reference", help="The official Bard-VL generate's semantics: "
+                                   "--schedule even --strict-threshold --raw-confidence."),
 ):
     """Decode with the block-diffusion runtime (or, with --ar, the AR baseline)."""
     if static and "threshold" in _given(ctx, ["threshold"]):
@@ -236,7 +249,8 @@ def generate(
     options = dict(block_size=block_size, threshold=None if static else threshold, min_commit=min_commit,
                    max_steps=max_steps, max_new_tokens=max_new_tokens, edit_threshold=edit_threshold,
                    max_edits=max_edits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                   allow_block_size_mismatch=allow_block_size_mismatch)
+                   allow_block_size_mismatch=allow_block_size_mismatch, schedule="even" if reference else schedule,
+                   strict_threshold=strict_threshold or reference, suppress_mask=not (raw_confidence or reference))
     pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads,
                          min_pixels=min_pixels, max_pixels=max_pixels)
     images = [str(p) for p in image]

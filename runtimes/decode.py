@@ -28,6 +28,9 @@ from bard_deploy.vision import merge_image_features, rope_index
 # ---------------------------------------------------------------------------------------------------
 
 
+SCHEDULES = ("min", "even")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to decode. Defaults exist here once; the CLI and the API take them from this class.
@@ -38,6 +41,14 @@ class DecodeOptions:
       masked token is committed.
     edit_threshold: token revision for mix-noise models: a token committed earlier in the current block whose
       prediction changed with probability >= edit_threshold is replaced, at most `max_edits` per block and row.
+    schedule: "min" (ours): at least `min_commit` tokens a step, every remaining one at the last step; "even"
+      (the official Bard-VL `generate`): the block split as evenly as possible over `max_steps` steps (base =
+      B // S, the first B % S steps one more) and at least that many committed per step, no forced last step.
+    strict_threshold: commit above the threshold (`>`, the reference) instead of at or above it (`>=`, ours; at
+      threshold 1.0 a saturated fp32 softmax commits under ours and never under the reference).
+    suppress_mask: the MASK token is never a prediction (ours); False: raw confidences as the reference takes
+      them (a MASK argmax can be committed, and is re-predicted at the next step).
+    `DecodeOptions.reference(...)` sets the last three to the official `generate`'s behaviour.
     """
 
     block_size: int | None = None          # None = the checkpoint's trained block size
@@ -52,6 +63,15 @@ class DecodeOptions:
     top_p: float = 1.0                     # 1 = off
     seed: int | None = None
     allow_block_size_mismatch: bool = False
+    schedule: str = "min"
+    strict_threshold: bool = False
+    suppress_mask: bool = True
+
+    @classmethod
+    def reference(cls, **options) -> DecodeOptions:
+        """The official Bard-VL `generate`'s semantics (even schedule, strict threshold, raw confidences) with
+        `options` for the rest (block_size, threshold, max_steps, ...)."""
+        return cls(**{"schedule": "even", "strict_threshold": True, "suppress_mask": False, **options})
 
     def resolved(self, config: ModelConfig | None, ar: bool = False) -> DecodeOptions:
         """A validated copy with block_size and max_steps filled; a bad option raises RuntimeInputError."""
@@ -90,7 +110,17 @@ class DecodeOptions:
             raise bad("edit_threshold", self.edit_threshold, "must be in (0, 1]")
         if not isinstance(self.max_edits, int) or self.max_edits < 0:
             raise bad("max_edits", self.max_edits, "must be an integer >= 0")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
         return replace(self, block_size=block, max_steps=steps)
+
+    def commits_at(self, step: int) -> int:
+        """The fewest masked tokens committed at denoising step `step` of a block (resolved options): min_commit,
+        or the even schedule's share of the block (base = B // S, the first B % S steps one more)."""
+        if self.schedule == "min":
+            return self.min_commit
+        base, extra = divmod(self.block_size, self.max_steps)
+        return base + (1 if step < extra else 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,28 +372,33 @@ def predict(logits: torch.Tensor | iospec.Top, opts: DecodeOptions, mask_id: int
 
 
 def denoise_step(logits: torch.Tensor | iospec.Top, canvas: torch.Tensor, masked: torch.Tensor,
-                 edits_left: torch.Tensor, last: bool, opts: DecodeOptions, mask_id: int,
+                 edits_left: torch.Tensor, step: int, opts: DecodeOptions, mask_id: int,
                  gen: torch.Generator | None) -> tuple[torch.Tensor, int]:
     """The per-step rule, shared by the cached runtime and the slow reference decoder.
 
-    logits (B, T, V) of the canvas (or the fused head's `Top`), canvas (B, T), masked (B, T) = canvas == MASK.
-    Returns the new canvas and the number of edits made (edits_left (B,) is decremented in place).
+    logits (B, T, V) of the canvas (or the fused head's `Top`), canvas (B, T), masked (B, T) = canvas == MASK,
+    step: the block's denoising step (0-based; opts resolved). Returns the new canvas and the number of edits
+    made (edits_left (B,) is decremented in place).
     """
-    # (1) the MASK token is never a prediction; (2) prediction and confidence per position
-    pred, conf = predict(logits, opts, mask_id, gen)
-    # (3) commit: every masked token with conf >= threshold, at least min_commit per row (most confident),
-    #     everything at the last allowed step.
-    if last:
+    # (1) the MASK token is never a prediction (unless opts.suppress_mask is off); (2) prediction and confidence
+    pred, conf = predict(logits, opts, mask_id if opts.suppress_mask else None, gen)
+    # (3) commit: every masked token with conf >= threshold (> with strict_threshold), at least `commits_at(step)`
+    #     per row (the most confident), and under the "min" schedule everything at the last allowed step.
+    if opts.schedule == "min" and step == opts.max_steps - 1:
         commit = masked.clone()
     else:
-        commit = masked & (conf >= opts.threshold) if opts.threshold is not None else torch.zeros_like(masked)
+        if opts.threshold is None:
+            commit = torch.zeros_like(masked)
+        else:
+            commit = masked & ((conf > opts.threshold) if opts.strict_threshold else (conf >= opts.threshold))
         candidates = conf.masked_fill(~masked, -1.0)
-        if opts.min_commit == 1:        # the most confident masked token (argmax: the first of equals, as below)
+        k_step = opts.commits_at(step)
+        if k_step == 1:                 # the most confident masked token (argmax: the first of equals, as below)
             best = candidates.argmax(1, keepdim=True)
             commit.scatter_(1, best, masked.gather(1, best))
-        else:
+        elif k_step > 1:
             ranked = candidates.argsort(dim=1, descending=True, stable=True)
-            k = masked.sum(1).clamp(max=opts.min_commit)                               # (B,)
+            k = masked.sum(1).clamp(max=k_step)                                        # (B,)
             top = torch.arange(masked.shape[1], device=masked.device)[None, :] < k[:, None]   # first k ranked
             commit |= torch.zeros_like(masked).scatter(1, ranked, top)
     new = torch.where(commit, pred, canvas)
@@ -417,7 +452,7 @@ def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
     n_blocks = -(-opts.max_new_tokens // B_sz)
     prompt_block = B_sz if cfg.bard.prompt_attention == "block" else None
     session = Session(backend, batch, n_blocks * B_sz, cfg.bard.prompt_attention, prompt_block, stats,
-                      greedy=opts.temperature == 0)
+                      greedy=opts.temperature == 0 and opts.suppress_mask)     # the fused head suppresses MASK
     dev = session.device
     gen = _generator(opts, dev)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
@@ -443,7 +478,7 @@ def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
             if pending is not None:
                 session.commit(layout, B_sz)
                 pending = None
-            canvas, n_edits = denoise_step(logits, canvas, masked, edits_left, s == opts.max_steps - 1, opts,
+            canvas, n_edits = denoise_step(logits, canvas, masked, edits_left, s, opts,
                                            mask_id, gen)
             stats.edits += n_edits
             steps += 1

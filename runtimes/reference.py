@@ -46,7 +46,7 @@ def reference_generate(model, batch: PromptBatch, opts: DecodeOptions, eos_ids: 
             pos = torch.cat([pos_p, (lay.index[:, -n:] + delta[:, None]).unsqueeze(0).expand(3, -1, -1)], 2)
             ds = None if ds_p is None else torch.cat([ds_p, ds_p.new_zeros(ds_p.shape[0], rows, n, ds_p.shape[-1])], 2)
             logits, _ = model.step(x, pos, attention_bias(lay, lay, pa), None, ds)
-            canvas, _ = denoise_step(logits[:, -B_sz:], canvas, masked, edits_left, s == opts.max_steps - 1, opts,
+            canvas, _ = denoise_step(logits[:, -B_sz:], canvas, masked, edits_left, s, opts,
                                      mask_id, gen)
         committed.append(canvas)
         done |= torch.isin(canvas, eos).any(1)

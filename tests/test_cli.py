@@ -70,3 +70,20 @@ def test_an_ar_model_given_to_generate_names_the_flag(tmp_path, capsys):
     ar = new_checkpoint(tmp_path / "ar", hidden=64, layers=2)
     assert main(["generate", "--model", str(ar), "--prompt", "hi"]) == 2
     assert "--ar" in capsys.readouterr().err
+
+
+def test_generate_with_the_reference_semantics(tmp_path, capsys):
+    """--reference (even schedule, strict threshold, raw confidences): static with 2 steps, every block of 4 takes
+    exactly 2 steps (shares 2, 2); --static alone is accepted; a bad --schedule is a one-line error."""
+    from bard_deploy.embedded import new_checkpoint
+
+    b4 = new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=64, layers=2)
+    assert main(["generate", "--model", str(b4), "--prompt", "Describe the picture.", "--reference", "--static",
+                 "--max-steps", "2", "--max-new-tokens", "8", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "steps_per_block" in out and "[2, 2]" in out
+    assert main(["generate", "--model", str(b4), "--prompt", "x", "--static", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(b4), "--prompt", "x", "--schedule", "odd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "schedule" in err[0]

@@ -3,6 +3,7 @@ NFE accounting; per-row EOS; batch == rows alone; invariants under random option
 loop == the CPU loop."""
 
 import copy
+from dataclasses import replace as replace_opts
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import DecodeOptions, PromptBatch, generate_ar, generate_bard
 from bard_deploy.runtimes.reference import reference_generate
 from bard_deploy.vlm import BardVLM
-from tiny import IMG, MASK_ID, hf_qwen3_vl, image_inputs, image_prompt, qwen3_vl_config
+from tiny import IMG, MASK_ID, VOCAB, hf_qwen3_vl, image_inputs, image_prompt, qwen3_vl_config
 
 TRAINED_B = 4
 SCALE = 120.0  # head scale of the peaked model: confidences spread over (0, 1)
@@ -288,8 +289,8 @@ def test_the_single_most_confident_commit_equals_the_ranking():
         masked[0] = False if trial % 5 == 0 else masked[0]
         canvas = torch.where(masked, MASK_ID, 7)
         top = Top(torch.randint(10, 20, (3, 8), generator=g), conf)
-        o = DecodeOptions(threshold=0.9, min_commit=1)
-        got, _ = denoise_step(top, canvas, masked, torch.zeros(3, dtype=torch.long), False, o, MASK_ID, None)
+        o = DecodeOptions(threshold=0.9, min_commit=1, block_size=8, max_steps=8)
+        got, _ = denoise_step(top, canvas, masked, torch.zeros(3, dtype=torch.long), 0, o, MASK_ID, None)
         commit = masked & (conf >= 0.9)
         ranked = conf.masked_fill(~masked, -1.0).argsort(dim=1, descending=True, stable=True)
         first = torch.arange(8)[None] < masked.sum(1).clamp(max=1)[:, None]
@@ -313,3 +314,86 @@ def test_a_session_with_a_given_past_steps_like_one_over_that_past(model):
     want, _ = model.step(model.language_model.embed_tokens(tokens), lay.index.unsqueeze(0).expand(3, -1, -1),
                          attention_bias(lay, keys), s.cache.past())
     assert torch.allclose(logits, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,S,shares", [(8, 3, [3, 3, 2]), (4, 2, [2, 2]), (16, 5, [4, 3, 3, 3, 3]), (8, 8, [1] * 8)])
+def test_the_even_schedule_commits_the_reference_shares(B, S, shares):
+    """schedule="even" (the official generate): static, step s commits exactly its share of the block (base =
+    B // S, the first B % S steps one more), the most confident first; the block is done after S steps."""
+    from bard_deploy.iospec import Top
+    from bard_deploy.runtimes.decode import denoise_step
+
+    o = DecodeOptions.reference(block_size=B, max_steps=S, threshold=None)
+    assert [o.commits_at(s) for s in range(S)] == shares
+    g = torch.Generator().manual_seed(B * S)
+    canvas = torch.full((1, B), MASK_ID)
+    for s, share in enumerate(shares):
+        masked = canvas == MASK_ID
+        conf = torch.rand(1, B, generator=g)
+        top = Top(torch.arange(100, 100 + B)[None], conf)
+        new, _ = denoise_step(top, canvas, masked, torch.zeros(1, dtype=torch.long), s, o, MASK_ID, None)
+        committed = masked & (new != MASK_ID)
+        assert int(committed.sum()) == share, (s, share)
+        best = conf.masked_fill(~masked, -1).topk(share).indices[0].tolist()
+        assert sorted(committed[0].nonzero().squeeze(1).tolist()) == sorted(best)
+        canvas = new
+    assert MASK_ID not in canvas.tolist()[0]
+
+
+def test_the_even_schedule_with_a_threshold_commits_all_above_it_or_its_share():
+    """With a threshold: every masked token above it, or the step's share by confidence when fewer clear it."""
+    from bard_deploy.iospec import Top
+    from bard_deploy.runtimes.decode import denoise_step
+
+    o = DecodeOptions.reference(block_size=8, max_steps=3, threshold=0.5)       # shares 3, 3, 2
+    ids = torch.arange(100, 108)[None]
+    canvas = torch.full((1, 8), MASK_ID)
+    conf0 = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.55, 0.1, 0.2, 0.3]])          # 5 clear 0.5 > share 3
+    c1, _ = denoise_step(Top(ids, conf0), canvas, canvas == MASK_ID, torch.zeros(1, dtype=torch.long), 0, o,
+                         MASK_ID, None)
+    assert (c1 != MASK_ID).tolist()[0] == [True] * 5 + [False] * 3
+    conf1 = torch.tensor([[0.9, 0.9, 0.9, 0.9, 0.9, 0.51, 0.2, 0.3]])         # 1 clears it < share 3: top 3
+    c2, _ = denoise_step(Top(ids, conf1), c1, c1 == MASK_ID, torch.zeros(1, dtype=torch.long), 1, o, MASK_ID, None)
+    assert MASK_ID not in c2.tolist()[0]
+
+
+def test_strict_threshold_and_raw_confidence():
+    """At a confidence exactly equal to the threshold ours commits and the strict (reference) rule does not (it
+    falls back to its share); with raw confidences a MASK argmax is committed as MASK and re-predicted."""
+    from bard_deploy.iospec import Top
+    from bard_deploy.runtimes.decode import denoise_step
+
+    ids = torch.tensor([[100, 101]])
+    conf = torch.tensor([[0.75, 0.75]])
+    canvas = torch.full((1, 2), MASK_ID)
+    ours = DecodeOptions(block_size=2, max_steps=2, threshold=0.75)
+    strict = DecodeOptions(block_size=2, max_steps=2, threshold=0.75, strict_threshold=True)
+    zero = torch.zeros(1, dtype=torch.long)
+    assert denoise_step(Top(ids, conf), canvas, canvas == MASK_ID, zero, 0, ours, MASK_ID, None)[0].tolist() == \
+        [[100, 101]]
+    assert denoise_step(Top(ids, conf), canvas, canvas == MASK_ID, zero, 0, strict, MASK_ID, None)[0].tolist() == \
+        [[100, MASK_ID]]
+    # position 0: MASK is the raw arg-max (p 0.98), token 5 next; position 1: token 7 (p 0.89). One commit a step.
+    logits = torch.zeros(1, 2, VOCAB)
+    logits[0, 0, MASK_ID], logits[0, 0, 5], logits[0, 1, 7] = 12.0, 8.0, 9.0
+    raw = DecodeOptions.reference(block_size=2, max_steps=2, threshold=None)
+    new, _ = denoise_step(logits, canvas, canvas == MASK_ID, zero, 0, raw, MASK_ID, None)
+    assert new.tolist() == [[MASK_ID, MASK_ID]]          # the step's one commit went to a MASK: re-predicted next
+    ours_raw = replace_opts(raw, suppress_mask=True)
+    new, _ = denoise_step(logits, canvas, canvas == MASK_ID, zero, 0, ours_raw, MASK_ID, None)
+    assert new.tolist() == [[MASK_ID, 7]]                # MASK suppressed: position 0 is token 5 at p 0.75 < 0.89
+
+
+@pytest.mark.parametrize("threshold", [None, 0.6])
+def test_reference_semantics_decode_equals_the_slow_reference_decoder(model, threshold):
+    """The preset through the cached runtime == the full-recompute decoder (same rule), S steps per block when
+    static, and the torch backend reads full logits (the fused head suppresses MASK)."""
+    o = DecodeOptions.reference(block_size=8, max_steps=3, threshold=threshold, max_new_tokens=16,
+                                allow_block_size_mismatch=True)
+    batch = prompts(True, batch=2)
+    got = generate_bard(TorchBackend(model), batch, o, eos_ids=[])
+    assert got.token_ids == reference_generate(model, batch, o, eos_ids=[])
+    if threshold is None:
+        assert got.stats.steps_per_block == [3, 3]
+    with pytest.raises(RuntimeInputError, match="schedule"):
+        generate_bard(TorchBackend(model), batch, replace_opts(o, schedule="odd"), eos_ids=[])
