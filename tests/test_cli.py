@@ -87,3 +87,24 @@ def test_generate_with_the_reference_semantics(tmp_path, capsys):
     assert main(["generate", "--model", str(b4), "--prompt", "x", "--schedule", "odd"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "schedule" in err[0]
+
+
+def test_a_recipe_file_is_not_overridden_by_option_defaults(tmp_path, monkeypatch):
+    """train --recipe: the file's values stand unless an option is given on the command line (typer's own
+    ParameterSource used to make every option count as given, so the defaults overrode the file)."""
+    import bard_deploy.cli as cli
+
+    seen = []
+
+    def fake_run(r, **kw):
+        seen.append(r)
+        return {"train_seconds": 0}
+
+    monkeypatch.setattr(cli, "run_train", fake_run)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('seed = 7\nt_min = 0.3\n[[stages]]\nname = "b4"\nblock_size = 4\nsteps = 2\n')
+    out = str(tmp_path / "runs")
+    assert main(["train", "--recipe", str(recipe), "--out", out, "--no-progress"]) == 0
+    assert seen[-1].seed == 7 and seen[-1].t_min == 0.3
+    assert main(["train", "--recipe", str(recipe), "--out", out, "--seed", "3", "--no-progress"]) == 0
+    assert seen[-1].seed == 3 and seen[-1].t_min == 0.3
