@@ -201,7 +201,12 @@ D = DecodeOptions
 def generate(
     ctx: typer.Context,
     model: Path = typer.Option(..., "--model", help="A checkpoint or export directory."),
-    prompt: str = typer.Option(..., "--prompt", help="The user's question."),
+    prompt: str | None = typer.Option(None, "--prompt", help="The user's question (or --prompt-ids).",
+                                      show_default=False),
+    prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="Comma-separated prompt token ids, decoded "
+                                          "as they are (no chat template, no tokenizer needed).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line: token ids, text (with a tokenizer) "
+                                 "and statistics."),
     image: list[Path] = typer.Option([], "--image", help="An image file (repeatable).", show_default=False,
                                      metavar="PATH"),
     block_size: int | None = typer.Option(D.block_size, help="Tokens per block.",
@@ -254,6 +259,23 @@ def generate(
     pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads,
                          min_pixels=min_pixels, max_pixels=max_pixels)
     images = [str(p) for p in image]
+    if (prompt is None) == (prompt_ids is None):
+        raise RuntimeInputError("give exactly one of --prompt and --prompt-ids", None)
+    if prompt_ids is not None:
+        try:
+            ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
+        except ValueError as e:
+            raise RuntimeInputError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}",
+                                    prompt_ids) from e
+        g = pipe.generate_ids(ids, images=images, ar=ar, **options)
+        out = {"token_ids": g.token_ids[0], "stats": g.stats.as_dict()}
+        if pipe.tokenizer is not None:
+            out["text"] = pipe.decode_text(g.token_ids[0])
+        if as_json:
+            print(json.dumps(out))
+        else:
+            console.print(out, highlight=False)
+        return
     st = Stats()
     if stream:
         for piece in pipe.stream(prompt, images=images, ar=ar, stats=st, **options):
@@ -261,8 +283,11 @@ def generate(
         console.print()
     else:
         result = pipe.generate(prompt, images=images, ar=ar, **options)
-        console.print(result.text, highlight=False, soft_wrap=True)
         st = result.stats
+        if as_json:
+            print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": st.as_dict()}))
+            return
+        console.print(result.text, highlight=False, soft_wrap=True)
     if stats:
         console.print(mapping_table("decoding statistics", st.as_dict()))
 

@@ -207,8 +207,14 @@ class PromptEncoder:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.with_images(ids, images, compress_images, "the chat template")
+
+    def with_images(self, ids: list[int], images: list[Image.Image], compress_images: bool = False,
+                    source: str = "the prompt ids") -> EncodedPrompt:
+        """Token ids with one image pad per image, each expanded to its token count (ids whose pads are already
+        expanded, as a processor leaves them, are taken as they are), and the images' patches."""
         if not images:
-            return EncodedPrompt(ids, None, None)
+            return EncodedPrompt(list(ids), None, None)
         if self.processor is None or self.image_token_id is None:
             raise DataError("an image was given but this model has no vision tower / image processor", "image")
         # training sets keep compressed images: their grids come from the sizes, the pixels come at collate
@@ -221,15 +227,17 @@ class PromptEncoder:
         grid = out["image_grid_thw"] if grid is None else grid
         counts = image_token_count(grid, self.merge)
         pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(pads) != len(counts):
-            raise DataError(f"the chat template produced {len(pads)} image pads for {len(counts)} images",
-                            len(pads))
-        expanded: list[int] = []
-        prev = 0
-        for pos, n in zip(pads, counts, strict=True):
-            expanded += ids[prev:pos] + [self.image_token_id] * n
-            prev = pos + 1
-        expanded += ids[prev:]
+        if len(pads) == sum(counts) and len(pads) != len(counts):
+            expanded = list(ids)                                 # already expanded
+        elif len(pads) != len(counts):
+            raise DataError(f"{source} has {len(pads)} image pads for {len(counts)} images (one pad per image, or "
+                            f"{sum(counts)} pads expanded)", len(pads))
+        else:
+            expanded, prev = [], 0
+            for pos, n in zip(pads, counts, strict=True):
+                expanded += ids[prev:pos] + [self.image_token_id] * n
+                prev = pos + 1
+            expanded += ids[prev:]
         if compress_images:
             return EncodedPrompt(expanded, None, grid, CompressedImages(self.processor, images, grid))
         return EncodedPrompt(expanded, out["pixel_values"], grid)

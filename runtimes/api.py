@@ -29,10 +29,11 @@ from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import CheckpointError, RuntimeInputError
 from bard_deploy.manifest import Manifest, is_export
 from bard_deploy.onnx_files import graph_bytes
-from bard_deploy.prompting import PromptEncoder
+from bard_deploy.prompting import PromptEncoder, load_image
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import (
     DecodeOptions,
+    Generation,
     PromptBatch,
     Stats,
     ar_tokens,
@@ -71,7 +72,7 @@ def eos_ids_of(directory: Path, tokenizer) -> list[int]:
     if gen.is_file():
         value = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
         ids.update(value if isinstance(value, list) else [] if value is None else [value])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     if not ids:
         raise CheckpointError(f"{directory}: no EOS token id in generation_config.json or the tokenizer",
@@ -153,13 +154,13 @@ class Pipeline:
         from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
         directory = Path(directory)
-        if not (directory / "tokenizer_config.json").is_file() and not (directory / "tokenizer.json").is_file():
-            raise CheckpointError(f"{directory}: no tokenizer files", str(directory))
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-        vocab = backend.config.text.vocab_size
-        if len(tokenizer) > vocab:
-            raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}",
-                                  len(tokenizer))
+        tokenizer = None          # without tokenizer files: token ids in and out only (generate_ids)
+        if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+            vocab = backend.config.text.vocab_size
+            if len(tokenizer) > vocab:
+                raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}",
+                                      len(tokenizer))
         processor = None
         if backend.config.has_vision and (directory / "preprocessor_config.json").is_file():
             processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
@@ -187,13 +188,47 @@ class Pipeline:
         content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": prompt}]
         return [{"role": "user", "content": content}]
 
+    def _text(self) -> None:
+        """A RuntimeInputError unless this pipeline has a tokenizer (text in or out needs one)."""
+        if self.tokenizer is None:
+            raise RuntimeInputError("this model directory has no tokenizer files: decode token ids with "
+                                    "generate_ids (generate --prompt-ids on the command line)", "tokenizer")
+
     def _batch(self, conversations: list[list[dict]]) -> PromptBatch:
+        self._text()
         with self._lock:
             encoded = [self.encoder.encode(m) for m in conversations]
+        return self._rows(encoded)
+
+    def _id_batch(self, prompts: Sequence[Sequence[int]], images: Sequence[object]) -> PromptBatch:
+        """Token-id prompts as a batch: each row's image pads (one per image, or already expanded) take the
+        images in order, row after row."""
+        if not prompts or any(isinstance(p, (int, str)) or len(p) == 0 for p in prompts):
+            raise RuntimeInputError("prompt ids must be non-empty lists of token ids", None)
+        vocab = self.config.text.vocab_size
+        bad = [t for p in prompts for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RuntimeInputError(f"token id {bad[0]!r} is not in the model's vocabulary (0 .. {vocab - 1})", bad[0])
+        loaded = [load_image(i) for i in images]
+        encoded, used = [], 0
+        img = self.config.image_token_id
+        for p in prompts:
+            ids = list(p)
+            # one image per run of image pads (a single pad, or a run already expanded to its token count)
+            take = sum(1 for i, t in enumerate(ids) if t == img and (i == 0 or ids[i - 1] != img))
+            encoded.append(self.encoder.with_images(ids, loaded[used:used + take]))
+            used += take
+        if used != len(loaded):
+            raise RuntimeInputError(f"{len(loaded)} images given but the prompt ids hold image pads for {used}",
+                                    len(loaded))
+        return self._rows(encoded)
+
+    def _rows(self, encoded: list) -> PromptBatch:
         pv = [e.pixel_values for e in encoded if e.pixel_values is not None]
         grids = [e.image_grid_thw for e in encoded if e.image_grid_thw is not None]
+        pad = (self.tokenizer.pad_token_id if self.tokenizer is not None else None) or 0
         return PromptBatch.from_rows([e.input_ids for e in encoded], torch.cat(pv) if pv else None,
-                                     torch.cat(grids) if grids else None, pad_id=self.tokenizer.pad_token_id or 0)
+                                     torch.cat(grids) if grids else None, pad_id=pad)
 
     def _ar(self, ar: bool) -> bool:
         if ar and self.config.bard is not None:
@@ -206,6 +241,7 @@ class Pipeline:
 
     def decode_text(self, ids: list[int]) -> str:
         """Token ids -> text, special tokens skipped (thread-safe)."""
+        self._text()
         with self._lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -220,6 +256,33 @@ class Pipeline:
         apply_host_threads(self.threads)
         g = generate(self.backend, self._batch(conversations), opts, self.eos_ids, ar=self._ar(ar))
         return [Result(self.decode_text(ids), ids, g.stats) for ids in g.token_ids]
+
+    def generate_ids(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *, images: Sequence[object] = (),
+                     ar: bool = False, **options) -> Generation:
+        """Decode token ids (one prompt, or a batch of them) without a tokenizer or chat template: the answers'
+        token ids per row (up to and including EOS) and the call's statistics. Image pads in the ids take
+        `images` in order: one pad per image (expanded here by the processor's grid) or already expanded."""
+        rows = [prompt_ids] if prompt_ids and isinstance(prompt_ids[0], int) else list(prompt_ids)
+        opts = DecodeOptions(**options)
+        apply_host_threads(self.threads)
+        return generate(self.backend, self._id_batch(rows, images), opts, self.eos_ids, ar=self._ar(ar))
+
+    def stream_ids(self, prompt_ids: Sequence[int], *, images: Sequence[object] = (), ar: bool = False,
+                   stats: Stats | None = None, **options) -> Iterator[list[int]]:
+        """Yield the answer's token ids as they are decoded (a block, or an AR token, at a time; cut after EOS)."""
+        opts = DecodeOptions(**options)
+        batch = self._id_batch([prompt_ids], images)
+        stats = stats if stats is not None else Stats()
+        apply_host_threads(self.threads)
+        raw: list[int] = []
+        shown = 0
+        for chunk in (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats):
+            raw += chunk[0].tolist()
+            kept = truncate_at_eos([raw], set(self.eos_ids), opts.max_new_tokens)[0]
+            if len(kept) > shown:
+                yield kept[shown:]
+                shown = len(kept)
+        stats.tokens = [shown]
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                images: Sequence[object] = (), ar: bool = False, stats: Stats | None = None,

@@ -135,3 +135,47 @@ def test_bf16_weights_decode_on_the_torch_backend(bard_dir, capsys):
     assert main(["generate", "--model", str(bard_dir), "--prompt", "hi", "--dtype", "int3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "int3" in err and err.count("\n") == 1
+
+
+def test_token_ids_in_and_out(bard_dir, pipe, tmp_path, capsys):
+    """generate_ids == generate through the tokenizer (the template's ids with the image pads expanded, or one pad
+    per image); stream_ids adds up to it; a directory without tokenizer files decodes ids (and refuses text with a
+    one-line error naming generate_ids); the CLI's --prompt-ids --json; bad ids are typed errors."""
+    import json
+    import shutil
+
+    s = make_sample(4)
+    want = pipe.generate(s.question, images=[s.image()], max_new_tokens=12)
+    enc = pipe.encoder.encode(pipe._messages(s.question, None, [s.image()]))
+    got = pipe.generate_ids(enc.input_ids, images=[s.image()], max_new_tokens=12)
+    assert got.token_ids == [want.token_ids] and got.stats.image_tokens == want.stats.image_tokens
+    img = pipe.config.image_token_id
+    collapsed = [t for i, t in enumerate(enc.input_ids) if t != img or enc.input_ids[i - 1] != img]
+    assert pipe.generate_ids(collapsed, images=[s.image()], max_new_tokens=12).token_ids == [want.token_ids]
+    assert sum(pipe.stream_ids(collapsed, images=[s.image()], max_new_tokens=12), []) == want.token_ids
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(bard_dir, bare)
+    for f in bare.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
+            f.unlink()
+    ids_only = Pipeline.load(bare)
+    assert ids_only.tokenizer is None
+    assert ids_only.generate_ids(collapsed, images=[s.image()], max_new_tokens=12).token_ids == [want.token_ids]
+    with pytest.raises(RuntimeInputError, match="no tokenizer files.*generate_ids"):
+        ids_only.generate(s.question, max_new_tokens=4)
+    for bad in ([], [10**9], [[1, 2], []]):
+        with pytest.raises(RuntimeInputError):
+            pipe.generate_ids(bad, max_new_tokens=4)
+    with pytest.raises(RuntimeInputError, match="2 images given"):
+        pipe.generate_ids(collapsed, images=[s.image(), s.image()], max_new_tokens=4)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(bare), "--prompt-ids", ",".join(map(str, collapsed)), "--image",
+                 str(_saved(s.image(), tmp_path)), "--max-new-tokens", "12", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["token_ids"] == want.token_ids and "text" not in line and line["stats"]["nfe"] >= 1
+
+
+def _saved(image, directory):
+    path = directory / "image.png"
+    image.save(path)
+    return path
