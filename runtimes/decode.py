@@ -168,6 +168,8 @@ class Stats:
     tokens: list[int] = field(default_factory=list)          # per row
     edits: int = 0
     image_tokens: int = 0                                    # the prompts' image tokens (all rows)
+    # the official generate's count (BARD): every non-MASK token of the decoded blocks, post-EOS ones included
+    reference_tokens: list[int] = field(default_factory=list)   # per row
 
     @property
     def total_tokens(self) -> int:
@@ -180,14 +182,27 @@ class Stats:
         its prefill yields the first token)."""
         return self.total_tokens / len(self.tokens) / self.nfe if self.nfe and self.tokens else 0.0
 
+    def reference_dict(self) -> dict | None:
+        """The statistics in the official Bard-VL `generate`'s vocabulary (its `_build_generation_stats`): the
+        denoising passes (no prefill; its clean passes are not counted, ours do not exist: a finished block's
+        K/V come out of the next block's first step), the response tokens as it counts them (non-MASK, after
+        EOS too) and its tokens per forward (those tokens per row over the denoising passes). None for AR."""
+        if not self.steps_per_block or not self.reference_tokens:
+            return None
+        steps = sum(self.steps_per_block)
+        tokens = sum(self.reference_tokens)
+        return {"denoising_steps": steps, "steps_per_block": self.steps_per_block, "response_tokens": tokens,
+                "tokens_per_forward": round(tokens / len(self.reference_tokens) / steps, 4) if steps else 0.0}
+
     def as_dict(self) -> dict:
-        """The statistics as a JSON-able dict (step times left out)."""
+        """The statistics as a JSON-able dict (step times left out); "reference": the same call counted as the
+        official generate counts (`reference_dict`)."""
         return {"nfe": self.nfe, "tokens": self.tokens, "tokens_per_forward": round(self.tokens_per_forward, 4),
                 "steps_per_block": self.steps_per_block, "mean_steps_per_block":
                     round(sum(self.steps_per_block) / len(self.steps_per_block), 3) if self.steps_per_block else 0.0,
                 "edits": self.edits, "image_tokens": self.image_tokens, "prefill_s": round(self.prefill_s, 6),
                 "vision_s": round(self.vision_s, 6),
-                "decode_s": round(self.decode_s, 6)}
+                "decode_s": round(self.decode_s, 6), "reference": self.reference_dict()}
 
 
 @dataclass
@@ -531,6 +546,9 @@ def generate(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence
     rows = torch.cat(chunks, 1).tolist() if chunks else [[] for _ in range(batch.input_ids.shape[0])]
     out = truncate_at_eos(rows, set(eos_ids), opts.max_new_tokens)
     stats.tokens = [len(r) for r in out]
+    if not ar:
+        mask_id = backend.config.bard.mask_token_id
+        stats.reference_tokens = [sum(1 for t in r if t != mask_id) for r in rows]
     return Generation(out, stats)
 
 

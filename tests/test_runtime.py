@@ -397,3 +397,19 @@ def test_reference_semantics_decode_equals_the_slow_reference_decoder(model, thr
         assert got.stats.steps_per_block == [3, 3]
     with pytest.raises(RuntimeInputError, match="schedule"):
         generate_bard(TorchBackend(model), batch, replace_opts(o, schedule="odd"), eos_ids=[])
+
+
+def test_statistics_in_the_reference_vocabulary(model):
+    """Ours count tokens up to EOS and every forward (prefill included); the reference's count every non-MASK
+    token of the decoded blocks (after EOS too) over the denoising passes only."""
+    o = opts(threshold=0.6, max_new_tokens=16)
+    free = generate_bard(TorchBackend(model), prompts(False), o, eos_ids=[])
+    eos = [free.token_ids[0][5]]                                    # EOS in the 2nd block of 4
+    g = generate_bard(TorchBackend(model), prompts(False), o, eos_ids=eos)
+    ref = g.stats.as_dict()["reference"]
+    blocks = len(g.stats.steps_per_block)
+    assert g.stats.tokens[0] <= 6 < ref["response_tokens"] == blocks * TRAINED_B
+    assert ref["denoising_steps"] == sum(g.stats.steps_per_block) == g.stats.nfe - 1
+    assert ref["tokens_per_forward"] == pytest.approx(blocks * TRAINED_B / ref["denoising_steps"], abs=1e-4)
+    assert generate_ar(TorchBackend(model), prompts(False), DecodeOptions(max_new_tokens=4), eos_ids=[]
+                       ).stats.as_dict()["reference"] is None
