@@ -23,8 +23,9 @@ from bard_deploy.bench_step import StepOptions, step_bench
 from bard_deploy.calibration.gate import QuantOptions
 from bard_deploy.calibration.prompts import ExportPrompts
 from bard_deploy.converters.export import export as export_model
+from bard_deploy.converters.importer import import_checkpoint
 from bard_deploy.errors import BardError, ConfigError, RuntimeInputError
-from bard_deploy.inspect import export_tables, inspect_tables
+from bard_deploy.inspect import checkpoint_summary, export_tables, inspect_tables
 from bard_deploy.runtimes.api import BACKENDS, Pipeline
 from bard_deploy.runtimes.decode import DecodeOptions, Stats
 from bard_deploy.standins import SIZES, write_standin
@@ -58,7 +59,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ):
-    """bard-deploy: train, export, generate, bench, bench-step, inspect, standin."""
+    """bard-deploy: train, export, generate, bench, bench-step, inspect, standin, import."""
 
 
 def _given(ctx: typer.Context, names) -> dict:
@@ -371,6 +372,31 @@ def bench_step(
     if "replay" in res:
         console.print(replay_table(res))
     print(json.dumps(res))
+
+
+@app.command("import")
+def import_command(
+    src: Path = typer.Argument(..., help="A BARD checkpoint: an official Bard-VL directory or one of ours."),
+    out: Path = typer.Argument(..., help="The checkpoint directory to write."),
+    block_size: int | None = typer.Option(None, help="Trained block size (required for an official Bard-VL).",
+                                          show_default="the checkpoint's"),
+    mask_token_id: int | None = typer.Option(None, help="The MASK token id.",
+                                             show_default="151671 for Bard-VL, else the checkpoint's"),
+    eos_token_id: list[int] = typer.Option([], "--eos-token-id", help="An EOS token id (repeatable), written "
+                                           "into generation_config.json.", show_default=False),
+    tokenizer: Path | None = typer.Option(None, help="A directory to take tokenizer / processor files from when "
+                                          "the source has none."),
+    prompt_attention: str | None = typer.Option(None, help="block or causal.",
+                                                show_default="block for Bard-VL, else the checkpoint's"),
+    copy: bool = typer.Option(False, "--copy", help="Copy the weights instead of linking them."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+):
+    """Make a BARD checkpoint a complete checkpoint of ours (block size, mask, EOS, tokenizer written once)."""
+    config = import_checkpoint(src, out, block_size, mask_token_id, eos_token_id or None, tokenizer,
+                               prompt_attention, copy, force)
+    console.print(mapping_table(f"imported {out}", checkpoint_summary(out)))
+    console.print(f"block size {config.bard.block_size}, mask id {config.bard.mask_token_id}, prompt attention "
+                  f"{config.bard.prompt_attention}")
 
 
 @app.command()

@@ -220,15 +220,18 @@ class ModelConfig:
 
     # ---- reading -----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Any, block_size: int | None = None) -> ModelConfig:
-        """Parse an HF config dict. `block_size` fills the bard section of an imported Bard-VL config."""
+    def from_dict(cls, d: Any, block_size: int | None = None, mask_token_id: int | None = None,
+                  prompt_attention: str | None = None) -> ModelConfig:
+        """Parse an HF config dict. `block_size`, `mask_token_id` (default BARD_VL_MASK_TOKEN_ID) and
+        `prompt_attention` (default "block") fill the bard section of an imported Bard-VL config."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json must be a JSON object, got {type(d).__name__}", d)
         model_type = d.get("model_type")
         if model_type == "qwen3":
             return cls._from_qwen3(d)
         if model_type in ("qwen3_vl", "bard_vl"):
-            return cls._from_qwen3_vl(d, imported_bard_vl=model_type == "bard_vl", block_size=block_size)
+            return cls._from_qwen3_vl(d, imported_bard_vl=model_type == "bard_vl", block_size=block_size,
+                                      mask_token_id=mask_token_id, prompt_attention=prompt_attention)
         raise ConfigError(
             f"config.json: model_type {model_type!r} is not supported (expected 'qwen3_vl', 'bard_vl' or 'qwen3')",
             model_type)
@@ -242,7 +245,8 @@ class ModelConfig:
         return cls(arch="qwen3", text=text, bard=bard, extra={k: v for k, v in d.items() if k not in known})
 
     @classmethod
-    def _from_qwen3_vl(cls, d: dict, imported_bard_vl: bool, block_size: int | None) -> ModelConfig:
+    def _from_qwen3_vl(cls, d: dict, imported_bard_vl: bool, block_size: int | None,
+                       mask_token_id: int | None = None, prompt_attention: str | None = None) -> ModelConfig:
         tc = _field(d, "text_config", dict, "config.json")
         vc = _field(d, "vision_config", dict, "config.json")
         # Official Qwen3-VL configs put tie_word_embeddings at the top; some put it in text_config.
@@ -262,8 +266,9 @@ class ModelConfig:
         if imported_bard_vl:
             if d.get("bard") is not None:
                 raise ConfigError("config.json: a 'bard_vl' config already has a 'bard' section", d["bard"])
-            bard_d = {"mask_token_id": BARD_VL_MASK_TOKEN_ID, "prompt_attention": "block",
-                      "block_size": block_size, "source_model": d.get("_name_or_path")}
+            bard_d = {"mask_token_id": BARD_VL_MASK_TOKEN_ID if mask_token_id is None else mask_token_id,
+                      "prompt_attention": prompt_attention or "block", "block_size": block_size,
+                      "source_model": d.get("_name_or_path")}
             bard = BardSection.from_dict({k: v for k, v in bard_d.items() if v is not None}, text.vocab_size)
         else:
             bard = BardSection.from_dict(d["bard"], text.vocab_size) if d.get("bard") is not None else None

@@ -218,3 +218,51 @@ def test_updating_a_loaded_model_in_place_never_writes_its_file(vl_dir, tmp_path
         for p in m.parameters():
             p.add_(1.0)
     assert hashlib.sha256(f.read_bytes()).hexdigest() == before
+
+
+def test_import_of_an_official_bard_vl_directory(tmp_path, capsys):
+    """`import` writes a complete checkpoint of ours (block size, mask, prompt attention, EOS written once,
+    weights linked, tokenizer from the source or --tokenizer); every override is checked before anything is
+    written, with a one-line error."""
+    import json
+    import shutil
+
+    from bard_deploy.cli import main
+    from bard_deploy.converters.importer import import_checkpoint
+    from bard_deploy.errors import CheckpointError, ConfigError
+    from bard_deploy.runtimes.api import Pipeline
+    from bard_deploy.standins import write_standin
+
+    src = write_standin(tmp_path / "bard-vl", "tiny", bard_vl=True)
+    with pytest.raises(ConfigError, match="--block-size"):
+        import_checkpoint(src, tmp_path / "a")
+    with pytest.raises(ConfigError, match="mask_token_id 10000000 is outside the vocabulary"):
+        import_checkpoint(src, tmp_path / "a", block_size=4, mask_token_id=10**7)
+    with pytest.raises(ConfigError, match="--eos-token-id -1"):
+        import_checkpoint(src, tmp_path / "a", block_size=4, eos_token_ids=[-1])
+    assert not (tmp_path / "a").exists()
+    assert main(["import", str(src), str(tmp_path / "a"), "--block-size", "4", "--eos-token-id", "151645",
+                 "--prompt-attention", "causal"]) == 0
+    out = tmp_path / "a"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_vl" and cfg["bard"]["block_size"] == 4
+    assert cfg["bard"]["mask_token_id"] == 151671 and cfg["bard"]["prompt_attention"] == "causal"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [151645]
+    assert any(f.is_symlink() for f in out.iterdir())
+    pipe = Pipeline.load(out)                                # no --block-size needed any more
+    assert pipe.config.bard.block_size == 4 and pipe.eos_ids == [151645]
+    assert len(pipe.generate("Describe the picture.", max_new_tokens=4).token_ids) == 4
+    bare = tmp_path / "bare"                                 # an official directory without tokenizer files
+    shutil.copytree(src, bare)
+    for f in bare.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            f.unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer files: pass --tokenizer"):
+        import_checkpoint(bare, tmp_path / "b", block_size=4)
+    import_checkpoint(bare, tmp_path / "b", block_size=4, tokenizer=src, copy=True)
+    assert (tmp_path / "b" / "tokenizer_config.json").is_file() or (tmp_path / "b" / "tokenizer.json").is_file()
+    assert not any(f.is_symlink() for f in (tmp_path / "b").iterdir())
+    assert Pipeline.load(tmp_path / "b").config.bard.prompt_attention == "block"
+    capsys.readouterr()
+    assert main(["import", str(src), str(tmp_path / "a"), "--block-size", "4"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
