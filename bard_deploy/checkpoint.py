@@ -123,20 +123,22 @@ def tensor_shapes(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
-               block_size: int | None = None) -> BardVLM:
+               block_size: int | None = None, mask_token_id: int | None = None,
+               prompt_attention: str | None = None) -> BardVLM:
     """Load a checkpoint directory (qwen3_vl, bard_vl or qwen3 layout) into a BardVLM in eval mode, its
     parameters in `dtype` (buffers stay fp32).
 
     Lean at any size: the model is built on the meta device and each tensor is read from its (memory-mapped)
     file, converted and assigned one at a time, so the peak is about the weights once in `dtype` plus one tensor.
     Every key of the file must map to one of our parameters and every parameter must be present with the same
-    shape; otherwise the error names the key. `block_size` fills an imported Bard-VL config's bard section.
+    shape; otherwise the error names the key. `block_size`, `mask_token_id`, `prompt_attention`: one-off
+    overrides of the bard section (`config.load_config`).
     """
     directory = Path(directory)
     recover_dir(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist", str(directory))
-    config = load_config(directory, block_size=block_size)
+    config = load_config(directory, block_size, mask_token_id, prompt_attention)
     model = BardVLM.on_meta(config)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     arch = config.arch

@@ -248,6 +248,12 @@ def generate(
                                         help="Let MASK be predicted (the official generate re-predicts it)."),
     reference: bool = typer.Option(False, "--reference", help="The official Bard-VL generate's semantics: "
                                    "--schedule even --strict-threshold --raw-confidence."),
+    mask_token_id: int | None = typer.Option(None, help="Override the checkpoint's MASK token id (torch).",
+                                             show_default="the checkpoint's"),
+    prompt_attention: str | None = typer.Option(None, help="Override the prompt attention: block or causal "
+                                                "(torch).", show_default="the checkpoint's"),
+    eos_token_id: list[int] = typer.Option([], "--eos-token-id", help="Stop at this token id (repeatable).",
+                                           show_default="generation_config.json and the tokenizer"),
 ):
     """Decode with the block-diffusion runtime (or, with --ar, the AR baseline)."""
     if static and "threshold" in _given(ctx, ["threshold"]):
@@ -258,7 +264,8 @@ def generate(
                    allow_block_size_mismatch=allow_block_size_mismatch, schedule="even" if reference else schedule,
                    strict_threshold=strict_threshold or reference, suppress_mask=not (raw_confidence or reference))
     pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads,
-                         min_pixels=min_pixels, max_pixels=max_pixels)
+                         min_pixels=min_pixels, max_pixels=max_pixels, mask_token_id=mask_token_id,
+                         prompt_attention=prompt_attention, eos_token_ids=eos_token_id or None)
     images = [str(p) for p in image]
     if (prompt is None) == (prompt_ids is None):
         raise RuntimeInputError("give exactly one of --prompt and --prompt-ids", None)

@@ -338,8 +338,11 @@ def resolve_source(model_dir: str | Path, source_model: str) -> tuple[Path | Non
     return next((c for c in candidates if (c / "config.json").is_file()), None), candidates
 
 
-def load_config(directory: str | Path, block_size: int | None = None) -> ModelConfig:
-    """Read `directory/config.json` into a ModelConfig (a typed error names what is wrong)."""
+def load_config(directory: str | Path, block_size: int | None = None, mask_token_id: int | None = None,
+                prompt_attention: str | None = None) -> ModelConfig:
+    """Read `directory/config.json` into a ModelConfig (a typed error names what is wrong). The overrides
+    (None: the checkpoint's) fill an imported Bard-VL config's bard section, or replace those fields of ours, for
+    one-off use (`bard-deploy import` writes them once)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json in {directory}", str(path))
@@ -347,4 +350,12 @@ def load_config(directory: str | Path, block_size: int | None = None) -> ModelCo
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}", str(path)) from e
-    return ModelConfig.from_dict(raw, block_size=block_size)
+    config = ModelConfig.from_dict(raw, block_size, mask_token_id, prompt_attention)
+    changes = {k: v for k, v in (("block_size", block_size), ("mask_token_id", mask_token_id),
+                                 ("prompt_attention", prompt_attention)) if v is not None}
+    if changes and isinstance(raw, dict) and raw.get("model_type") != "bard_vl":
+        if config.bard is None:
+            raise ConfigError(f"{directory} is an autoregressive checkpoint (no bard section): "
+                              f"{', '.join(changes)} apply to BARD checkpoints", sorted(changes)[0])
+        config = config.with_bard(**changes)
+    return config

@@ -94,7 +94,8 @@ class Pipeline:
     @classmethod
     def load(cls, directory: str | Path, backend: str = "auto", variant: str | None = None,
              device: str = "cpu", dtype: str = "fp32", threads: int | None = None, min_pixels: int | None = None,
-             max_pixels: int | None = None) -> Pipeline:
+             max_pixels: int | None = None, mask_token_id: int | None = None, prompt_attention: str | None = None,
+             eos_token_ids: Sequence[int] | None = None) -> Pipeline:
         """Load a checkpoint directory (torch backend) or an export directory (onnxruntime / tensorrt) once.
 
         backend "auto": torch for a checkpoint, onnxruntime for an export directory (one with manifest.json).
@@ -108,6 +109,9 @@ class Pipeline:
           (bard_deploy/threads.py).
         min_pixels / max_pixels: the image processor's pixel budget for this pipeline (default: the directory's
           preprocessor_config.json); images are resized into it, never refused for their size.
+        mask_token_id / prompt_attention: one-off overrides of a checkpoint's bard section (torch backend; an
+          export holds them in its graphs); eos_token_ids: the EOS ids to stop at (default: generation_config.json
+          and the tokenizer). `bard-deploy import` writes them into a checkpoint once.
         """
         if backend not in BACKENDS:
             raise RuntimeInputError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}",
@@ -127,13 +131,17 @@ class Pipeline:
             if exported:
                 raise RuntimeInputError(f"{directory} is an export directory: use backend onnxruntime or tensorrt",
                                         backend)
-            model = load_model(directory, dtype=torch_dtype)
+            model = load_model(directory, dtype=torch_dtype, mask_token_id=mask_token_id,
+                               prompt_attention=prompt_attention)
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             impl = TorchBackend(model, device=device)
             policy = Threads.policy(backend, threads, weights)
         elif not exported:
             raise RuntimeInputError(f"backend {backend} needs an export directory (bard-deploy export); "
                                     f"{directory} has no manifest.json", backend)
+        elif mask_token_id is not None or prompt_attention is not None:
+            raise RuntimeInputError("an export holds its mask id and prompt attention in its graphs: export a "
+                                    "checkpoint that has them (bard-deploy import writes them)", "mask_token_id")
         elif backend == "tensorrt":
             impl = TrtBackend.open(directory, variant=variant)
             policy = Threads.policy(backend, threads)
@@ -142,6 +150,13 @@ class Pipeline:
             policy = Threads.policy(backend, threads, graph_bytes(directory / m.decoder_graph(variant)[1]))
             impl = OrtBackend(directory, variant=variant, device=device, threads=policy.backend, manifest=m)
         pipe = cls.from_backend(impl, directory, policy)
+        if eos_token_ids is not None:
+            vocab = pipe.config.text.vocab_size
+            bad = [e for e in eos_token_ids if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab]
+            if bad or not eos_token_ids:
+                raise RuntimeInputError(f"eos_token_ids must be token ids in [0, {vocab}), got {list(eos_token_ids)}",
+                                        bad[0] if bad else None)
+            pipe.eos_ids = sorted(set(eos_token_ids))
         if min_pixels is not None or max_pixels is not None:
             pipe.encoder.set_pixel_budget(min_pixels, max_pixels)
         return pipe

@@ -266,3 +266,34 @@ def test_import_of_an_official_bard_vl_directory(tmp_path, capsys):
     capsys.readouterr()
     assert main(["import", str(src), str(tmp_path / "a"), "--block-size", "4"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_one_off_overrides_at_load(tmp_path, capsys):
+    """The bard section's mask id and prompt attention and the EOS ids can be overridden at load (API and CLI),
+    checked with one-line errors; an export refuses the graph-held ones; an AR checkpoint refuses them all."""
+    from bard_deploy.cli import main
+    from bard_deploy.embedded import new_checkpoint
+    from bard_deploy.errors import ConfigError, RuntimeInputError
+    from bard_deploy.runtimes.api import Pipeline
+    from bard_deploy.standins import write_standin
+
+    src = write_standin(tmp_path / "bard-vl", "tiny", bard_vl=True)
+    pipe = Pipeline.load(src, mask_token_id=151670, prompt_attention="causal", eos_token_ids=[151645, 5])
+    assert pipe.config.bard.mask_token_id == 151670 and pipe.config.bard.prompt_attention == "causal"
+    assert pipe.eos_ids == [5, 151645]
+    with pytest.raises(ConfigError, match="mask_token_id 10000000 is outside the vocabulary"):
+        Pipeline.load(src, mask_token_id=10**7)
+    with pytest.raises(RuntimeInputError, match="eos_token_ids must be token ids"):
+        Pipeline.load(src, eos_token_ids=[-3])
+    ours = new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=64, layers=2)
+    assert Pipeline.load(ours, prompt_attention="block").config.bard.prompt_attention == "block"
+    ar = new_checkpoint(tmp_path / "src", hidden=64, layers=2)
+    with pytest.raises(ConfigError, match="autoregressive checkpoint"):
+        Pipeline.load(ar, mask_token_id=3)
+    from bard_deploy.converters.export import export
+    export(ours, tmp_path / "ex", log=lambda *a: None)
+    with pytest.raises(RuntimeInputError, match="holds its mask id"):
+        Pipeline.load(tmp_path / "ex", mask_token_id=3)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(ours), "--prompt", "Describe the picture.", "--eos-token-id", "0",
+                 "--max-new-tokens", "8", "--json"]) == 0
