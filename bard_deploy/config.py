@@ -269,6 +269,10 @@ class ModelConfig:
             bard_d = {"mask_token_id": BARD_VL_MASK_TOKEN_ID if mask_token_id is None else mask_token_id,
                       "prompt_attention": prompt_attention or "block", "block_size": block_size,
                       "source_model": d.get("_name_or_path")}
+            if mask_token_id is None and not 0 <= BARD_VL_MASK_TOKEN_ID < text.vocab_size:
+                raise ConfigError(f"config.json: this Bard-VL vocabulary ({text.vocab_size}) does not hold the "
+                                  f"reference's mask id {BARD_VL_MASK_TOKEN_ID}: pass its mask id (--mask-token-id, "
+                                  "mask_token_id=; bard-deploy import writes it once)", BARD_VL_MASK_TOKEN_ID)
             bard = BardSection.from_dict({k: v for k, v in bard_d.items() if v is not None}, text.vocab_size)
         else:
             bard = BardSection.from_dict(d["bard"], text.vocab_size) if d.get("bard") is not None else None

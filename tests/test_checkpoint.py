@@ -84,6 +84,11 @@ def test_bard_vl_import(vl_dir, tmp_path):
     assert c.bard.prompt_attention == "block" and c.bard.block_size == 4
     out = c.to_dict()
     assert out["model_type"] == "qwen3_vl" and out["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    cfg["text_config"]["vocab_size"] = 151000                 # a vocabulary without the reference's mask id
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="does not hold the reference's mask id 151671: pass its mask id"):
+        load_config(d, block_size=4)
+    assert load_config(d, block_size=4, mask_token_id=150999).bard.mask_token_id == 150999
 
 
 # ---- broken checkpoints: the error class, and the message names the culprit ----------------------
