@@ -176,7 +176,7 @@ def step_bench(opts: StepOptions = StepOptions(), log=print) -> dict:
     extra: dict[str, list[dict]] = {"loop": [], "replay": []}
     with tempfile.TemporaryDirectory() as tmp:
         for k in subset:
-            raw.update(_time_layers(o, dims, k, Path(tmp), extra))
+            raw.update(_time_layers(o, dims, k, Path(tmp), extra, replay_here=k == max(subset)))
     rows = step_rows(raw, list(o.backends), list(o.tokens), subset, L, o.past, dims)
     how = (f"timed at full depth ({L} layers)" if o.full_depth else
            f"timed {subset[0]} and {subset[1]} layers with lm_head, extrapolated linearly to {L} layers")
@@ -196,13 +196,13 @@ def step_bench(opts: StepOptions = StepOptions(), log=print) -> dict:
     return res
 
 
-def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path, results: dict) -> dict[tuple[str, int, int], float]:
+def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path, results: dict, replay_here: bool
+                 ) -> dict[tuple[str, int, int], float]:
     """Median step times {(backend, k, T): seconds} of a k-layer decoder on every backend of `o`; the loop's step
-    against the bare graph (`o.loop`) and the replay (`o.replay`, at the deepest layer count) go to
-    results["loop"] / results["replay"]."""
+    against the bare graph (`o.loop`) and the replay (`o.replay`, where `replay_here`: the deepest layer count)
+    go to results["loop"] / results["replay"]."""
     raw = {}
     loops, replays = results["loop"], results["replay"]
-    subset = (dims["num_hidden_layers"],) if o.full_depth else o.layers_subset
     model = _model(dims, k)
     threads = Threads.policy("onnxruntime", o.threads).backend      # the same count for every backend
     torch.set_num_threads(threads)
@@ -237,7 +237,7 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path, results: dict) -
         if o.loop:
             for T in o.tokens:
                 loops.append({"backend": name, "layers": k, **loop_vs_bare(backend, T, o.past, o.repeats)})
-        if o.replay is not None and k == max(subset):
+        if o.replay is not None and replay_here:
             ar, bard = read_trace(o.replay, o.replay_threshold)
             replays.append({"backend": name, "layers": k, "trace": str(o.replay),
                             **replay(backend, ar, bard, o.prompt_tokens, o.replay_requests,

@@ -333,6 +333,12 @@ class ModelConfig:
         return d
 
 
+def out_of_vocabulary(ids, vocab_size: int) -> list:
+    """The entries of `ids` that are not token ids of a vocabulary of `vocab_size` (ints in [0, vocab_size); a
+    bool is not an id)."""
+    return [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+
+
 def resolve_source(model_dir: str | Path, source_model: str) -> tuple[Path | None, list[Path]]:
     """(the checkpoint a recorded `source_model` path names, or None; the places looked at). Relative paths are
     relative to the checkpoint directory that records them; checkpoints written before that recorded them

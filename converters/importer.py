@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bard_deploy.atomic import atomic_dir, recover_dir, write_json
 from bard_deploy.checkpoint import INDEX, SIDE_FILES, weight_files
-from bard_deploy.config import ModelConfig
+from bard_deploy.config import ModelConfig, load_config, out_of_vocabulary
 from bard_deploy.errors import CheckpointError, ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -37,29 +37,17 @@ def import_checkpoint(src: str | Path, out: str | Path, block_size: int | None =
     eos_token_ids: written into generation_config.json; tokenizer: a directory to take the tokenizer /
     processor files from when `src` has none; copy: copy the weights instead of linking them."""
     src, out = Path(src), Path(out)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"no config.json in {src}", str(src))
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config_path} is not valid JSON: {e}", str(config_path)) from e
-    official = isinstance(raw, dict) and raw.get("model_type") == "bard_vl"
-    if official and block_size is None:
-        raise ConfigError(f"{src} is an official Bard-VL checkpoint, which records no block size: pass --block-size "
-                          "(the size it was trained with)", "block_size")
-    config = ModelConfig.from_dict(raw, block_size, mask_token_id, prompt_attention)
+    config = load_config(src, block_size, mask_token_id, prompt_attention)     # the overrides, validated
     if config.bard is None:
         raise ConfigError(f"{src} is an autoregressive checkpoint (no bard section): `bard-deploy train --source` "
                           "converts it", str(src))
-    changes = {k: v for k, v in (("block_size", block_size), ("mask_token_id", mask_token_id),
-                                 ("prompt_attention", prompt_attention)) if v is not None and not official}
-    if changes:
-        config = config.with_bard(**changes)              # validated: the mask id must lie in the vocabulary
+    if config.bard.block_size is None:
+        raise ConfigError(f"{src} records no block size (an official Bard-VL checkpoint does not): pass "
+                          "--block-size (the size it was trained with)", "block_size")
     vocab = config.text.vocab_size
-    for e in eos_token_ids or []:
-        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab:
-            raise ConfigError(f"--eos-token-id {e!r} is outside the vocabulary [0, {vocab})", e)
+    bad = out_of_vocabulary(eos_token_ids or [], vocab)
+    if bad:
+        raise ConfigError(f"--eos-token-id {bad[0]!r} is outside the vocabulary [0, {vocab})", bad[0])
     side = src
     if not _has_tokenizer(src):
         if tokenizer is None:

@@ -100,7 +100,7 @@ class FusedAttention(torch.autograd.Function):
 
 
 def _whole_image_attention(self, hidden_states, cu_seqlens=None, position_embeddings=None, max_seqlen=None,
-                           **kwargs):
+                           fused: bool = False, **kwargs):
     """Qwen3VLVisionAttention.forward for one segment (one image): the same projections, rotary and attention
     function over all patches, without transformers' split by `cu_seqlens.tolist()` (a trace would freeze those
     lengths into the graph)."""
@@ -114,7 +114,7 @@ def _whole_image_attention(self, hidden_states, cu_seqlens=None, position_embedd
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    if _FUSED[0] and q.dtype == torch.float32:     # the CPU graph: onnxruntime's fused (flash) attention
+    if fused:                                       # the CPU graph: onnxruntime's fused (flash) attention
         out = FusedAttention.apply(*(t.reshape(1, seq, -1) for t in (q, k, v)), self.num_heads, self.scaling)
         return self.proj(out.reshape(seq, -1))
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
@@ -123,22 +123,22 @@ def _whole_image_attention(self, hidden_states, cu_seqlens=None, position_embedd
     return self.proj(out.reshape(seq, -1).contiguous())
 
 
-_FUSED = [True]        # whole_image_attention(fused=...) while tracing
-
-
 @contextmanager
-def whole_image_attention(fused: bool = True):
+def whole_image_attention(fused: bool):
     """Within: every Qwen3-VL vision attention computes one segment per call (what the vision graph traces);
     `fused`: fp32 attention as one FusedAttention node (else MatMul + Softmax, e.g. for fp16 graphs, which
     onnxruntime's CPU MultiHeadAttention does not run)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
 
-    previous, was = Qwen3VLVisionAttention.forward, _FUSED[0]
-    Qwen3VLVisionAttention.forward, _FUSED[0] = _whole_image_attention, fused
+    def forward(self, *args, **kwargs):
+        return _whole_image_attention(self, *args, fused=fused, **kwargs)
+
+    previous = Qwen3VLVisionAttention.forward
+    Qwen3VLVisionAttention.forward = forward
     try:
         yield
     finally:
-        Qwen3VLVisionAttention.forward, _FUSED[0] = previous, was
+        Qwen3VLVisionAttention.forward = previous
 
 
 def _dynamic_axes(specs) -> dict[str, dict[int, str]]:
@@ -217,9 +217,10 @@ def export_vision(model, path: Path, pixel_values: torch.Tensor, grid_thw: torch
     number of patches is dynamic and the grid-derived tensors are inputs; returns its IO."""
     io = iospec.VisionIO.for_config(model.config, float_dtype_of(model))
     feeds = io.feeds(pixel_values, grid_inputs(model.config.vision, grid_thw[0].tolist()))
-    with whole_image_attention():
+    fused = io.float_dtype == "float32"         # onnxruntime's CPU MultiHeadAttention has no fp16 kernel
+    with whole_image_attention(fused):
         _export(VisionEncoder(model.visual), tuple(feeds.values()), path, io.inputs, io.outputs, external_data,
-                contrib_ops=io.float_dtype == "float32")
+                contrib_ops=fused)
     return io
 
 

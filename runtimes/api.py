@@ -25,6 +25,7 @@ import torch
 
 from bard_deploy.atomic import recover_dir
 from bard_deploy.checkpoint import load_model
+from bard_deploy.config import out_of_vocabulary
 from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import CheckpointError, RuntimeInputError
 from bard_deploy.manifest import Manifest, is_export
@@ -152,7 +153,7 @@ class Pipeline:
         pipe = cls.from_backend(impl, directory, policy)
         if eos_token_ids is not None:
             vocab = pipe.config.text.vocab_size
-            bad = [e for e in eos_token_ids if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab]
+            bad = out_of_vocabulary(eos_token_ids, vocab)
             if bad or not eos_token_ids:
                 raise RuntimeInputError(f"eos_token_ids must be token ids in [0, {vocab}), got {list(eos_token_ids)}",
                                         bad[0] if bad else None)
@@ -221,7 +222,7 @@ class Pipeline:
         if not prompts or any(isinstance(p, (int, str)) or len(p) == 0 for p in prompts):
             raise RuntimeInputError("prompt ids must be non-empty lists of token ids", None)
         vocab = self.config.text.vocab_size
-        bad = [t for p in prompts for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = out_of_vocabulary([t for p in prompts for t in p], vocab)
         if bad:
             raise RuntimeInputError(f"token id {bad[0]!r} is not in the model's vocabulary (0 .. {vocab - 1})", bad[0])
         loaded = [load_image(i) for i in images]
