@@ -26,6 +26,7 @@ from bard_deploy.converters.export import export as export_model
 from bard_deploy.converters.importer import import_checkpoint
 from bard_deploy.errors import BardError, ConfigError, RuntimeInputError
 from bard_deploy.inspect import checkpoint_summary, export_tables, inspect_tables
+from bard_deploy.prompting import DEFAULT_VIDEO_FPS, video_frames
 from bard_deploy.runtimes.api import BACKENDS, Pipeline
 from bard_deploy.runtimes.decode import DecodeOptions, Stats
 from bard_deploy.standins import SIZES, write_standin
@@ -210,6 +211,9 @@ def generate(
                                  "and statistics."),
     image: list[Path] = typer.Option([], "--image", help="An image file (repeatable).", show_default=False,
                                      metavar="PATH"),
+    video: list[Path] = typer.Option([], "--video", help="A video as a folder of frames, in file-name order "
+                                     "(repeatable).", show_default=False, metavar="DIR"),
+    video_fps: float = typer.Option(DEFAULT_VIDEO_FPS, help="The frame rate of the --video frames (timestamps)."),
     block_size: int | None = typer.Option(D.block_size, help="Tokens per block.",
                                           show_default="the trained block size"),
     threshold: float = typer.Option(D.threshold, help="Commit masked tokens with confidence >= this, in (0, 1]."),
@@ -267,6 +271,7 @@ def generate(
                          min_pixels=min_pixels, max_pixels=max_pixels, mask_token_id=mask_token_id,
                          prompt_attention=prompt_attention, eos_token_ids=eos_token_id or None)
     images = [str(p) for p in image]
+    videos = [{"video": video_frames(d), "fps": video_fps} for d in video]
     if (prompt is None) == (prompt_ids is None):
         raise RuntimeInputError("give exactly one of --prompt and --prompt-ids", None)
     if prompt_ids is not None:
@@ -275,6 +280,8 @@ def generate(
         except ValueError as e:
             raise RuntimeInputError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}",
                                     prompt_ids) from e
+        if videos:
+            raise RuntimeInputError("--video takes a --prompt (the chat template lays out its frames)", None)
         g = pipe.generate_ids(ids, images=images, ar=ar, **options)
         out = {"token_ids": g.token_ids[0], "stats": g.stats.as_dict()}
         if pipe.tokenizer is not None:
@@ -286,11 +293,11 @@ def generate(
         return
     st = Stats()
     if stream:
-        for piece in pipe.stream(prompt, images=images, ar=ar, stats=st, **options):
+        for piece in pipe.stream(prompt, images=images, videos=videos, ar=ar, stats=st, **options):
             console.print(piece, end="", soft_wrap=True, highlight=False)
         console.print()
     else:
-        result = pipe.generate(prompt, images=images, ar=ar, **options)
+        result = pipe.generate(prompt, images=images, videos=videos, ar=ar, **options)
         st = result.stats
         if as_json:
             print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": st.as_dict()}))

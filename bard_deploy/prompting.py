@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bard_deploy.errors import DataError
+from bard_deploy.video import VideoInput, VideoProcessor, timestamp_text
 from bard_deploy.vision import image_token_count
 
 MAX_IMAGE_PIXELS = 8192 * 8192     # a larger image is refused before decoding (decompression bombs)
@@ -92,14 +93,56 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def message_images(messages: list[dict]) -> list[object]:
-    """The image parts of a conversation, in order."""
+def message_parts(messages: list[dict], kind: str) -> list[dict]:
+    """The parts of one type ("image", "video") of a conversation, in order."""
     out = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            out += [p.get("image") for p in content if isinstance(p, dict) and p.get("type") == "image"]
+            out += [p for p in content if isinstance(p, dict) and p.get("type") == kind]
     return out
+
+
+def message_images(messages: list[dict]) -> list[object]:
+    """The image parts of a conversation, in order."""
+    return [p.get("image") for p in message_parts(messages, "image")]
+
+
+DEFAULT_VIDEO_FPS = 2.0     # the rate of pre-sampled frames when a video part gives none (Qwen's sampling rate)
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def video_frames(directory: str | Path) -> list[str]:
+    """The image files of a folder of frames, in file-name order (zero-padded names sort as frames run); a
+    DataError for a missing folder or one without frames."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"video {d} is not a folder of frames (decode a video file into frames first)", str(d))
+    frames = sorted(str(f) for f in d.iterdir() if f.suffix.lower() in FRAME_SUFFIXES and f.is_file())
+    if not frames:
+        raise DataError(f"video folder {d} holds no frames ({', '.join(FRAME_SUFFIXES)})", str(d))
+    return frames
+
+
+def video_part(video: object) -> dict:
+    """A message's video part from a list of frames, or a video part dict as it is."""
+    if isinstance(video, dict):
+        return {"type": "video", **video}
+    return {"type": "video", "video": video}
+
+
+def load_video(part: dict, root: str | Path | None = None) -> VideoInput:
+    """A video part {"type": "video", "video": [frame, ...], "fps": rate}: each frame a path, data URI or PIL
+    image (as images are), `fps` the frames' rate (default 2, Qwen's sampling rate); a DataError otherwise."""
+    frames, fps = part.get("video"), part.get("fps", DEFAULT_VIDEO_FPS)
+    if isinstance(frames, (str, Path)) or not isinstance(frames, (list, tuple)):
+        raise DataError("a video part's 'video' must be a list of frames (paths, data URIs or PIL images); decode "
+                        "a video file into frames first", type(frames).__name__)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
+        raise DataError(f"a video part's fps must be a number in (0, 1000], got {fps!r}", fps)
+    return VideoInput(tuple(load_image(f, root) for f in frames), float(fps))
 
 
 class CompressedImages:
@@ -177,12 +220,32 @@ class EncodedPrompt:
     compressed: CompressedImages | None = None   # encode(..., compress_images=True): the images, for later
 
 
-class PromptEncoder:
-    """Tokenizer + image processor + the model's image token facts."""
+@dataclass(frozen=True)
+class VideoTokens:
+    """What expanding a video in a prompt needs: the video processor and the video / vision start / end ids."""
 
-    def __init__(self, tokenizer, processor, image_token_id: int | None, merge: int):
+    processor: VideoProcessor
+    video_token_id: int
+    vision_start_id: int
+    vision_end_id: int
+
+
+def video_tokens(cfg, processor: VideoProcessor | None) -> VideoTokens | None:
+    """The VideoTokens of a model config (None without a video processor or the config's video / vision ids)."""
+    ids = (cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+    if processor is None or any(i is None for i in ids):
+        return None
+    return VideoTokens(processor, *ids)
+
+
+class PromptEncoder:
+    """Tokenizer + image processor (+ video) + the model's image token facts."""
+
+    def __init__(self, tokenizer, processor, image_token_id: int | None, merge: int,
+                 video: VideoTokens | None = None):
         self.tokenizer, self.processor = tokenizer, processor
         self.image_token_id, self.merge = image_token_id, merge
+        self.video = video
 
     def set_pixel_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
         """Resize images into [min_pixels, max_pixels] from now on (the processor's own budget, its own resize
@@ -204,10 +267,55 @@ class PromptEncoder:
         compress_images: keep the images (CompressedImages) instead of their pixel values (training sets).
         """
         images = [load_image(src, image_root) for src in message_images(messages)]
+        videos = [load_video(p, image_root) for p in message_parts(messages, "video")]
+        if videos and compress_images:
+            raise DataError("video parts are not supported in training data (decode them as images)", "video")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if videos:
+            return self.with_visuals(ids, images, videos)
         return self.with_images(ids, images, compress_images, "the chat template")
+
+    def with_visuals(self, ids: list[int], images: list[Image.Image], videos: list[VideoInput]) -> EncodedPrompt:
+        """Token ids with images and videos: each image pad expanded to its tokens, each video (the template's
+        <|vision_start|><|video_pad|><|vision_end|>, or a bare pad) replaced by Qwen3-VL's per temporal patch
+        "<t seconds><|vision_start|> pads <|vision_end|>"; the patches of both in the order they appear (one
+        visual stream; a video's grid has t = its temporal patches)."""
+        v = self.video
+        if v is None:
+            raise DataError("a video was given but this model has no video support (no vision tower, or no video "
+                            "token)", "video")
+        pads = [i for i, t in enumerate(ids) if t == v.video_token_id]
+        if len(pads) != len(videos):
+            raise DataError(f"the chat template rendered {len(pads)} video pads for {len(videos)} videos (a "
+                            "template without video parts drops them)", len(pads))
+        marks = sorted([(i, "image") for i, t in enumerate(ids) if t == self.image_token_id] +
+                       [(i, "video") for i in pads])
+        if sum(k == "image" for _, k in marks) != len(images):
+            raise DataError(f"the chat template rendered image pads for {len(images)} images wrongly", len(images))
+        out, values, grids, prev = [], [], [], 0
+        image_iter, video_iter = iter(images), iter(videos)
+        for pos, kind in marks:
+            if kind == "image":
+                enc = self.with_images([self.image_token_id], [next(image_iter)])
+                out += ids[prev:pos] + enc.input_ids
+                values.append(enc.pixel_values)
+                grids.append(enc.image_grid_thw)
+                prev = pos + 1
+                continue
+            ev = v.processor(next(video_iter))
+            wrapped = 0 < pos < len(ids) - 1 and ids[pos - 1] == v.vision_start_id and ids[pos + 1] == v.vision_end_id
+            out += ids[prev:pos - 1 if wrapped else pos]
+            per_patch = ev.grid[1] * ev.grid[2] // self.merge ** 2
+            for seconds in ev.timestamps:
+                out += self.tokenizer(timestamp_text(seconds), add_special_tokens=False)["input_ids"]
+                out += [v.vision_start_id] + [v.video_token_id] * per_patch + [v.vision_end_id]
+            values.append(ev.pixel_values)
+            grids.append(torch.tensor([ev.grid], dtype=torch.int64))
+            prev = pos + 2 if wrapped else pos + 1
+        out += ids[prev:]
+        return EncodedPrompt(out, torch.cat(values), torch.cat(grids))
 
     def with_images(self, ids: list[int], images: list[Image.Image], compress_images: bool = False,
                     source: str = "the prompt ids") -> EncodedPrompt:

@@ -86,13 +86,14 @@ class BardVLM(nn.Module):
         if self.visual is None:
             raise RuntimeInputError("this model has no vision tower but an image was given", "image")
         feats, deepstack = encode_images(self.visual, pixel_values, image_grid_thw)
-        return merge_image_features(x, input_ids, self.config.image_token_id, feats, deepstack)
+        return merge_image_features(x, input_ids, self.config.image_token_id, feats, deepstack,
+                                    self.config.video_token_id)
 
     def positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MRoPE position ids (3, B, L) and per-row rope deltas (B,) for a prompt batch."""
         return rope_index(input_ids, self.config.image_token_id, image_grid_thw,
-                          self.config.spatial_merge_size, attention_mask)
+                          self.config.spatial_merge_size, attention_mask, self.config.video_token_id)
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_bias: torch.Tensor,

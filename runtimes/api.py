@@ -30,7 +30,7 @@ from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import CheckpointError, RuntimeInputError
 from bard_deploy.manifest import Manifest, is_export
 from bard_deploy.onnx_files import graph_bytes
-from bard_deploy.prompting import PromptEncoder, load_image
+from bard_deploy.prompting import PromptEncoder, load_image, video_part, video_tokens
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import (
     DecodeOptions,
@@ -45,6 +45,7 @@ from bard_deploy.runtimes.decode import (
 from bard_deploy.runtimes.ort_backend import OrtBackend
 from bard_deploy.runtimes.trt_backend import TrtBackend  # imports TensorRT itself only when used
 from bard_deploy.threads import Threads, apply_host_threads
+from bard_deploy.video import VideoProcessor
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -84,12 +85,14 @@ def eos_ids_of(directory: Path, tokenizer) -> list[int]:
 class Pipeline:
     """A loaded model with its tokenizer and image processor, ready to decode."""
 
-    def __init__(self, backend, tokenizer, processor, eos_ids: Sequence[int], threads: Threads | None = None):
+    def __init__(self, backend, tokenizer, processor, eos_ids: Sequence[int], threads: Threads | None = None,
+                 video_processor: VideoProcessor | None = None):
         cfg = backend.config
         self.backend, self.tokenizer, self.eos_ids = backend, tokenizer, list(eos_ids)
         self.threads = threads or Threads.policy(backend_kind(backend))
         self.config = cfg
-        self.encoder = PromptEncoder(tokenizer, processor, cfg.image_token_id, cfg.spatial_merge_size)
+        self.encoder = PromptEncoder(tokenizer, processor, cfg.image_token_id, cfg.spatial_merge_size,
+                                     video_tokens(cfg, video_processor))
         self._lock = threading.Lock()
 
     @classmethod
@@ -177,31 +180,36 @@ class Pipeline:
             if len(tokenizer) > vocab:
                 raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}",
                                       len(tokenizer))
-        processor = None
+        processor = video = None
         if backend.config.has_vision and (directory / "preprocessor_config.json").is_file():
             processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
-        return cls(backend, tokenizer, processor, eos_ids_of(directory, tokenizer), threads)
+            video = VideoProcessor.for_directory(directory, processor)
+        return cls(backend, tokenizer, processor, eos_ids_of(directory, tokenizer), threads, video)
 
     def with_backend(self, backend) -> Pipeline:
         """A new Pipeline over `backend` (same model config) sharing this one's tokenizer and processor; this
         one is left as it is (a Pipeline is shared between threads: it is never modified)."""
         assert backend.config == self.config, "with_backend: another model's backend"
-        twin = Pipeline(backend, self.tokenizer, self.encoder.processor, self.eos_ids, self.threads)
+        video = self.encoder.video.processor if self.encoder.video is not None else None
+        twin = Pipeline(backend, self.tokenizer, self.encoder.processor, self.eos_ids, self.threads, video)
         twin._lock = self._lock                 # the tokenizer is shared, so is the lock that guards it
         return twin
 
     # ---- requests ------------------------------------------------------------------------------------
-    def _messages(self, prompt: str | None, messages: list[dict] | None, images: Sequence[object]) -> list[dict]:
+    def _messages(self, prompt: str | None, messages: list[dict] | None, images: Sequence[object],
+                  videos: Sequence[object] = ()) -> list[dict]:
         if (prompt is None) == (messages is None):
             raise RuntimeInputError("give exactly one of prompt and messages", None)
         if prompt is not None and not isinstance(prompt, str):
             raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__} (pass a conversation as "
                                     "messages=...)", type(prompt).__name__)
         if messages is not None:
-            if images:
-                raise RuntimeInputError("with messages, put the images in the messages' image parts", len(images))
+            if images or videos:
+                raise RuntimeInputError("with messages, put the images and videos in the messages' image / video "
+                                        "parts", len(images) + len(videos))
             return messages
-        content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": prompt}]
+        content = ([{"type": "image", "image": img} for img in images] + [video_part(v) for v in videos] +
+                   [{"type": "text", "text": prompt}])
         return [{"role": "user", "content": content}]
 
     def _text(self) -> None:
@@ -262,9 +270,11 @@ class Pipeline:
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                 images: Sequence[object] = (), ar: bool = False, **options) -> Result:
-        """Decode one request; `options` are DecodeOptions fields (block_size, threshold, max_new_tokens...)."""
-        return self.generate_batch([self._messages(prompt, messages, images)], ar=ar, **options)[0]
+                 images: Sequence[object] = (), videos: Sequence[object] = (), ar: bool = False,
+                 **options) -> Result:
+        """Decode one request; `options` are DecodeOptions fields (block_size, threshold, max_new_tokens...).
+        `videos`: each a list of frames (paths, data URIs, PIL images) or a video part dict (frames + fps)."""
+        return self.generate_batch([self._messages(prompt, messages, images, videos)], ar=ar, **options)[0]
 
     def generate_batch(self, conversations: list[list[dict]], *, ar: bool = False, **options) -> list[Result]:
         """Decode several conversations as one left-padded batch (each row gives what it gives alone)."""
@@ -301,11 +311,11 @@ class Pipeline:
         stats.tokens = [shown]
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-               images: Sequence[object] = (), ar: bool = False, stats: Stats | None = None,
-               **options) -> Iterator[str]:
+               images: Sequence[object] = (), videos: Sequence[object] = (), ar: bool = False,
+               stats: Stats | None = None, **options) -> Iterator[str]:
         """Yield the answer's text as it is decoded: one piece per block (BARD) or per token (AR)."""
         opts = DecodeOptions(**options)
-        batch = self._batch([self._messages(prompt, messages, images)])
+        batch = self._batch([self._messages(prompt, messages, images, videos)])
         stats = stats if stats is not None else Stats()
         apply_host_threads(self.threads)
         tokens: list[int] = []

@@ -167,7 +167,7 @@ class Stats:
     steps_per_block: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)          # per row
     edits: int = 0
-    image_tokens: int = 0                                    # the prompts' image tokens (all rows)
+    image_tokens: int = 0                                    # the prompts' image + video tokens (all rows)
     # the official generate's count (BARD): every non-MASK token of the decoded blocks, post-EOS ones included
     reference_tokens: list[int] = field(default_factory=list)   # per row
 
@@ -238,9 +238,10 @@ class Session:
             feats, deepstack = backend.encode_images(batch.pixel_values, batch.image_grid_thw)
             stats.vision_s += time.perf_counter() - tv
             stats.image_tokens += feats.shape[0]
-            x, ds = merge_image_features(x, batch.input_ids, cfg.image_token_id, feats, deepstack)
+            x, ds = merge_image_features(x, batch.input_ids, cfg.image_token_id, feats, deepstack,
+                                         cfg.video_token_id)
         pos, self.delta = rope_index(batch.input_ids, cfg.image_token_id, batch.image_grid_thw,
-                                     cfg.spatial_merge_size, batch.attention_mask)
+                                     cfg.spatial_merge_size, batch.attention_mask, cfg.video_token_id)
         self._delta_col = self.delta[:, None]                            # (B, 1): every text step adds it
         layout = prompt_layout(batch.attention_mask, prompt_block)
         self.last_logits = self._forward(x, pos, layout, ds, keep=1)[:, -1]          # (B, V): AR reads it

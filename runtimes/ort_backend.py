@@ -211,21 +211,20 @@ class OrtBackend:
         return x if self.device.type == "cpu" else x.to(self.device)
 
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
-        """Run vision.onnx once per image, at whatever grid the processor gave it."""
+        """Run vision.onnx once per image and once per temporal patch of a video (the tower attends within one
+        (1, h, w) slice at a time, and its positions repeat per slice: the same result as one run at (t, h, w)),
+        at whatever grid the processor gave it."""
         if self.vision is None:
             raise RuntimeInputError("this export has no vision graph but an image was given", "image")
         embeds, deepstack, start = [], [], 0
-        for grid in grid_thw.tolist():
-            if grid[0] != 1:
-                raise RuntimeInputError(f"an input of {grid[0]} temporal patches (a video) was given: the "
-                                        "onnxruntime vision graph encodes still images (t = 1) only", grid)
-            n = grid[0] * grid[1] * grid[2]
-            feeds = self.vision_io.feeds(pixel_values[start:start + n], grid_inputs(self.config.vision, grid))
-            out = run(self.vision, self.vision_io.output_names, feeds)
-            e, d = self.vision_io.unpack_outputs(out)
-            embeds.append(e)
-            deepstack.append(d)
-            start += n
+        for t, h, w in grid_thw.tolist():
+            frame = grid_inputs(self.config.vision, [1, h, w])
+            for _ in range(t):
+                feeds = self.vision_io.feeds(pixel_values[start:start + h * w], frame)
+                e, d = self.vision_io.unpack_outputs(run(self.vision, self.vision_io.output_names, feeds))
+                embeds.append(e)
+                deepstack.append(d)
+                start += h * w
         return torch.cat(embeds).to(self.device), torch.cat(deepstack, dim=1).to(self.device)
 
     def binding(self) -> Binding:

@@ -272,3 +272,39 @@ def test_batch_padding_and_ar_layout(encoder, tok, cfg):
     P, R = len(exs[0].prompt_ids), len(exs[0].response_ids)
     assert a.loss_mask[0].nonzero().squeeze(1).tolist() == list(range(P - 1, P + R - 1))
     assert (a.layout.kind[0, :P + R] == PROMPT).all()
+
+
+def test_video_processor_follows_qwen3_vl_video_processing(tmp_path):
+    """Frames -> patches as Qwen3-VL's video processor makes them: one size for every frame from its smart_resize
+    over the budget of all frames, pairs of frames per temporal patch (an odd count repeats the last frame), and a
+    still image given as two equal frames gives exactly the image processor's patches (the same normalisation and
+    patch order); video_preprocessor_config.json, when there is one, sets the budget."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    from bard_deploy.video import VideoInput, VideoProcessor
+
+    proc = build_image_processor()
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8")) for _ in range(8)]
+    vp = VideoProcessor.for_directory(tmp_path, proc)                     # transformers' Qwen3-VL defaults
+    assert (vp.min_pixels, vp.max_pixels) == (128 * 32 * 32, 768 * 32 * 32)
+    ev = vp(VideoInput(tuple(frames), 2.0))
+    rh, rw = smart_resize(8, 480, 640, 2, 32, vp.min_pixels, vp.max_pixels)
+    assert ev.grid == [4, rh // 16, rw // 16] and 4 * rh * rw <= vp.max_pixels < 8 * 480 * 640
+    assert ev.pixel_values.shape == (4 * rh * rw // 256, 3 * 2 * 16 * 16)
+    small = VideoProcessor(16, 2, 2, 1024, 10 ** 6, proc.image_mean, proc.image_std)     # budget not binding
+    clip = [Image.fromarray((rng.random((64, 96, 3)) * 255).astype("uint8")) for _ in range(5)]
+    odd = small(VideoInput(tuple(clip), 2.0))
+    padded = small(VideoInput(tuple(clip + clip[4:]), 2.0))
+    assert odd.grid == [3, 4, 6] and torch.equal(odd.pixel_values, padded.pixel_values)
+    assert vp.timestamps(5, 2.0) == [0.25, 1.25, 2.0]
+    still = clip[0]
+    want = proc(images=[still], return_tensors="pt")
+    assert want["image_grid_thw"].tolist() == [[1, 4, 6]]
+    got = small(VideoInput((still, still), 2.0))
+    assert got.grid == [1, 4, 6] and torch.allclose(got.pixel_values, want["pixel_values"], atol=1e-6)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 4096, "longest_edge": 65536}, "max_frames": 16}))
+    vp = VideoProcessor.for_directory(tmp_path, proc)
+    assert (vp.min_pixels, vp.max_pixels, vp.max_frames) == (4096, 65536, 16)
+    assert np.prod(vp(VideoInput(tuple(frames), 2.0)).grid) * 256 <= 65536

@@ -456,6 +456,60 @@ def test_the_vision_graph_takes_any_grid_and_was_validated_at_several(ckpt, expo
     assert len(grids_seen) >= 5
 
 
+def test_video_frames_decode_alike_on_both_backends(ckpt, exported, capsys):
+    """A video (a list of frames) is laid out as Qwen3-VL's processor lays it out: one "<t seconds>" text and one
+    run of video pads per temporal patch (two frames), the last frame repeated for an odd count; onnxruntime
+    encodes it one temporal patch at a time and gives exactly the torch tokens and features, with an image
+    beside it in the same prompt."""
+    from bard_deploy.video import timestamp_text
+
+    torch_pipe, ort_pipe = Pipeline.load(ckpt), Pipeline.load(exported, variant="fp32")
+    frames = [_photo(160, 96, 10 + i) for i in range(5)]
+    video = {"video": frames, "fps": 4.0}
+    enc = ort_pipe.encoder.encode(ort_pipe._messages("What happens?", None, [_photo(96, 64, 9)], [video]))
+    (_, ih, iw), (t, h, w) = enc.image_grid_thw.tolist()
+    assert t == 3                                                     # 5 frames -> 3 temporal patches
+    tok, cfg = ort_pipe.tokenizer, ort_pipe.config
+    ids = enc.input_ids
+    assert ids.count(cfg.video_token_id) == t * h * w // 4 and ids.count(cfg.image_token_id) == ih * iw // 4
+    assert ids.count(cfg.vision_start_token_id) == 1 + t               # one image, one run per temporal patch
+    stamps = [timestamp_text(s) for s in ort_pipe.encoder.video.processor.timestamps(5, 4.0)]
+    assert stamps == ["<0.1 seconds>", "<0.6 seconds>", "<1.0 seconds>"]
+    first = tok(stamps[0], add_special_tokens=False)["input_ids"]
+    at = ids.index(cfg.video_token_id)
+    assert ids[at - 1 - len(first):at - 1] == first and ids[at - 1] == cfg.vision_start_token_id
+    feats_t = torch_pipe.backend.encode_images(enc.pixel_values, enc.image_grid_thw)
+    feats_o = ort_pipe.backend.encode_images(enc.pixel_values, enc.image_grid_thw)
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(feats_t, feats_o, strict=True))
+    kwargs = dict(images=[_photo(96, 64, 9)], videos=[video], max_new_tokens=8)
+    want = torch_pipe.generate("What happens?", **kwargs)
+    got = ort_pipe.generate("What happens?", **kwargs)
+    assert got.token_ids == want.token_ids and got.stats.image_tokens == (t * h * w + ih * iw) // 4
+    assert "".join(ort_pipe.stream("What happens?", **kwargs)) == got.text
+    folder = exported.parent / "frames"                                # generate --video: a folder of frames
+    folder.mkdir(exist_ok=True)
+    for i, f in enumerate(frames):
+        f.save(folder / f"{i:03d}.png")
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "What happens?", "--model", str(exported), "--video", str(folder),
+                 "--video-fps", "4", "--variant", "fp32", "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == ort_pipe.generate("What happens?", videos=[video], max_new_tokens=8).token_ids
+
+
+def test_bad_videos_are_one_line_errors(exported):
+    """A video file path, one frame, frames of two sizes, a bad fps: typed errors naming the problem."""
+    from bard_deploy.errors import DataError
+
+    pipe = Pipeline.load(exported, variant="fp32")
+    for video, match in ((["a.mp4"], "not found"), ("clip.mp4", "must be a list of frames"),
+                         ([_photo(64, 64)], "needs 2 to 768 frames"),
+                         ([_photo(64, 64), _photo(32, 64)], "share one size"),
+                         ({"video": [_photo(64, 64)] * 2, "fps": 0}, "fps must be a number")):
+        with pytest.raises(DataError, match=match):
+            pipe.generate("What?", videos=[video], max_new_tokens=2)
+
+
 def test_a_pixel_budget_resizes_images_into_it(ckpt, tmp_path):
     """--max-pixels / --min-pixels go into the export's processor: a large photo is resized into the budget (as
     the processor resizes, never refused), a tiny one up to the minimum; bad budgets are typed errors."""
