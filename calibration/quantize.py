@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest.mock import patch
 
+import numpy as np
 import onnx
 import torch
 from onnx.external_data_helper import load_external_data_for_model
@@ -39,7 +40,8 @@ from bard_deploy.runtimes.ort_backend import to_numpy
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 VARIANTS = ("int8", "int4")
-SCHEMES = {"cpu": "dynamic, per-channel s8 weights with reduce_range (7-bit), MatMul only",
+SCHEMES = {"cpu": "dynamic, per-token u8 activations (symmetric, zero point 128), per-channel s8 weights with "
+                  "reduce_range (7-bit), MatMul only",
            "cuda": "static QDQ S8S8, per-channel weights", "tensorrt": "static QDQ S8S8, per-channel weights"}
 
 
@@ -107,6 +109,7 @@ def quantize(fp32: Path, out: Path, target: str, calibration: Path | None, exclu
         pre, q = Path(scratch) / "pre.onnx", Path(scratch) / out.name
         if target == "cpu":
             quantize_dynamic_lean(fp32, q, exclude, external)
+            per_token_activations(q)
         else:
             assert calibration is not None, "a static INT8 target needs calibration trajectories"
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
@@ -145,6 +148,52 @@ def quantize_dynamic_lean(fp32: Path, out: Path, exclude: list[str], external: b
                                   QuantType.QUInt8, None, [], list(exclude), ["MatMul"], {"MatMulConstBOnly": True})
         quantizer.quantize_model()
     quantizer.model.save_model_to_file(str(out), external)
+
+
+TOKEN_AXIS_ZERO_POINT = 128     # u8 activations hold round(x / scale) + 128: symmetric values, one zero point
+
+
+def per_token_activations(graph: Path) -> int:
+    """Rewrite every DynamicQuantizeLinear of a dynamic-INT8 graph (one scale and zero point for the whole
+    activation tensor: over every row of a batch and every token of a step, so a row's answer would depend on
+    the rows beside it) into per-token quantization: scale = max |x| over the hidden axis / 127 per token, values
+    round(x / scale) + 128 in u8, zero point the constant 128 (MatMulInteger takes only a scalar one). The scale
+    (..., 1) broadcasts through the Mul nodes that already multiply it with the weights' per-channel scales, and
+    MatMulInteger's output row m depends on input row m alone, so each token is quantized, multiplied and
+    rescaled on its own: batch- and step-invariant. Only the graph file is rewritten (the weights' data file is
+    untouched); returns the number of nodes rewritten."""
+    model = onnx.load(str(graph), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    g = model.graph
+    consts = {"pt_inv127": np.float32(1 / 127), "pt_eps": np.float32(1e-30), "pt_zp_f": np.float32(
+        TOKEN_AXIS_ZERO_POINT), "pt_lo": np.float32(0), "pt_hi": np.float32(255), "pt_zp": np.uint8(
+        TOKEN_AXIS_ZERO_POINT), "pt_axes": np.array([-1], dtype=np.int64)}
+    g.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items())
+    nodes, rewritten = [], 0
+    for n in g.node:
+        if n.op_type != "DynamicQuantizeLinear":
+            nodes.append(n)
+            continue
+        (x,), (q, scale, zp), p = n.input, n.output, n.name
+        if opset >= 18:
+            reduce = onnx.helper.make_node("ReduceMax", [p + "_abs", "pt_axes"], [p + "_max"], keepdims=1)
+        else:
+            reduce = onnx.helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], axes=[-1], keepdims=1)
+        nodes += [onnx.helper.make_node("Abs", [x], [p + "_abs"]), reduce,
+                  onnx.helper.make_node("Mul", [p + "_max", "pt_inv127"], [p + "_raw_scale"]),
+                  onnx.helper.make_node("Max", [p + "_raw_scale", "pt_eps"], [scale]),
+                  onnx.helper.make_node("Div", [x, scale], [p + "_div"]),
+                  onnx.helper.make_node("Round", [p + "_div"], [p + "_round"]),
+                  onnx.helper.make_node("Add", [p + "_round", "pt_zp_f"], [p + "_shift"]),
+                  onnx.helper.make_node("Clip", [p + "_shift", "pt_lo", "pt_hi"], [p + "_clip"]),
+                  onnx.helper.make_node("Cast", [p + "_clip"], [q], to=onnx.TensorProto.UINT8),
+                  onnx.helper.make_node("Identity", ["pt_zp"], [zp])]
+        rewritten += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]              # shape hints of the per-tensor scales (and their products) are stale now
+    onnx.save(model, str(graph))
+    return rewritten
 
 
 def quantize_int4(fp32: Path, out: Path, block_size: int = 32, accuracy_level: int = 0,
