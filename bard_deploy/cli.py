@@ -258,6 +258,8 @@ def generate(
                                                 "(torch).", show_default="the checkpoint's"),
     eos_token_id: list[int] = typer.Option([], "--eos-token-id", help="Stop at this token id (repeatable).",
                                            show_default="generation_config.json and the tokenizer"),
+    stop: list[str] = typer.Option([], "--stop", help="End the answer before this text (repeatable, up to 4).",
+                                   show_default=False),
 ):
     """Decode with the block-diffusion runtime (or, with --ar, the AR baseline)."""
     if static and "threshold" in _given(ctx, ["threshold"]):
@@ -266,7 +268,10 @@ def generate(
                    max_steps=max_steps, max_new_tokens=max_new_tokens, edit_threshold=edit_threshold,
                    max_edits=max_edits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    allow_block_size_mismatch=allow_block_size_mismatch, schedule="even" if reference else schedule,
-                   strict_threshold=strict_threshold or reference, suppress_mask=not (raw_confidence or reference))
+                   strict_threshold=strict_threshold or reference, suppress_mask=not (raw_confidence or reference),
+                   stop=tuple(stop))
+    if as_json and stream:
+        raise RuntimeInputError("--json prints one object per result; it excludes --stream", None)
     pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads,
                          min_pixels=min_pixels, max_pixels=max_pixels, mask_token_id=mask_token_id,
                          prompt_attention=prompt_attention, eos_token_ids=eos_token_id or None)
@@ -283,7 +288,7 @@ def generate(
         if videos:
             raise RuntimeInputError("--video takes a --prompt (the chat template lays out its frames)", None)
         g = pipe.generate_ids(ids, images=images, ar=ar, **options)
-        out = {"token_ids": g.token_ids[0], "stats": g.stats.as_dict()}
+        out = {"token_ids": g.token_ids[0], "finish_reason": g.stats.finish_reasons[0], "stats": g.stats.as_dict()}
         if pipe.tokenizer is not None:
             out["text"] = pipe.decode_text(g.token_ids[0])
         if as_json:
@@ -300,7 +305,7 @@ def generate(
         result = pipe.generate(prompt, images=images, videos=videos, ar=ar, **options)
         st = result.stats
         if as_json:
-            print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": st.as_dict()}))
+            print(json.dumps(result.as_dict()))
             return
         console.print(result.text, highlight=False, soft_wrap=True)
     if stats:

@@ -40,7 +40,7 @@ def evaluate(pipe, conversations: Sequence[list[dict]], ar: bool = False, batch_
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start:start + batch_size]
         results = pipe.generate_batch([c[:-1] for c in chunk], ar=ar, **options)
-        stats = results[0].stats
+        stats = results[0].call_stats
         nfe += stats.nfe
         tokens += stats.total_tokens
         tpf_sum += stats.tokens_per_forward

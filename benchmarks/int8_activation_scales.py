@@ -58,7 +58,7 @@ def main() -> None:
             for T in [int(x) for x in a.tokens.split(",")]:
                 feeds = to_numpy(io.dummy_feeds(batch=B, seq=T, past=a.past))
                 times = {k: [] for k in sessions}
-                for name, s in sessions.items():
+                for s in sessions.values():
                     s.run(None, feeds)                                        # warm-up
                 for _ in range(a.repeats):
                     for name, s in sessions.items():

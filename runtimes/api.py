@@ -39,6 +39,7 @@ from bard_deploy.runtimes.decode import (
     Stats,
     ar_tokens,
     bard_blocks,
+    finish_reason,
     generate,
     truncate_at_eos,
 )
@@ -46,17 +47,35 @@ from bard_deploy.runtimes.ort_backend import OrtBackend
 from bard_deploy.runtimes.trt_backend import TrtBackend  # imports TensorRT itself only when used
 from bard_deploy.threads import Threads, apply_host_threads
 from bard_deploy.video import VideoProcessor
+from bard_deploy.vision import visual_mask
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 @dataclass
 class Result:
-    """One decoded answer: its text, its token ids (up to and including EOS) and the call's statistics."""
+    """One decoded answer: its text, its token ids (up to and including EOS, or up to the token that completed a
+    stop string), why it ended, its token counts and its own statistics."""
 
     text: str
     token_ids: list[int]
-    stats: Stats
+    stats: Stats                     # this row's (`Stats.for_row`): its tokens, finish reason and image tokens;
+    #                                  the forwards, steps and times of the call it was decoded in
+    finish_reason: str = "length"    # "eos", "length" (max_new_tokens) or "stop" (a stop string)
+    prompt_tokens: int = 0           # the templated prompt's tokens, image / video tokens included
+    image_tokens: int = 0            # the prompt's image and video tokens
+    call_stats: Stats | None = None  # the whole call's statistics (every row of its batch)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated for this answer (its EOS included)."""
+        return len(self.token_ids)
+
+    def as_dict(self) -> dict:
+        """The result as one JSON-able object: text, ids, finish reason, usage and this row's statistics."""
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "usage": {"prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+                          "completion_tokens": self.completion_tokens}, "stats": self.stats.as_dict()}
 
 
 def backend_kind(backend) -> str:
@@ -80,6 +99,11 @@ def eos_ids_of(directory: Path, tokenizer) -> list[int]:
         raise CheckpointError(f"{directory}: no EOS token id in generation_config.json or the tokenizer",
                               str(directory))
     return sorted(ids)
+
+
+def text_after(shown: str, text: str) -> str:
+    """What of `text` has not been shown yet (all of it when decoding changed the shown part)."""
+    return text[len(shown):] if text.startswith(shown) else text
 
 
 class Pipeline:
@@ -278,10 +302,37 @@ class Pipeline:
 
     def generate_batch(self, conversations: list[list[dict]], *, ar: bool = False, **options) -> list[Result]:
         """Decode several conversations as one left-padded batch (each row gives what it gives alone)."""
-        opts = DecodeOptions(**options)
+        opts = DecodeOptions.of(options)
         apply_host_threads(self.threads)
-        g = generate(self.backend, self._batch(conversations), opts, self.eos_ids, ar=self._ar(ar))
-        return [Result(self.decode_text(ids), ids, g.stats) for ids in g.token_ids]
+        batch = self._batch(conversations)
+        return self._results(generate(self.backend, batch, opts, self.eos_ids, ar=self._ar(ar)), batch, opts)
+
+    def _results(self, g: Generation, batch: PromptBatch, opts: DecodeOptions) -> list[Result]:
+        """One Result per row: stop strings applied, its own statistics and counts."""
+        cfg = self.config
+        real = batch.attention_mask.bool()
+        visual = (visual_mask(batch.input_ids, cfg.image_token_id, cfg.video_token_id) & real).sum(1).tolist()
+        out = []
+        for i, ids in enumerate(g.token_ids):
+            text = self.decode_text(ids)
+            cut = self._stop_cut(ids, opts.stop) if opts.stop else None
+            if cut is not None:
+                text, ids = cut
+                g.stats.tokens[i], g.stats.finish_reasons[i] = len(ids), "stop"
+            out.append((text, ids, i))
+        return [Result(text, ids, g.stats.for_row(i, visual[i]), g.stats.finish_reasons[i], int(real[i].sum()),
+                       visual[i], g.stats) for text, ids, i in out]
+
+    def _stop_cut(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, list[int]] | None:
+        """(text before the first stop string, the ids up to the token that completed it), or None."""
+        if not any(x in self.decode_text(ids) for x in stop):
+            return None
+        for k in range(1, len(ids) + 1):
+            text = self.decode_text(ids[:k])
+            hits = [text.index(x) for x in stop if x in text]
+            if hits:
+                return text[:min(hits)], ids[:k]
+        return None
 
     def generate_ids(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *, images: Sequence[object] = (),
                      ar: bool = False, **options) -> Generation:
@@ -289,14 +340,17 @@ class Pipeline:
         token ids per row (up to and including EOS) and the call's statistics. Image pads in the ids take
         `images` in order: one pad per image (expanded here by the processor's grid) or already expanded."""
         rows = [prompt_ids] if prompt_ids and isinstance(prompt_ids[0], int) else list(prompt_ids)
-        opts = DecodeOptions(**options)
+        opts = DecodeOptions.of(options)
+        if opts.stop:
+            raise RuntimeInputError("stop strings end text: decode with generate / generate_batch (token ids in "
+                                    "and out have no text to search)", opts.stop)
         apply_host_threads(self.threads)
         return generate(self.backend, self._id_batch(rows, images), opts, self.eos_ids, ar=self._ar(ar))
 
     def stream_ids(self, prompt_ids: Sequence[int], *, images: Sequence[object] = (), ar: bool = False,
                    stats: Stats | None = None, **options) -> Iterator[list[int]]:
         """Yield the answer's token ids as they are decoded (a block, or an AR token, at a time; cut after EOS)."""
-        opts = DecodeOptions(**options)
+        opts = DecodeOptions.of(options)
         batch = self._id_batch([prompt_ids], images)
         stats = stats if stats is not None else Stats()
         apply_host_threads(self.threads)
@@ -313,19 +367,34 @@ class Pipeline:
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                images: Sequence[object] = (), videos: Sequence[object] = (), ar: bool = False,
                stats: Stats | None = None, **options) -> Iterator[str]:
-        """Yield the answer's text as it is decoded: one piece per block (BARD) or per token (AR)."""
-        opts = DecodeOptions(**options)
+        """Yield the answer's text as it is decoded: one piece per block (BARD) or per token (AR). With stop
+        strings, text that could begin one is held back until it cannot, and decoding ends at the first one
+        (stats.finish_reasons ["stop"])."""
+        opts = DecodeOptions.of(options)
         batch = self._batch([self._messages(prompt, messages, images, videos)])
         stats = stats if stats is not None else Stats()
         apply_host_threads(self.threads)
         tokens: list[int] = []
+        kept: list[int] = []
         shown = ""
+        hold = max(map(len, opts.stop), default=1) - 1
         chunks = (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats)
+        reason = None
         for chunk in chunks:
             tokens += chunk[0].tolist()
             kept = truncate_at_eos([tokens], set(self.eos_ids), opts.max_new_tokens)[0]
             text = self.decode_text(kept)
-            if text != shown:
-                yield text[len(shown):] if text.startswith(shown) else text
-                shown = text
-        stats.tokens = [len(truncate_at_eos([tokens], set(self.eos_ids), opts.max_new_tokens)[0])]
+            cut = self._stop_cut(kept, opts.stop) if opts.stop else None
+            if cut is not None:
+                text, kept = cut
+                reason = "stop"
+            ready = text if reason else text[:max(len(shown), len(text) - hold)]
+            if ready != shown:
+                yield ready[len(shown):] if ready.startswith(shown) else ready
+                shown = ready
+            if reason:
+                break
+        if reason is None and text_after(shown, self.decode_text(kept)):
+            yield text_after(shown, self.decode_text(kept))
+        stats.tokens = [len(kept)]
+        stats.finish_reasons = [reason or finish_reason(kept, self.eos_ids)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -49,6 +49,8 @@ class DecodeOptions:
     suppress_mask: the MASK token is never a prediction (ours); False: raw confidences as the reference takes
       them (a MASK argmax can be committed, and is re-predicted at the next step).
     `DecodeOptions.reference(...)` sets the last three to the official `generate`'s behaviour.
+    stop: up to 4 strings; the answer ends before the first one (finish reason "stop"); applied to the text by
+      the Pipeline (the decode loop works on tokens).
     """
 
     block_size: int | None = None          # None = the checkpoint's trained block size
@@ -66,6 +68,23 @@ class DecodeOptions:
     schedule: str = "min"
     strict_threshold: bool = False
     suppress_mask: bool = True
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, options: dict) -> DecodeOptions:
+        """DecodeOptions from keyword options; an unknown one is a RuntimeInputError naming it (and the known)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise RuntimeInputError(f"unknown decode option{'s' if len(unknown) > 1 else ''} "
+                                    f"{', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})",
+                                    unknown[0])
+        stop = options.get("stop", ())
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+            raise RuntimeInputError(f"decode option stop={stop!r}: must be up to 4 non-empty strings", stop)
+        return cls(**{**options, "stop": tuple(stop)})
 
     @classmethod
     def reference(cls, **options) -> DecodeOptions:
@@ -170,6 +189,7 @@ class Stats:
     image_tokens: int = 0                                    # the prompts' image + video tokens (all rows)
     # the official generate's count (BARD): every non-MASK token of the decoded blocks, post-EOS ones included
     reference_tokens: list[int] = field(default_factory=list)   # per row
+    finish_reasons: list[str] = field(default_factory=list)    # per row: "eos", "length" (or "stop", Pipeline)
 
     @property
     def total_tokens(self) -> int:
@@ -194,6 +214,15 @@ class Stats:
         return {"denoising_steps": steps, "steps_per_block": self.steps_per_block, "response_tokens": tokens,
                 "tokens_per_forward": round(tokens / len(self.reference_tokens) / steps, 4) if steps else 0.0}
 
+    def for_row(self, row: int, image_tokens: int) -> Stats:
+        """This call's statistics as one row of it saw them: its own tokens, finish reason and image tokens; the
+        forwards, steps and times are the call's (the row took part in every forward of its batch)."""
+        one = lambda xs: xs[row:row + 1]                                    # noqa: E731
+        return replace(self, step_s=list(self.step_s), backend_s=list(self.backend_s),
+                       steps_per_block=list(self.steps_per_block), tokens=one(self.tokens),
+                       reference_tokens=one(self.reference_tokens), finish_reasons=one(self.finish_reasons),
+                       image_tokens=image_tokens)
+
     def as_dict(self) -> dict:
         """The statistics as a JSON-able dict (step times left out); "reference": the same call counted as the
         official generate counts (`reference_dict`)."""
@@ -201,7 +230,7 @@ class Stats:
                 "steps_per_block": self.steps_per_block, "mean_steps_per_block":
                     round(sum(self.steps_per_block) / len(self.steps_per_block), 3) if self.steps_per_block else 0.0,
                 "edits": self.edits, "image_tokens": self.image_tokens, "prefill_s": round(self.prefill_s, 6),
-                "vision_s": round(self.vision_s, 6),
+                "vision_s": round(self.vision_s, 6), "finish_reasons": self.finish_reasons,
                 "decode_s": round(self.decode_s, 6), "reference": self.reference_dict()}
 
 
@@ -433,6 +462,11 @@ def denoise_step(logits: torch.Tensor | iospec.Top, canvas: torch.Tensor, masked
     return new, n_edits
 
 
+def finish_reason(row: list[int], eos_ids: Sequence[int]) -> str:
+    """"eos" when a row ended with an EOS token, else "length" (it reached max_new_tokens)."""
+    return "eos" if row and row[-1] in set(eos_ids) else "length"
+
+
 def truncate_at_eos(rows: list[list[int]], eos_ids: set[int], max_new: int) -> list[list[int]]:
     """Each row cut to max_new tokens, then after its first EOS (kept)."""
     out = []
@@ -547,6 +581,7 @@ def generate(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence
     rows = torch.cat(chunks, 1).tolist() if chunks else [[] for _ in range(batch.input_ids.shape[0])]
     out = truncate_at_eos(rows, set(eos_ids), opts.max_new_tokens)
     stats.tokens = [len(r) for r in out]
+    stats.finish_reasons = [finish_reason(r, eos_ids) for r in out]
     if not ar:
         mask_id = backend.config.bard.mask_token_id
         stats.reference_tokens = [sum(1 for t in r if t != mask_id) for r in rows]

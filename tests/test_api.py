@@ -179,3 +179,64 @@ def _saved(image, directory):
     path = directory / "image.png"
     image.save(path)
     return path
+
+
+def test_each_result_has_its_own_statistics_counts_and_finish_reason(bard_dir, pipe):
+    """generate_batch: every row's Result.stats is its own (its tokens, finish reason, image tokens; the call's
+    forwards), call_stats is the whole call's, and the counts are the prompt's; EOS -> "eos", the budget ->
+    "length"."""
+    samples = [make_sample(i) for i in (1, 2)]
+    convs = [s.messages()[:1] for s in samples] + [[{"role": "user", "content": "Describe the picture."}]]
+    free = pipe.generate_batch(convs, max_new_tokens=8)
+    assert [r.finish_reason for r in free] == ["length"] * 3 and all(r.completion_tokens == 8 for r in free)
+    eos = free[0].token_ids[2]                                     # make a token the first row reaches an EOS
+    rows = Pipeline.load(bard_dir, eos_token_ids=[eos]).generate_batch(convs, max_new_tokens=8)
+    assert rows[0].finish_reason == "eos" and rows[0].token_ids[-1] == eos and len(rows[0].token_ids) <= 3
+    assert len({id(r.stats) for r in rows}) == 3 and all(r.call_stats is rows[0].call_stats for r in rows)
+    assert [r.stats.tokens for r in rows] == [[len(r.token_ids)] for r in rows]
+    assert rows[0].call_stats.tokens == [len(r.token_ids) for r in rows]
+    assert all(r.stats.nfe == rows[0].call_stats.nfe for r in rows)
+    encoded = [pipe.encoder.encode(c) for c in convs]
+    assert [r.prompt_tokens for r in rows] == [len(e.input_ids) for e in encoded]
+    assert [r.image_tokens for r in rows] == [9, 9, 0] and [r.stats.image_tokens for r in rows] == [9, 9, 0]
+    assert rows[2].as_dict()["usage"] == {"prompt_tokens": rows[2].prompt_tokens, "image_tokens": 0,
+                                          "completion_tokens": len(rows[2].token_ids)}
+
+
+def test_stop_strings_end_the_answer(pipe):
+    """stop=[...]: the text ends before the first stop string, finish reason "stop", the ids up to the token that
+    completed it; stream gives the same text and ends there; bad stops and unknown options are typed errors."""
+    s = make_sample(3)
+    full = pipe.generate(s.question, images=[s.image()], max_new_tokens=16)
+    words = full.text.split()
+    stop = next(w for w in words[2:] if len(w) > 1)
+    r = pipe.generate(s.question, images=[s.image()], max_new_tokens=16, stop=[stop, "never there"])
+    assert r.finish_reason == "stop" and r.text == full.text[:full.text.index(stop)]
+    assert r.token_ids == full.token_ids[:len(r.token_ids)] and len(r.token_ids) < len(full.token_ids)
+    assert r.stats.tokens == [len(r.token_ids)] and r.stats.finish_reasons == ["stop"]
+    from bard_deploy.runtimes.decode import Stats
+    st = Stats()
+    assert "".join(pipe.stream(s.question, images=[s.image()], max_new_tokens=16, stop=stop, stats=st)) == r.text
+    assert st.finish_reasons == ["stop"]
+    for bad in ([""], ["a", "b", "c", "d", "e"], [3]):
+        with pytest.raises(RuntimeInputError, match="stop="):
+            pipe.generate(s.question, stop=bad)
+    with pytest.raises(RuntimeInputError, match=r"unknown decode options 'max_token', 'temprature' \(known: "):
+        pipe.generate(s.question, max_token=4, temprature=0.5)
+    with pytest.raises(RuntimeInputError, match="unknown decode option 'foo'"):
+        list(pipe.stream(s.question, foo=1))
+    with pytest.raises(RuntimeInputError, match="stop strings end text"):
+        pipe.generate_ids([1, 2, 3], stop=["x"])
+
+
+def test_generate_json_prints_one_result_object(bard_dir, capsys):
+    """generate --json: one JSON object with text, ids, finish reason, usage and statistics; --stop applies."""
+    import json
+
+    assert main(["generate", "--model", str(bard_dir), "--prompt", "Describe the picture.", "--max-new-tokens",
+                 "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"text", "token_ids", "finish_reason", "usage", "stats"} and out["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == len(out["token_ids"]) == 6
+    assert main(["generate", "--model", str(bard_dir), "--prompt", "x", "--json", "--stream"]) == 2
+    assert "excludes --stream" in capsys.readouterr().err
