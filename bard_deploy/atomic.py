@@ -106,6 +106,14 @@ def atomic_dir(target: str | Path, error: type[BardError], what: str) -> Iterato
         raise
 
 
+def publish_file(staged: Path, target: Path) -> None:
+    """Put a finished file in place of `target` atomically, with the usual mode (0666 less the umask)."""
+    os.chmod(staged, 0o666 & ~_umask())
+    fsync_file(staged)
+    os.replace(staged, target)
+    fsync_dir(target.parent)
+
+
 def _umask() -> int:
     """This process's umask, read without changing it (os.umask can only set it); 0o022 where unreadable."""
     try:

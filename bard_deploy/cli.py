@@ -97,7 +97,7 @@ R = Recipe
 RECIPE_OPTIONS = ("name", "out", "source", "data", "image_root", "train_samples", "prompt_attention", "t_min",
                   "weight_cap", "distill_lambda", "distill_topk", "ar_teacher", "no_distill", "shift_distill",
                   "micro_batch", "activation_checkpointing", "device", "precision", "strategy", "seed",
-                  "eval_samples", "eval_threshold", "on_error")
+                  "eval_samples", "eval_threshold", "on_error", "hold_out_every", "max_unknown_rate")
 
 
 @app.command()
@@ -136,6 +136,10 @@ def train(
     eval_samples: int = typer.Option(R.eval_samples, help="Test samples in the results table."),
     eval_threshold: float = typer.Option(R.eval_threshold, help="Decode threshold of the results table."),
     on_error: str = typer.Option(R.on_error, help="Bad data rows: skip or fail."),
+    hold_out_every: int = typer.Option(R.hold_out_every, help="--data: hold one row in N out of training for the "
+                                       "results table (0 = none)."),
+    max_unknown_rate: float = typer.Option(R.max_unknown_rate, help="--data: refuse data of which more text tokens "
+                                           "than this fraction are unknown to the tokenizer."),
     resume: bool = typer.Option(True, "--resume/--fresh", help="Reuse finished stages and continue a killed one."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):
@@ -183,6 +187,8 @@ def export(
                                           show_default="the checkpoint's processor"),
     max_pixels: int | None = typer.Option(None, help="Largest image (pixels) the export's processor resizes to.",
                                           show_default="the checkpoint's processor"),
+    keep_calibration: bool = typer.Option(False, "--keep-calibration", help="Keep INT8's calibration inputs in "
+                                          "the bundle (default: beside it, OUT.calibration.safetensors)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
 ):
     """Export the decoder step and vision tower to ONNX (validated against PyTorch), optionally INT8 / INT4."""
@@ -191,7 +197,7 @@ def export(
     prompts = ExportPrompts.for_checkpoint(model, int8 or int4, o.calibration_samples, o.eval_samples, calib_data)
     m = export_model(model, out, prompts, int8=int8, int4=int4, quant_options=o, force=force, image_size=image_size,
                      block_size=block_size, external_data=external_data, dtype=dtype, min_pixels=min_pixels,
-                     max_pixels=max_pixels, log=console.print)
+                     max_pixels=max_pixels, keep_calibration=keep_calibration, log=console.print)
     for table in export_tables(m, out, verified=False):    # the manifest just written: no second pass over files
         console.print(table)
 

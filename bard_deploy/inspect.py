@@ -11,7 +11,7 @@ from bard_deploy.checkpoint import SIDE_FILES, tensor_shapes, to_ours, weight_fi
 from bard_deploy.config import load_config
 from bard_deploy.errors import CheckpointError
 from bard_deploy.manifest import Manifest, is_export
-from bard_deploy.tables import export_summary, export_table, mapping_table
+from bard_deploy.tables import export_summary, export_table, mapping_table, runtime_table
 
 
 def _count(shapes: dict, arch: str, prefix: str) -> int:
@@ -74,7 +74,9 @@ def inspect_tables(directory: str | Path) -> list[Table]:
     checkpoint's summary."""
     directory = Path(directory)
     if is_export(directory):
-        return export_tables(Manifest.read(directory), directory, verified=True)
+        m = Manifest.read(directory, verify=False)
+        m.verify_files(directory, needed=[])          # what is here is intact; a trimmed bundle is shown as such
+        return export_tables(m, directory, verified=True) + [runtime_table(m, directory)]
     return [mapping_table(f"checkpoint {directory}", checkpoint_summary(directory))]
 
 

@@ -153,6 +153,15 @@ class Manifest:
         (directory / MANIFEST).write_text(json.dumps(done.to_dict(), indent=2) + "\n")
         return done
 
+    def runtime_files(self, variant: str | None = None) -> list[str]:
+        """The listed files a runtime needs to decode with one decoder variant (default: the manifest's): every
+        file but the other variants' decoder graphs (and their data files) and the calibration inputs. A bundle
+        trimmed to these loads and verifies (`inspect` lists them per variant)."""
+        variant, graph = self.decoder_graph(variant)
+        others = {g for v, g in self.graphs["decoder"].items() if v != variant} - {graph}
+        skip = others | {g + ".data" for g in others} | ({self.calibration["file"]} if self.calibration else set())
+        return [name for name in self.files if name not in skip]
+
     @classmethod
     def read(cls, directory: str | Path, verify: bool = True) -> Manifest:
         """The manifest of an export directory; with `verify`, after checking every listed file's hash and
@@ -169,11 +178,23 @@ class Manifest:
             m.verify_files(directory)
         return m
 
-    def verify_files(self, directory: Path) -> None:
-        """ExportError unless the directory holds exactly the listed files with their hashes."""
+    @classmethod
+    def for_variant(cls, directory: str | Path, variant: str | None = None) -> Manifest:
+        """The manifest of an export directory, verified for decoding with `variant` (default: the manifest's):
+        its files present and intact, the other variants' graphs and the calibration inputs optional."""
+        m = cls.read(directory, verify=False)
+        m.verify_files(Path(directory), m.runtime_files(variant))
+        return m
+
+    def verify_files(self, directory: Path, needed: list[str] | None = None) -> None:
+        """ExportError unless the directory holds the listed files `needed` (default: all) and the others it
+        holds match their hashes too, with nothing unlisted added."""
+        needed = set(self.files if needed is None else needed)
         for name, digest in self.files.items():
             f = directory / name
             if not f.is_file():
+                if name not in needed:
+                    continue                                   # a bundle trimmed to another variant's files
                 raise ExportError(f"export file {name} listed in the manifest is missing", name)
             if sha256(f) != digest:
                 raise ExportError(f"export file {name} does not match its sha256 in the manifest (tampered or "

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from bard_deploy import iospec
-from bard_deploy.manifest import Manifest
+from bard_deploy.manifest import MANIFEST, Manifest
 from bard_deploy.onnx_files import graph_bytes
 
 BENCH_COLUMNS = ("configuration", "B", "tau", "EM", "TTFT ms", "step ms p50/p90/p99", "backend / host ms",
@@ -136,6 +136,19 @@ def export_table(m: Manifest, directory: Path) -> Table:
     return table
 
 
+def runtime_table(m: Manifest, directory: Path) -> Table:
+    """What a deployment copies for each decoder variant (`Manifest.runtime_files`): the files, their size, and
+    whether this directory holds them all (a bundle may be trimmed to one variant's files)."""
+    table = _table("run-time files per variant (copy these to deploy)", ("variant", "files", "size", "here"))
+    for variant in m.variants:
+        names = [MANIFEST] + m.runtime_files(variant)
+        missing = [n for n in names if not (directory / n).is_file()]
+        size = sum((directory / n).stat().st_size for n in names if n not in missing)
+        table.add_row(variant + (" (default)" if variant == m.default_variant else ""), ", ".join(names),
+                      f"{size / 2**20:.2f} MiB", "complete" if not missing else f"missing {', '.join(missing)}")
+    return table
+
+
 def export_summary(m: Manifest, verified: bool = True) -> dict[str, object]:
     """The facts of an export beside its graph table (`inspect EXPORT_DIR`); `verified`: its files were checked
     against the manifest (False right after the exporter wrote them)."""
@@ -158,6 +171,8 @@ def export_summary(m: Manifest, verified: bool = True) -> dict[str, object]:
                                       f"{g['top1_agreement']} (min {g['thresholds']['top1']}), "
                                       f"{_end_to_end(g, variant)}")
     if m.calibration is not None:
-        out["calibration"] = f"{m.calibration['steps']} steps, sha256 {m.calibration['sha256'][:16]}..."
+        where = (f"beside the bundle ({m.calibration['file']}; not needed at run time)"
+                 if m.calibration.get("where") else f"in the bundle ({m.calibration['file']})")
+        out["calibration"] = f"{m.calibration['steps']} steps, sha256 {m.calibration['sha256'][:16]}..., {where}"
     out["files"] = f"{len(m.files)} (sha256 {'verified' if verified else 'written'})"
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -33,7 +34,7 @@ import torch
 from PIL import Image
 
 from bard_deploy import iospec
-from bard_deploy.atomic import atomic_dir, recover_dir, write_json
+from bard_deploy.atomic import atomic_dir, publish_file, recover_dir, write_json
 from bard_deploy.calibration.collect import Trajectories, record_trajectories, record_vision, vision_records
 from bard_deploy.calibration.gate import QuantOptions, quantize_and_gate
 from bard_deploy.calibration.prompts import ExportPrompts, trajectory_options
@@ -63,7 +64,7 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
            int4: bool = False, quant_options: QuantOptions = QuantOptions(), force: bool = False,
            image_size: int | None = None, block_size: int | None = None, external_data: bool | None = None,
            dtype: str = "fp32", min_pixels: int | None = None, max_pixels: int | None = None,
-           log=print) -> Manifest:
+           keep_calibration: bool = False, log=print) -> Manifest:
     """Export a checkpoint directory into `out_dir`; returns the manifest written there.
 
     prompts: the conversations to validate and calibrate on (default: `ExportPrompts.for_checkpoint`).
@@ -74,6 +75,8 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
     weights; validated against the model in fp16 PyTorch, tolerance FP16_TOLERANCE).
     min_pixels / max_pixels: the image processor's pixel budget in the export (its preprocessor_config.json, so
     every runtime resizes images into it the way the processor does); None: the checkpoint's.
+    keep_calibration: keep INT8's calibration inputs in the bundle; by default they go beside it, as
+    `<out_dir>.calibration.safetensors` (no runtime reads them, and they outweigh a small INT8 decoder).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     o = quant_options.check()
@@ -91,37 +94,57 @@ def export(model_dir: str | Path, out_dir: str | Path, prompts: ExportPrompts | 
         raise ExportError(f"{out_dir} exists and is not empty (use --force to replace it)", str(out_dir))
     if prompts is None:
         prompts = ExportPrompts.for_checkpoint(model_dir, int8 or int4, o.calibration_samples, o.eval_samples)
-    with atomic_dir(out_dir, ExportError, "export") as tmp:
-        t0 = time.perf_counter()
-        model = load_model(model_dir, block_size=block_size, dtype=resolve_dtype(dtype))
-        side = copy_side_files(model_dir, model.config, tmp)
-        if min_pixels is not None or max_pixels is not None:
-            set_pixel_budget(side, min_pixels, max_pixels)
-        pipe = Pipeline.from_backend(TorchBackend(model), side)
-        manifest = write_graphs(pipe, model_dir, tmp, image_size, external_data)
-        log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
-        options = {"ar": model.config.bard is None, **trajectory_options(model.config)}
-        t1 = time.perf_counter()
-        reference = record_trajectories(pipe, prompts.validation, outputs=True, **options)
-        images = None
-        if manifest.vision is not None:      # the prompts' own images, then the budget's extremes and shapes
-            images = record_vision(pipe, prompts.validation)
-            checks = [vision_records(pipe, e["pixel_values"], e["image_grid_thw"])[0]
-                      for e in size_check_images(pipe.encoder.processor)]
-            images += checks
-            grids = sorted({tuple(iospec.VisionIO.for_config(model.config).grid_of(f)) for f, _ in images})
-            manifest = replace(manifest, vision=replace(manifest.vision, validated_grids=[list(g) for g in grids]))
-        calibration = record_trajectories(pipe, prompts.calibration, **options) if int8 else None
-        log(f"export: {len(reference)} reference steps recorded in {time.perf_counter() - t1:.1f} s")
-        del pipe, model                 # the PyTorch weights go before any graph is loaded
-        gc.collect()
-        manifest = validate(tmp, manifest, reference, images, dtype, log)
-        del reference
-        variants = tuple(v for v, wanted in (("int8", int8), ("int4", int4)) if wanted)
-        if variants:
-            manifest = quantize_and_gate(tmp, manifest, prompts, o, variants, calibration, log)
-        manifest = manifest.write(tmp)
+    beside = calibration_beside(out_dir)
+    staged = out_dir.parent / f".{beside.name}.tmp-{os.getpid()}"
+    try:
+        with atomic_dir(out_dir, ExportError, "export") as tmp:
+            t0 = time.perf_counter()
+            model = load_model(model_dir, block_size=block_size, dtype=resolve_dtype(dtype))
+            side = copy_side_files(model_dir, model.config, tmp)
+            if min_pixels is not None or max_pixels is not None:
+                set_pixel_budget(side, min_pixels, max_pixels)
+            pipe = Pipeline.from_backend(TorchBackend(model), side)
+            manifest = write_graphs(pipe, model_dir, tmp, image_size, external_data)
+            log(f"export: graphs written in {time.perf_counter() - t0:.1f} s")
+            options = {"ar": model.config.bard is None, **trajectory_options(model.config)}
+            t1 = time.perf_counter()
+            reference = record_trajectories(pipe, prompts.validation, outputs=True, **options)
+            images = None
+            if manifest.vision is not None:      # the prompts' own images, then the budget's extremes and shapes
+                images = record_vision(pipe, prompts.validation)
+                checks = [vision_records(pipe, e["pixel_values"], e["image_grid_thw"])[0]
+                          for e in size_check_images(pipe.encoder.processor)]
+                images += checks
+                grids = sorted({tuple(iospec.VisionIO.for_config(model.config).grid_of(f)) for f, _ in images})
+                manifest = replace(manifest, vision=replace(manifest.vision, validated_grids=[list(g) for g in grids]))
+            calibration = record_trajectories(pipe, prompts.calibration, **options) if int8 else None
+            log(f"export: {len(reference)} reference steps recorded in {time.perf_counter() - t1:.1f} s")
+            del pipe, model                 # the PyTorch weights go before any graph is loaded
+            gc.collect()
+            manifest = validate(tmp, manifest, reference, images, dtype, log)
+            del reference
+            variants = tuple(v for v, wanted in (("int8", int8), ("int4", int4)) if wanted)
+            if variants:
+                manifest = quantize_and_gate(tmp, manifest, prompts, o, variants, calibration, log)
+            if manifest.calibration is not None and not keep_calibration:
+                shutil.move(tmp / manifest.calibration["file"], staged)
+                manifest = replace(manifest, calibration={**manifest.calibration, "file": beside.name,
+                                                          "where": "beside the export"})
+            manifest = manifest.write(tmp)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    if staged.exists():
+        publish_file(staged, beside)
+        log(f"export: calibration inputs kept beside the bundle: {beside}")
+    elif beside.is_file():
+        beside.unlink()                     # an earlier export's, replaced by this one (--force)
     return manifest
+
+
+def calibration_beside(out_dir: Path) -> Path:
+    """Where an export's calibration inputs go when they are kept out of the bundle."""
+    return out_dir.parent / f"{out_dir.name}.calibration.safetensors"
 
 
 def with_head(records, manifest: Manifest):

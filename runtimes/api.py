@@ -30,7 +30,7 @@ from bard_deploy.devices import resolve_dtype
 from bard_deploy.errors import CheckpointError, RuntimeInputError
 from bard_deploy.manifest import Manifest, is_export
 from bard_deploy.onnx_files import graph_bytes
-from bard_deploy.prompting import PromptEncoder, load_image, video_part, video_tokens
+from bard_deploy.prompting import EncodedPrompt, PromptEncoder, load_image, video_part, video_tokens
 from bard_deploy.runtimes.backend import TorchBackend
 from bard_deploy.runtimes.decode import (
     DecodeOptions,
@@ -174,7 +174,7 @@ class Pipeline:
             impl = TrtBackend.open(directory, variant=variant)
             policy = Threads.policy(backend, threads)
         else:
-            m = Manifest.read(directory)
+            m = Manifest.for_variant(directory, variant)
             policy = Threads.policy(backend, threads, graph_bytes(directory / m.decoder_graph(variant)[1]))
             impl = OrtBackend(directory, variant=variant, device=device, threads=policy.backend, manifest=m)
         pipe = cls.from_backend(impl, directory, policy)
@@ -241,6 +241,13 @@ class Pipeline:
         if self.tokenizer is None:
             raise RuntimeInputError("this model directory has no tokenizer files: decode token ids with "
                                     "generate_ids (generate --prompt-ids on the command line)", "tokenizer")
+
+    def encode(self, messages: list[dict]) -> EncodedPrompt:
+        """A conversation encoded as a request would be (chat template, images, videos): what a server checks
+        a request with before queueing it (thread-safe; a DataError names a bad part)."""
+        self._text()
+        with self._lock:
+            return self.encoder.encode(messages)
 
     def _batch(self, conversations: list[list[dict]]) -> PromptBatch:
         self._text()
@@ -363,6 +370,27 @@ class Pipeline:
                 yield kept[shown:]
                 shown = len(kept)
         stats.tokens = [shown]
+
+    def stream_batch(self, conversations: list[list[dict]], *, ar: bool = False, stats: Stats | None = None,
+                     **options) -> Iterator[list[list[int]]]:
+        """Decode several conversations as one batch, yielding after every decoded chunk (a block, or an AR
+        token) each row's answer token ids so far (cut after its EOS and at max_new_tokens): what a server streams
+        to several clients at once. Stop strings are the caller's (per row, on the text)."""
+        opts = DecodeOptions.of(options)
+        if opts.stop:
+            raise RuntimeInputError("stream_batch yields token ids: apply stop strings to each row's text", opts.stop)
+        batch = self._batch(conversations)
+        stats = stats if stats is not None else Stats()
+        apply_host_threads(self.threads)
+        rows: list[list[int]] = [[] for _ in conversations]
+        eos = set(self.eos_ids)
+        for chunk in (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats):
+            for r, part in zip(rows, chunk.tolist(), strict=True):
+                r += part
+            kept = truncate_at_eos(rows, eos, opts.max_new_tokens)
+            stats.tokens = [len(k) for k in kept]
+            stats.finish_reasons = [finish_reason(k, self.eos_ids) for k in kept]
+            yield kept
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                images: Sequence[object] = (), videos: Sequence[object] = (), ar: bool = False,

@@ -168,7 +168,7 @@ class OrtBackend:
     def __init__(self, directory: str | Path, variant: str | None = None, device: str = "cpu", threads: int = 0,
                  manifest: Manifest | None = None):
         directory = Path(directory)
-        self.manifest = m = manifest if manifest is not None else Manifest.read(directory)
+        self.manifest = m = manifest if manifest is not None else Manifest.for_variant(directory, variant)
         self.config = load_config(directory)
         self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype, m.fused_head)
         # where the loop keeps the KV buffer and the step's tensors: on the GPU with the CUDA / TensorRT

@@ -126,14 +126,14 @@ class TrtBackend:
     @classmethod
     def open(cls, directory: str | Path, variant: str | None = None) -> TrtBackend:
         """The backend of an export directory, building its engine on first use for this GPU."""
-        m = Manifest.read(directory)
+        m = Manifest.for_variant(directory, variant)
         ensure_engine(directory, m, variant)
         return cls(directory, variant, manifest=m)
 
     def __init__(self, directory: str | Path, variant: str | None = None, manifest: Manifest | None = None):
         trt = _trt()
         directory = Path(directory)
-        m = manifest if manifest is not None else Manifest.read(directory)
+        m = manifest if manifest is not None else Manifest.for_variant(directory, variant)
         self.config = load_config(directory)
         m.check_config(self.config)
         self.io = iospec.DecoderIO.for_config(self.config, m.float_dtype, m.fused_head)

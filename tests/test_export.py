@@ -40,7 +40,9 @@ def test_fp32_parity_on_recorded_steps(exported):
     assert max(m["parity"]["decoder"].values()) <= 1e-4 and max(m["parity"]["vision"].values()) <= 1e-4
     assert m["calibration"]["steps"] > 10 and len(m["calibration"]["sha256"]) == 64
     assert set(m["files"]) >= {"decoder.onnx", "decoder.int8.onnx", "vision.onnx", "embeddings.safetensors",
-                               "config.json", "tokenizer.json", "calibration.safetensors"}
+                               "config.json", "tokenizer.json"}
+    assert "calibration.safetensors" not in m["files"] and m["calibration"]["where"] == "beside the export"
+    assert (exported.parent / "export.calibration.safetensors").is_file()
 
 
 def test_graph_io_names_equal_the_io_table(exported):
@@ -334,7 +336,7 @@ def test_a_real_model_is_calibrated_and_gated_on_the_users_data(tmp_path, capsys
         assert g["score"] == "token_agreement" and 0 <= g["token_agreement"] <= 1 and "exact_match_fp32" not in g
         assert g["eval_samples"] == 12 - 3 - 4 - 4                     # the rows left after validation, calibration
     from safetensors import safe_open
-    with safe_open(str(tmp_path / "ex" / "calibration.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "ex.calibration.safetensors"), "pt") as f:         # beside the bundle
         assert "rows.jsonl" in json.loads(f.metadata()["meta"])["source"]    # calibrated on the user's rows
     from bard_deploy.calibration.prompts import ExportPrompts
     with pytest.raises(BardError, match="needs at least"):
@@ -605,3 +607,32 @@ def test_a_run_time_pixel_budget(exported, capsys):
                  "4096", "--max-new-tokens", "4", "--stats"]) == 0
     out = capsys.readouterr().out
     assert "image_tokens" in out and "vision_s" in out
+
+
+def test_a_bundle_trimmed_to_one_variant_loads_and_inspect_lists_what_it_needs(exported, tmp_path, capsys):
+    """The files a runtime needs per variant (Manifest.runtime_files; inspect lists them): a copy holding only
+    the INT8 ones decodes as the full bundle does; a needed file missing or a tampered one is still refused."""
+    import shutil
+
+    from bard_deploy.manifest import MANIFEST, Manifest
+
+    m = Manifest.read(exported)
+    need = m.runtime_files("int8")
+    assert "decoder.int8.onnx" in need and "decoder.onnx" not in need and m.embeddings in need
+    trimmed = tmp_path / "int8-only"
+    trimmed.mkdir()
+    for name in need + [MANIFEST]:
+        shutil.copy(exported / name, trimmed / name)
+    s = make_sample(2)
+    want = Pipeline.load(exported, variant="int8").generate(s.question, images=[s.image()], max_new_tokens=6)
+    assert Pipeline.load(trimmed, variant="int8").generate(s.question, images=[s.image()],
+                                                          max_new_tokens=6).token_ids == want.token_ids
+    with pytest.raises(ExportError, match="decoder.onnx listed in the manifest is missing"):
+        Pipeline.load(trimmed, variant="fp32")
+    assert main(["inspect", str(trimmed)]) == 0
+    out = capsys.readouterr().out
+    assert "run-time files per variant" in out and "complete" in out and "missing decoder.onnx" in out
+    assert "beside the bundle" in out
+    (trimmed / "config.json").write_text((trimmed / "config.json").read_text() + " ")
+    with pytest.raises(ExportError, match="config.json does not match its sha256"):
+        Pipeline.load(trimmed, variant="int8")

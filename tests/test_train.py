@@ -2,6 +2,7 @@
 recipe produces loadable b4/b8 checkpoints; distillation with teacher == student gives KL ~ 0; recipes load."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -266,9 +267,30 @@ def test_recipe_on_a_chat_jsonl(tmp_path, source):
     (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
     logs = []
     r = Recipe(name="chat", out=str(tmp_path / "runs"), source=str(source), data=str(tmp_path / "rows.jsonl"),
-               stages=(Stage("b4", 4, 2, batch_size=4),))
+               stages=(Stage("b4", 4, 2, batch_size=4),), hold_out_every=4, eval_samples=8)
     res = train(r, progress=False, log=logs.append)
     assert any("13 rows read, 1 skipped" in m for m in logs) and any("rows.jsonl:13" in m for m in logs)
+    assert any("unknown tokens 0.0 %" in m for m in logs)
     b4 = load_model(tmp_path / "runs" / "chat" / "b4")
     assert b4.config.bard.block_size == 4 and len(b4.config.bard.data_hash) == 16
-    assert "rows" not in res                     # evaluation runs on the synthetic split only
+    # the held-out rows (one in 4 by a hash of the line: never trained on) give the results table
+    from bard_deploy.data.chat import held_out_row
+    held = sum(held_out_row(line, 4) for line in rows[:12])
+    assert 0 < held < 12 and any(f"{12 - held} training examples, {held} held out" in m for m in logs)
+    assert res["eval_samples"] == held and [row["model"] for row in res["rows"]] == ["source (AR)", "b4"]
+    assert all(row["loss"] > 0 and 0 <= row["exact_match"] <= 1 and row["n"] == held for row in res["rows"])
+
+
+def test_data_the_tokenizer_does_not_know_is_refused(tmp_path, source):
+    """Training on text the tokenizer turns into <unk> is refused above --max-unknown-rate, naming the words; a
+    higher limit accepts it and the log reports the rate."""
+    row = {"messages": [{"role": "user", "content": "What is this?"},
+                        {"role": "assistant", "content": "It is a golden retriever puppy."}]}
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for _ in range(4)) + "\n")
+    r = Recipe(name="unk", out=str(tmp_path / "runs"), source=str(source), data=str(tmp_path / "rows.jsonl"),
+               stages=(Stage("b4", 4, 1, batch_size=2),), hold_out_every=0)
+    with pytest.raises(ConfigError, match=r"does not know \d+\.\d % .*'golden'.*--max-unknown-rate"):
+        train(r, progress=False, log=lambda *a: None)
+    logs = []
+    train(replace(r, max_unknown_rate=1.0), progress=False, log=logs.append)
+    assert any("unknown tokens" in m and "'retriever' x4" in m for m in logs)

@@ -115,6 +115,10 @@ class Recipe:
     eval_samples: int = 200
     eval_threshold: float = 0.9
     on_error: str = "skip"
+    # --data: one row in `hold_out_every` (by a hash of its line) is held out for the results table (0 = none)
+    hold_out_every: int = 20
+    # --data: refuse the data when more of its text tokens than this are the tokenizer's unknown token
+    max_unknown_rate: float = 0.01
 
     def check(self) -> Recipe:
         """The recipe itself, or a ConfigError naming the first bad setting (the stages included)."""
@@ -136,6 +140,12 @@ class Recipe:
         for s in self.stages:
             s.check()
         resolve_precision(self.precision, torch.device("cpu"))     # the name only; the device is checked at use
+        if not 0 <= self.max_unknown_rate <= 1:
+            raise ConfigError(f"max_unknown_rate must be in [0, 1], got {self.max_unknown_rate}", self.max_unknown_rate)
+        if isinstance(self.hold_out_every, bool) or not isinstance(self.hold_out_every, int) or \
+                self.hold_out_every < 0 or self.hold_out_every == 1:
+            raise ConfigError(f"hold_out_every must be 0 (no held-out split) or an integer >= 2, got "
+                              f"{self.hold_out_every!r}", self.hold_out_every)
         if self.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}", self.strategy)
         return self
@@ -149,7 +159,7 @@ class Recipe:
         """What determines a stage's weights: the recipe up to and including it."""
         upto = self.stages[:self.stages.index(stage) + 1]
         key = {**asdict(self), "stages": [asdict(s) for s in upto], "eval_samples": None, "eval_threshold": None,
-               "out": None, "name": None}
+               "out": None, "name": None, "max_unknown_rate": None}
         if len(upto) == 1:      # the anchor has no distillation pass: an ablation run reuses (a copy of) it
             key.update(dict.fromkeys(DISTILL_FIELDS))
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

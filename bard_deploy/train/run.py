@@ -8,19 +8,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
+from bard_deploy.checkpoint import load_model
 from bard_deploy.config import ModelConfig, load_config
 from bard_deploy.data.chat import Example, Report, read_jsonl
+from bard_deploy.data.collate import collate_ar, collate_diffusion
 from bard_deploy.errors import ConfigError
 from bard_deploy.evaluate import evaluate, synthetic_conversations
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.train.loop import DistInfo
-from bard_deploy.train.recipe import Recipe
-from bard_deploy.train.source import SourceRecipe, build_source, data_hash, make_encoder, synthetic_examples
+from bard_deploy.train.objective import LossSetup, bard_loss, text_token_ids
+from bard_deploy.train.recipe import Recipe, Stage
+from bard_deploy.train.source import SourceRecipe, ar_loss, build_source, data_hash, make_encoder, synthetic_examples
 from bard_deploy.train.stages import StageContext, train_stage
 
 
@@ -51,7 +55,7 @@ def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_rec
     t0 = time.perf_counter()
     source_dir, source_cfg = resolve_source(recipe, d, resume, progress, source_recipe, log)
     encoder = load_encoder(source_dir, source_cfg)
-    examples, dhash = load_examples(recipe, encoder, log)
+    examples, dhash, held_out = load_examples(recipe, encoder, log)
     ctx = StageContext(recipe, source_dir, examples, encoder.tokenizer, dhash, resume, d, progress, log)
     parent = source_dir
     for stage in recipe.stages:
@@ -59,7 +63,8 @@ def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_rec
         _barrier(d)                     # the next stage (and the results) read the checkpoint the main one saved
     results = {"train_seconds": round(time.perf_counter() - t0, 1)}
     if d.main:
-        results.update(results_table(recipe, source_dir, log))
+        results.update(results_table(recipe, source_dir, log) if recipe.data is None else
+                       held_out_table(recipe, source_dir, held_out, log))
         (recipe.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -97,23 +102,33 @@ def load_encoder(source_dir: Path, source_cfg: ModelConfig) -> PromptEncoder:
     return make_encoder(tokenizer, processor, source_cfg)
 
 
-def load_examples(recipe: Recipe, encoder: PromptEncoder, log: Callable[..., None]) -> tuple[list[Example], str]:
-    """The encoded training examples and their data hash: the synthetic task, or the chat JSONL of `recipe.data`
-    (bad rows skipped or fatal per `on_error`; the first skipped ones are logged)."""
+def load_examples(recipe: Recipe, encoder: PromptEncoder, log: Callable[..., None]
+                  ) -> tuple[list[Example], str, list[tuple[Example, list[dict]]]]:
+    """The encoded training examples, their data hash and the held-out rows (encoded, messages): the synthetic
+    task (its own test split is the held-out one: none here), or the chat JSONL of `recipe.data` (bad rows
+    skipped or fatal per `on_error`; one row in `hold_out_every` held out; refused when the tokenizer does not
+    know more than `max_unknown_rate` of its text tokens)."""
     if recipe.data is None:
         examples = synthetic_examples(encoder, "train", recipe.train_samples, recipe.max_len)
-        dhash = data_hash("train", recipe.train_samples)
-    else:
-        report = Report()
-        examples = list(read_jsonl(recipe.data, encoder, recipe.max_len, recipe.image_root, recipe.on_error, report))
-        log(f"data: {report.summary()}")
-        for line in report.skipped[:10]:
-            log(f"  skipped {line}")
-        if not examples:
-            raise ConfigError(f"no usable rows in {recipe.data}", recipe.data)
-        dhash = _file_hash(recipe.data)
-    log(f"data: {len(examples)} training examples")
-    return examples, dhash
+        return examples, data_hash("train", recipe.train_samples), []
+    report = Report()
+    examples = list(read_jsonl(recipe.data, encoder, recipe.max_len, recipe.image_root, recipe.on_error, report,
+                               recipe.hold_out_every))
+    log(f"data: {report.summary()}")
+    for line in report.skipped[:10]:
+        log(f"  skipped {line}")
+    if not examples:
+        raise ConfigError(f"no usable training rows in {recipe.data} ({len(report.held_out)} held out)", recipe.data)
+    log(f"data: {report.unknown_summary()}")
+    if report.unknown_rate > recipe.max_unknown_rate:
+        common = ", ".join(repr(w) for w, _ in report.unknown_words.most_common(3))
+        raise ConfigError(f"{recipe.data}: the tokenizer does not know {100 * report.unknown_rate:.1f} % of the "
+                          f"data's text tokens (most often {common}), above --max-unknown-rate "
+                          f"{recipe.max_unknown_rate:g}: train from a source whose "
+                          "tokenizer covers the data (the embedded default knows only its task's words), or raise "
+                          "--max-unknown-rate to accept it", report.unknown_rate)
+    log(f"data: {len(examples)} training examples, {len(report.held_out)} held out")
+    return examples, _file_hash(recipe.data), report.held_out
 
 
 def _file_hash(path: str) -> str:
@@ -124,12 +139,32 @@ def _file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
-    """Test exact match and tokens per forward of the source (AR) and every stage (synthetic task only); prints
-    the table and returns its rows."""
-    if recipe.data is not None:
-        log("results: evaluation runs on the synthetic test split only; skipped for --data")
+def held_out_table(recipe: Recipe, source_dir: Path, held_out: list[tuple[Example, list[dict]]], log) -> dict:
+    """The results on the user's held-out rows: each model's loss on them (its own objective: next-token CE for
+    the source, the block-diffusion CE at fixed noise for a stage), token accuracy, exact match and tokens per
+    forward of decoding them; printed and returned."""
+    if not held_out:
+        log("results: no held-out rows (hold_out_every = 0, or too few rows): no results table for --data")
         return {}
+    held_out = held_out[:recipe.eval_samples]
+    examples, convs = [e for e, _ in held_out], [m for _, m in held_out]
+    rows = []
+    ev = evaluate(Pipeline.load(source_dir, device=recipe.device), convs, ar=True, batch_size=1, max_new_tokens=64)
+    rows.append({"model": "source (AR)", "block_size": 1, "threshold": None,
+                 "loss": round(held_out_loss(source_dir, examples, recipe, None), 4), **ev.as_dict()})
+    for stage in recipe.stages:
+        directory = recipe.run_dir / stage.name
+        ev = evaluate(Pipeline.load(directory, device=recipe.device), convs, batch_size=1,
+                      threshold=recipe.eval_threshold, max_new_tokens=64)
+        rows.append({"model": stage.name, "block_size": stage.block_size, "threshold": recipe.eval_threshold,
+                     "loss": round(held_out_loss(directory, examples, recipe, stage), 4), **ev.as_dict()})
+    Console(width=120).print(results_table_view(rows, len(convs), "held-out rows of the data"))
+    return {"eval_samples": len(convs), "split": f"held out: one row in {recipe.hold_out_every}", "rows": rows}
+
+
+def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
+    """Test exact match and tokens per forward of the source (AR) and every stage on the synthetic task's test
+    split; prints the table and returns its rows."""
     convs = synthetic_conversations("test", recipe.eval_samples)
     rows = []
     device = recipe.device                               # where training ran: a GPU run evaluates on the GPU
@@ -144,12 +179,47 @@ def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
     return {"eval_samples": len(convs), "rows": rows}
 
 
-def results_table_view(rows: list[dict], samples: int) -> Table:
-    """The rich table of `results_table`'s rows (one per model), evaluated on `samples` test samples."""
-    table = Table(title=f"results on {samples} test samples (batch 1)")
-    for col in ("model", "block", "threshold", "exact match", "token acc", "tokens/forward", "NFE"):
+def results_table_view(rows: list[dict], samples: int, what: str = "test samples") -> Table:
+    """The rich table of `results_table`'s rows (one per model), evaluated on `samples` test samples (or held-out
+    rows, whose rows carry a loss)."""
+    table = Table(title=f"results on {samples} {what} (batch 1)")
+    losses = all("loss" in r for r in rows)
+    for col in ("model", "block", "threshold") + (("held-out loss",) if losses else ()) + (
+            "exact match", "token acc", "tokens/forward", "NFE"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], str(r["block_size"]), str(r["threshold"]), f"{100 * r['exact_match']:.1f}%",
+        table.add_row(r["model"], str(r["block_size"]), str(r["threshold"]),
+                      *([f"{r['loss']:.4f}"] if losses else []), f"{100 * r['exact_match']:.1f}%",
                       f"{100 * r['token_accuracy']:.1f}%", f"{r['tokens_per_forward']:.2f}", str(r["nfe"]))
     return table
+
+
+@torch.no_grad()
+def held_out_loss(directory: Path, examples: list[Example], recipe: Recipe, stage: Stage | None) -> float:
+    """Mean per-sample loss of a checkpoint on held-out examples under its own training objective (no teacher):
+    next-token CE for the AR source (stage None), the block-diffusion CE of `stage` with noise seeded per row."""
+    model = load_model(directory).eval()
+    cfg, tok = model.config, load_encoder_tokenizer(directory)
+    if stage is None:
+        collate, loss_fn = (lambda ex: collate_ar(ex, cfg, tok.pad_token_id)), ar_loss
+    else:
+        setup = LossSetup(stage.noise, cfg.bard.mask_token_id, text_token_ids(tok), recipe.t_min, recipe.weight_cap,
+                          recipe.prompt_attention)
+        collate = lambda ex: collate_diffusion(ex, cfg, stage.block_size, tok.pad_token_id,  # noqa: E731
+                                               tok.eos_token_id, recipe.prompt_attention)
+        loss_fn = bard_loss(setup)
+    total = 0.0
+    for i in range(0, len(examples), 8):
+        chunk = examples[i:i + 8]
+        gens = [torch.Generator().manual_seed(recipe.seed * 100003 + i + j) for j in range(len(chunk))]
+        per_sample = loss_fn(model, collate(chunk), gens)
+        per_sample = per_sample[0] if isinstance(per_sample, tuple) else per_sample
+        total += float(per_sample.sum())
+    return total / len(examples)
+
+
+def load_encoder_tokenizer(directory: Path):
+    """The HF tokenizer saved with a checkpoint."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
