@@ -29,6 +29,8 @@ from bard_deploy.inspect import checkpoint_summary, export_tables, inspect_table
 from bard_deploy.prompting import DEFAULT_VIDEO_FPS, video_frames
 from bard_deploy.runtimes.api import BACKENDS, Pipeline
 from bard_deploy.runtimes.decode import DecodeOptions, Stats
+from bard_deploy.serve import ServeOptions
+from bard_deploy.serve import serve as run_serve
 from bard_deploy.standins import SIZES, write_standin
 from bard_deploy.tables import bench_table, loop_table, mapping_table, replay_table, step_table
 from bard_deploy.train.recipe import Recipe, recipe_from_cli
@@ -437,6 +439,34 @@ def standin(
     write_standin(out, size, layers, bard_vl, seed)
     for table in inspect_tables(out):
         console.print(table)
+
+
+SV = ServeOptions
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="A checkpoint or export directory."),
+    host: str = typer.Option(SV.host, help="Address to listen on (127.0.0.1: this machine only; put a reverse "
+                             "proxy in front to expose it)."),
+    port: int = typer.Option(SV.port, help="TCP port."),
+    max_batch: int = typer.Option(SV.max_batch, help="Requests decoded together at most."),
+    max_queue: int = typer.Option(SV.max_queue, help="Requests waiting at most; a full queue answers 429."),
+    image_root: str | None = typer.Option(SV.image_root, help="File paths in image_url parts resolve under this "
+                                          "folder.", show_default="file paths refused; data: URLs only"),
+    request_timeout: float = typer.Option(SV.request_timeout, help="Seconds a request may take (504 after)."),
+    max_request_bytes: int = typer.Option(SV.max_request_bytes, help="Largest request body (413 above)."),
+    model_name: str | None = typer.Option(SV.model_name, help="The model id clients send.",
+                                          show_default="the model directory's name"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    variant: str | None = typer.Option(None, help="Export decoder variant.", show_default="the manifest's"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    threads: int | None = typer.Option(None, help=THREADS_HELP, show_default="the available cores"),
+):
+    """Serve the model over HTTP: OpenAI's chat-completions API, streaming per block, dynamic batching."""
+    o = ServeOptions(host, port, max_batch, max_queue, image_root, request_timeout, max_request_bytes,
+                     model_name=model_name)
+    run_serve(model, o, backend=backend, variant=variant, device=device, threads=threads)
 
 
 @app.command()

@@ -21,7 +21,7 @@ ALLOWED = {
     "converters": {"core", "runtimes", "calibration", "converters"},
     "app": {"core", "runtimes", "calibration", "train", "converters", "app"},
 }
-APPS = {"bard_deploy.cli", "bard_deploy.bench", "bard_deploy.bench_step", "bard_deploy.replay"}
+APPS = {"bard_deploy.cli", "bard_deploy.bench", "bard_deploy.bench_step", "bard_deploy.replay", "bard_deploy.serve"}
 
 
 def _modules() -> dict[str, tuple[Path, ast.Module]]:
