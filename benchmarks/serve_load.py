@@ -33,7 +33,7 @@ def main() -> None:
 
     from bard_deploy.data.synthetic import make_sample
     from bard_deploy.runtimes.api import Pipeline
-    from bard_deploy.serve import Server, ServeOptions
+    from bard_deploy.serve import ServeOptions, Server
 
     pipe = Pipeline.load(a.model, threads=a.threads)
     bodies = []

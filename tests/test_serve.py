@@ -15,7 +15,7 @@ import pytest
 from bard_deploy.data.synthetic import make_sample
 from bard_deploy.embedded import new_checkpoint
 from bard_deploy.runtimes.api import Pipeline
-from bard_deploy.serve import Server, ServeOptions
+from bard_deploy.serve import ServeOptions, Server
 
 openai = pytest.importorskip("openai")
 
