@@ -21,6 +21,34 @@ import time
 import urllib.request
 
 
+class Tally:
+    """What the clients saw (appended under a lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.tokens: list[int] = []
+        self.failures: list[str] = []
+
+
+def client(url: str, bodies: list[dict], got: Tally) -> None:
+    """One client: its requests one after another, each timed from sending to the whole answer."""
+    for body in bodies:
+        t0 = time.perf_counter()
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                out = json.loads(resp.read())
+        except OSError as e:
+            with got.lock:
+                got.failures.append(str(e))
+            continue
+        with got.lock:
+            got.latencies.append(time.perf_counter() - t0)
+            got.tokens.append(out["usage"]["completion_tokens"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -50,38 +78,20 @@ def main() -> None:
     for max_batch in [int(x) for x in a.max_batches.split(",")]:
         o = ServeOptions(port=0, max_batch=max_batch, max_queue=a.clients * 2, model_name="m", request_timeout=600)
         with Server(pipe, o, "m") as server:
-            latencies, tokens, failures = [], [], []
-            lock = threading.Lock()
-
-            def client(c: int, url: str = server.url) -> None:
-                for r in range(a.requests):
-                    body = bodies[c * a.requests + r]
-                    t0 = time.perf_counter()
-                    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                                 headers={"Content-Type": "application/json"})
-                    try:
-                        with urllib.request.urlopen(req, timeout=600) as resp:
-                            out = json.loads(resp.read())
-                    except OSError as e:
-                        with lock:
-                            failures.append(str(e))
-                        continue
-                    with lock:
-                        latencies.append(time.perf_counter() - t0)
-                        tokens.append(out["usage"]["completion_tokens"])
-
+            got = Tally()
             t0 = time.perf_counter()
-            threads = [threading.Thread(target=client, args=(c,)) for c in range(a.clients)]
+            threads = [threading.Thread(target=client, args=(server.url, bodies[c * a.requests:(c + 1) * a.requests],
+                                                             got)) for c in range(a.clients)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
             m = server.server.config.app.state.metrics
-            q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
-            rows.append({"max_batch": max_batch, "sent": len(bodies), "answered": len(latencies),
-                         "failed": len(failures), "p50_s": round(statistics.median(latencies), 3),
-                         "p99_s": round(q[98], 3), "tokens_per_s": round(sum(tokens) / wall, 1),
+            q = statistics.quantiles(got.latencies, n=100) if len(got.latencies) > 1 else [0.0] * 99
+            rows.append({"max_batch": max_batch, "sent": len(bodies), "answered": len(got.latencies),
+                         "failed": len(got.failures), "p50_s": round(statistics.median(got.latencies), 3),
+                         "p99_s": round(q[98], 3), "tokens_per_s": round(sum(got.tokens) / wall, 1),
                          "mean_batch": round(m.batch.sum / max(m.batch.count, 1), 2), "wall_s": round(wall, 1)})
             print(f"max_batch {max_batch}: {rows[-1]['answered']}/{len(bodies)} answered, p50 {rows[-1]['p50_s']} s, "
                   f"p99 {rows[-1]['p99_s']} s, {rows[-1]['tokens_per_s']} tok/s, mean batch "
