@@ -294,3 +294,31 @@ def test_concurrent_onnxruntime_calls_equal_sequential(tmp_path):
     export(ck, tmp_path / "ex", log=lambda *a: None)
     assert_concurrent_equals_sequential(Pipeline.load(tmp_path / "ex"), [make_sample(i) for i in range(8)],
                                         max_new_tokens=8)
+
+
+def test_an_absent_device_or_provider_is_a_one_line_error_on_every_backend(tmp_path, capsys):
+    """On an export: --device cuda / tensorrt without those execution providers, --backend tensorrt without
+    TensorRT; on a checkpoint: --device cuda without a GPU. Each exits 2 with one line, never a quiet CPU run.
+    Bad decode inputs listed in the correctness issue too: 5 stop strings, --json with --stream."""
+    import onnxruntime as ort
+
+    from bard_deploy.converters.export import export
+    from bard_deploy.embedded import new_checkpoint
+
+    ck = new_checkpoint(tmp_path / "b4", bard={"block_size": 4}, hidden=32, layers=1)
+    ex = tmp_path / "ex"
+    export(ck, ex, log=lambda *a: None)
+    have = set(ort.get_available_providers())
+    cases = [([str(ex), "--device", "cuda"], "CUDAExecutionProvider")] if "CUDAExecutionProvider" not in have else []
+    if "TensorrtExecutionProvider" not in have:
+        cases.append(([str(ex), "--device", "tensorrt"], "TensorrtExecutionProvider"))
+    if not _has_tensorrt():
+        cases.append(([str(ex), "--backend", "tensorrt"], "needs TensorRT"))
+    if not torch.cuda.is_available():
+        cases.append(([str(ck), "--device", "cuda"], "no CUDA device"))
+    cases += [([str(ck)] + ["--stop", "x"] * 5, "up to 4 non-empty strings"),
+              ([str(ck), "--json", "--stream"], "excludes --stream")]
+    for args, culprit in cases:
+        assert main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--model", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and culprit in err and err.count("\n") == 1, (args, err)
