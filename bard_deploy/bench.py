@@ -72,6 +72,7 @@ class BenchOptions:
     threads: int | None = None                 # the backend's CPU threads (None: the available cores)
     repeats: int = 1                           # runs of every configuration (median and spread reported)
     write: bool = True                         # write bench.json / bench.png
+    speculative: bool = False                  # also each BARD configuration in lossless speculative mode
 
     def check(self) -> BenchOptions:
         """A copy with paths as Path; a bad value raises a typed error naming it."""
@@ -102,6 +103,11 @@ class Request:
     correct: bool
     backend_s: list[float] = field(default_factory=list)     # the backend's share of each step
     image_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)        # speculative: draft tokens kept per round
+    verify_nfe: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
 
     @property
     def host_s(self) -> float:
@@ -156,7 +162,18 @@ class Summary:
             "decode_tokens_per_s": round(tokens / decode, 2) if decode else 0.0,
             "e2e_tokens_per_s": round(tokens / total, 2) if total else 0.0,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            **(self._speculative() if any(x.accepted for x in r) else {}),
         }
+
+    def _speculative(self) -> dict:
+        """A speculative configuration's columns: draft tokens kept per round (of the block), rounds, and the
+        draft and verify cost per round."""
+        r = self.requests
+        kept = [k for x in r for k in x.accepted]
+        rounds = sum(x.verify_nfe - 1 for x in r)                    # a verify forward per round, + the prefill
+        return {"mean_accepted": round(statistics.mean(kept), 3), "rounds": rounds,
+                "draft_ms_per_round": round(1e3 * sum(x.draft_s for x in r) / max(rounds, 1), 3),
+                "verify_ms_per_round": round(1e3 * sum(x.verify_s for x in r) / max(rounds, 1), 3)}
 
 
 def reset_peak_rss() -> None:
@@ -198,7 +215,8 @@ def run_configs(configs: list[tuple], convs: list[list[dict]], warmup: int, max_
             summary.requests.append(Request(st.total_tokens, st.nfe, st.prefill_s, st.vision_s, st.decode_s,
                                             list(st.step_s), list(st.steps_per_block),
                                             res.text == assistant_text(conv[-1]).strip(), list(st.backend_s),
-                                            st.image_tokens))
+                                            st.image_tokens, list(res.token_ids), list(st.accepted), st.verify_nfe,
+                                            st.draft_s, st.verify_s))
     peak = peak_rss_mb()
     for summary in summaries:
         summary.peak_rss_mb = peak
@@ -337,6 +355,12 @@ def bench(opts: BenchOptions, log=print) -> dict:
             for th in o.thresholds:
                 configs.append((pipe, f"BARD {path.name}", False, {"block_size": block, "threshold": th,
                                                                    "allow_block_size_mismatch": True}))
+                if o.speculative:
+                    spec = pipe.with_backend(pipe.backend)
+                    spec.verifier = ar_pipe.backend          # the AR baseline's own backend verifies the drafts
+                    configs.append((spec, f"SPEC {path.name}", False, {
+                        "block_size": block, "threshold": th, "allow_block_size_mismatch": True,
+                        "speculative": "source"}))
     runs: list[list[dict]] = [[] for _ in configs]        # per configuration, one row per repeat
     first: list[Summary] = []                              # the first repeat's requests: the commit trace
     log("bench: " + "; ".join(name + (f" block {opt['block_size']} threshold {opt['threshold']}" if opt else "")
@@ -349,6 +373,13 @@ def bench(opts: BenchOptions, log=print) -> dict:
             runs[i].append(summary.as_dict())
         first = first or summaries
     rows = merge_repeats(runs)
+    mismatches = []
+    for row, summary in zip(rows, first, strict=True):     # lossless: every speculative answer is AR's
+        if summary.name.startswith("SPEC "):
+            same = [a.token_ids == b.token_ids for a, b in zip(summary.requests, first[0].requests, strict=True)]
+            row["identical_to_ar"] = f"{sum(same)}/{len(same)}"
+            if not all(same):
+                mismatches.append(f"{summary.name} threshold {summary.threshold}: {len(same) - sum(same)} requests")
     source = _checkpoint_of(ar_model) if o.transformers_baseline else None
     if source is not None:
         log(f"bench: transformers generate on {source}")
@@ -369,6 +400,10 @@ def bench(opts: BenchOptions, log=print) -> dict:
                  f"{o.requests} requests")
         plot(rows, o.out / "bench.png", title)
         result["plot"] = str(o.out / "bench.png")
+    if mismatches:
+        raise RuntimeInputError("speculative decoding differed from the AR decode (it must not): "
+                                + "; ".join(mismatches) + (f" (see {o.out / 'bench.json'})" if o.write else ""),
+                                mismatches)
     return result
 
 

@@ -268,6 +268,10 @@ def generate(
                                            show_default="generation_config.json and the tokenizer"),
     stop: list[str] = typer.Option([], "--stop", help="End the answer before this text (repeatable, up to 4).",
                                    show_default=False),
+    speculative: str | None = typer.Option(None, help="source: lossless mode, the AR source verifies each drafted "
+                                           "block (the output is its greedy decode).", show_default="off"),
+    verifier: Path | None = typer.Option(None, help="The AR source for --speculative (same backend).",
+                                         show_default="the source a checkpoint records"),
 ):
     """Decode with the block-diffusion runtime (or, with --ar, the AR baseline)."""
     if static and "threshold" in _given(ctx, ["threshold"]):
@@ -277,12 +281,12 @@ def generate(
                    max_edits=max_edits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    allow_block_size_mismatch=allow_block_size_mismatch, schedule="even" if reference else schedule,
                    strict_threshold=strict_threshold or reference, suppress_mask=not (raw_confidence or reference),
-                   stop=tuple(stop))
+                   stop=tuple(stop), speculative=speculative)
     if as_json and stream:
         raise RuntimeInputError("--json prints one object per result; it excludes --stream", None)
     pipe = Pipeline.load(model, backend=backend, variant=variant, device=device, dtype=dtype, threads=threads,
                          min_pixels=min_pixels, max_pixels=max_pixels, mask_token_id=mask_token_id,
-                         prompt_attention=prompt_attention, eos_token_ids=eos_token_id or None)
+                         prompt_attention=prompt_attention, eos_token_ids=eos_token_id or None, verifier=verifier)
     images = [str(p) for p in image]
     videos = [{"video": video_frames(d), "fps": video_fps} for d in video]
     if (prompt is None) == (prompt_ids is None):
@@ -347,11 +351,17 @@ def bench(
     threads: int | None = typer.Option(B.threads, help=THREADS_HELP, show_default="the available cores"),
     repeats: int = typer.Option(B.repeats, help="Runs of every configuration, interleaved; the median and the "
                                 "spread are reported."),
+    speculative: str | None = typer.Option(None, help="Also each BARD configuration in lossless speculative mode: "
+                                           "source (the AR model verifies; its outputs must equal AR's).",
+                                           show_default="off"),
 ):
     """AR vs BARD latency and throughput, side by side, on the same backend and prompts; one JSON line last."""
+    if speculative not in (None, "source"):
+        raise RuntimeInputError(f"--speculative must be source, got {speculative!r}", speculative)
     o = BenchOptions(tuple(model), ar_model, backend, variant, device, dtype,
                      _ints(block_sizes, "block-sizes") if block_sizes else None, _floats(thresholds, "thresholds"),
-                     requests, warmup, max_new_tokens, data, out, transformers_baseline, threads, repeats)
+                     requests, warmup, max_new_tokens, data, out, transformers_baseline, threads, repeats,
+                     speculative=speculative is not None)
     res = run_bench(o, log=console.print)
     Console(width=max(console.width, 220)).print(bench_table(res))   # 16 columns: never squeeze them to 80
     console.print(f"plot: {res['plot']}   json: {Path(res['plot']).with_name('bench.json')}")

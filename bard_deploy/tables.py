@@ -54,7 +54,11 @@ def bench_table(result: dict) -> Table:
         if "repeats" in r:
             sp = r["repeats"]["speedup_decode_vs_ar"]
             speed += f" ({min(sp):.2f}-{max(sp):.2f})"
-        table.add_row(r["name"], str(r["block_size"] or "-"), str(r["threshold"] or "-"),
+        name = r["name"]
+        if "mean_accepted" in r:        # speculative: draft tokens kept per round, answers equal to AR's
+            name += (f" (kept {r['mean_accepted']:.2f}/round, draft {r['draft_ms_per_round']:.1f} + verify "
+                     f"{r['verify_ms_per_round']:.1f} ms, = AR {r.get('identical_to_ar', '?')})")
+        table.add_row(name, str(r["block_size"] or "-"), str(r["threshold"] or "-"),
                       f"{100 * r['exact_match']:.1f}%", f"{r['ttft_ms']:.1f}", steps, split,
                       str(r["steps_per_block"] or "-"), f"{r['tokens_per_forward']:.2f}", f"{r['nfe_per_token']:.2f}",
                       f"{r['decode_tokens_per_s']:.0f}", f"{r['e2e_tokens_per_s']:.0f}", f"{r['prefill_ms']:.1f}",

@@ -37,10 +37,9 @@ from bard_deploy.runtimes.decode import (
     Generation,
     PromptBatch,
     Stats,
-    ar_tokens,
-    bard_blocks,
     finish_reason,
     generate,
+    row_chunks,
     truncate_at_eos,
 )
 from bard_deploy.runtimes.ort_backend import OrtBackend
@@ -118,12 +117,13 @@ class Pipeline:
         self.encoder = PromptEncoder(tokenizer, processor, cfg.image_token_id, cfg.spatial_merge_size,
                                      video_tokens(cfg, video_processor))
         self._lock = threading.Lock()
+        self.verifier = None                # the AR source's backend (speculative="source"), when loaded
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "auto", variant: str | None = None,
              device: str = "cpu", dtype: str = "fp32", threads: int | None = None, min_pixels: int | None = None,
              max_pixels: int | None = None, mask_token_id: int | None = None, prompt_attention: str | None = None,
-             eos_token_ids: Sequence[int] | None = None) -> Pipeline:
+             eos_token_ids: Sequence[int] | None = None, verifier: str | Path | None = None) -> Pipeline:
         """Load a checkpoint directory (torch backend) or an export directory (onnxruntime / tensorrt) once.
 
         backend "auto": torch for a checkpoint, onnxruntime for an export directory (one with manifest.json).
@@ -140,6 +140,9 @@ class Pipeline:
         mask_token_id / prompt_attention: one-off overrides of a checkpoint's bard section (torch backend; an
           export holds them in its graphs); eos_token_ids: the EOS ids to stop at (default: generation_config.json
           and the tokenizer). `bard-deploy import` writes them into a checkpoint once.
+        verifier: the AR source (checkpoint or export) that `speculative="source"` verifies drafts with, loaded
+          with the same backend, variant, device and threads (default for a checkpoint: the source its bard
+          section records; an export needs one given).
         """
         if backend not in BACKENDS:
             raise RuntimeInputError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}",
@@ -187,7 +190,28 @@ class Pipeline:
             pipe.eos_ids = sorted(set(eos_token_ids))
         if min_pixels is not None or max_pixels is not None:
             pipe.encoder.set_pixel_budget(min_pixels, max_pixels)
+        source = verifier
+        if source is None and not exported and pipe.config.bard is not None and pipe.config.bard.source_model:
+            source = directory / pipe.config.bard.source_model
+            source = source if (source / "config.json").is_file() else None       # moved: give one when asked
+        if source is not None:
+            pipe.verifier = cls.load(source, backend=backend, variant=variant if exported else None, device=device,
+                                     dtype=dtype, threads=threads).backend
+            pipe._check_verifier(Path(source), verifier is not None)
         return pipe
+
+    def _check_verifier(self, source: Path, given: bool) -> None:
+        """The verifier must be an AR model over this model's vocabulary; a recorded source that is not is
+        dropped (asked-for speculative decoding then says so), a given one is an error."""
+        v = self.verifier.config
+        why = ("it is a BARD checkpoint, not an AR source" if v.bard is not None else
+               f"its vocabulary ({v.text.vocab_size}) is not this model's ({self.config.text.vocab_size})"
+               if v.text.vocab_size != self.config.text.vocab_size else None)
+        if why is None:
+            return
+        self.verifier = None
+        if given:
+            raise RuntimeInputError(f"verifier {source}: {why}", str(source))
 
     @classmethod
     def from_backend(cls, backend, directory: str | Path, threads: Threads | None = None) -> Pipeline:
@@ -312,7 +336,8 @@ class Pipeline:
         opts = DecodeOptions.of(options)
         apply_host_threads(self.threads)
         batch = self._batch(conversations)
-        return self._results(generate(self.backend, batch, opts, self.eos_ids, ar=self._ar(ar)), batch, opts)
+        return self._results(generate(self.backend, batch, opts, self.eos_ids, self._ar(ar), self.verifier),
+                             batch, opts)
 
     def _results(self, g: Generation, batch: PromptBatch, opts: DecodeOptions) -> list[Result]:
         """One Result per row: stop strings applied, its own statistics and counts."""
@@ -352,7 +377,7 @@ class Pipeline:
             raise RuntimeInputError("stop strings end text: decode with generate / generate_batch (token ids in "
                                     "and out have no text to search)", opts.stop)
         apply_host_threads(self.threads)
-        return generate(self.backend, self._id_batch(rows, images), opts, self.eos_ids, ar=self._ar(ar))
+        return generate(self.backend, self._id_batch(rows, images), opts, self.eos_ids, self._ar(ar), self.verifier)
 
     def stream_ids(self, prompt_ids: Sequence[int], *, images: Sequence[object] = (), ar: bool = False,
                    stats: Stats | None = None, **options) -> Iterator[list[int]]:
@@ -363,8 +388,8 @@ class Pipeline:
         apply_host_threads(self.threads)
         raw: list[int] = []
         shown = 0
-        for chunk in (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats):
-            raw += chunk[0].tolist()
+        for chunk in row_chunks(self.backend, batch, opts, self.eos_ids, stats, self._ar(ar), self.verifier):
+            raw += chunk[0]
             kept = truncate_at_eos([raw], set(self.eos_ids), opts.max_new_tokens)[0]
             if len(kept) > shown:
                 yield kept[shown:]
@@ -384,8 +409,8 @@ class Pipeline:
         apply_host_threads(self.threads)
         rows: list[list[int]] = [[] for _ in conversations]
         eos = set(self.eos_ids)
-        for chunk in (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats):
-            for r, part in zip(rows, chunk.tolist(), strict=True):
+        for chunk in row_chunks(self.backend, batch, opts, self.eos_ids, stats, self._ar(ar), self.verifier):
+            for r, part in zip(rows, chunk, strict=True):
                 r += part
             kept = truncate_at_eos(rows, eos, opts.max_new_tokens)
             stats.tokens = [len(k) for k in kept]
@@ -406,10 +431,10 @@ class Pipeline:
         kept: list[int] = []
         shown = ""
         hold = max(map(len, opts.stop), default=1) - 1
-        chunks = (ar_tokens if self._ar(ar) else bard_blocks)(self.backend, batch, opts, self.eos_ids, stats)
+        chunks = row_chunks(self.backend, batch, opts, self.eos_ids, stats, self._ar(ar), self.verifier)
         reason = None
         for chunk in chunks:
-            tokens += chunk[0].tolist()
+            tokens += chunk[0]
             kept = truncate_at_eos([tokens], set(self.eos_ids), opts.max_new_tokens)[0]
             text = self.decode_text(kept)
             cut = self._stop_cut(kept, opts.stop) if opts.stop else None

@@ -18,7 +18,7 @@ import torch
 
 from bard_deploy import iospec
 from bard_deploy.config import ModelConfig
-from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, prompt_layout, response_layout
+from bard_deploy.diffusion.mask import CLEAN, NOISY, PAD, PROMPT, Layout, prompt_layout, response_layout
 from bard_deploy.errors import RuntimeInputError
 from bard_deploy.runtimes.kv import KVCache
 from bard_deploy.vision import merge_image_features, rope_index
@@ -29,6 +29,7 @@ from bard_deploy.vision import merge_image_features, rope_index
 
 
 SCHEDULES = ("min", "even")
+SPECULATIVE = (None, "source")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class DecodeOptions:
     `DecodeOptions.reference(...)` sets the last three to the official `generate`'s behaviour.
     stop: up to 4 strings; the answer ends before the first one (finish reason "stop"); applied to the text by
       the Pipeline (the decode loop works on tokens).
+    speculative: "source": lossless mode; the BARD model drafts a block (its usual denoising under the options
+      above), the AR source checks the whole draft in one causal forward, and the longest prefix equal to the
+      source's greedy choices is kept plus the source's own next token: the output is the source's greedy
+      decode. Greedy only.
     """
 
     block_size: int | None = None          # None = the checkpoint's trained block size
@@ -69,6 +74,7 @@ class DecodeOptions:
     strict_threshold: bool = False
     suppress_mask: bool = True
     stop: tuple[str, ...] = ()
+    speculative: str | None = None          # "source": the AR source verifies each drafted block (lossless)
 
     @classmethod
     def of(cls, options: dict) -> DecodeOptions:
@@ -131,6 +137,11 @@ class DecodeOptions:
             raise bad("max_edits", self.max_edits, "must be an integer >= 0")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
+        if self.speculative not in SPECULATIVE:
+            raise bad("speculative", self.speculative, "must be 'source' (or None); 'self' needs a dual-mode "
+                                                       "checkpoint, which training does not make yet")
+        if self.speculative is not None and self.temperature > 0:
+            raise bad("speculative", self.speculative, "verifies greedy choices: it needs temperature 0")
         return replace(self, block_size=block, max_steps=steps)
 
     def commits_at(self, step: int) -> int:
@@ -190,6 +201,11 @@ class Stats:
     # the official generate's count (BARD): every non-MASK token of the decoded blocks, post-EOS ones included
     reference_tokens: list[int] = field(default_factory=list)   # per row
     finish_reasons: list[str] = field(default_factory=list)    # per row: "eos", "length" (or "stop", Pipeline)
+    # speculative: per round and live row, the draft tokens the verifier accepted; its forwards and both times
+    accepted: list[int] = field(default_factory=list)
+    verify_nfe: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
 
     @property
     def total_tokens(self) -> int:
@@ -220,7 +236,8 @@ class Stats:
         one = lambda xs: xs[row:row + 1]                                    # noqa: E731
         return replace(self, step_s=list(self.step_s), backend_s=list(self.backend_s),
                        steps_per_block=list(self.steps_per_block), tokens=one(self.tokens),
-                       reference_tokens=one(self.reference_tokens), finish_reasons=one(self.finish_reasons),
+                       accepted=list(self.accepted), reference_tokens=one(self.reference_tokens),
+                       finish_reasons=one(self.finish_reasons),
                        image_tokens=image_tokens)
 
     def as_dict(self) -> dict:
@@ -231,6 +248,10 @@ class Stats:
                     round(sum(self.steps_per_block) / len(self.steps_per_block), 3) if self.steps_per_block else 0.0,
                 "edits": self.edits, "image_tokens": self.image_tokens, "prefill_s": round(self.prefill_s, 6),
                 "vision_s": round(self.vision_s, 6), "finish_reasons": self.finish_reasons,
+                **({"speculative": {"rounds": len(self.accepted), "mean_accepted":
+                    round(sum(self.accepted) / len(self.accepted), 3), "verify_nfe": self.verify_nfe,
+                    "draft_s": round(self.draft_s, 6), "verify_s": round(self.verify_s, 6)}}
+                   if self.accepted else {}),
                 "decode_s": round(self.decode_s, 6), "reference": self.reference_dict()}
 
 
@@ -254,11 +275,11 @@ class Session:
     and rope deltas are made on the CPU and sent along with each step (a few integers per token)."""
 
     def __init__(self, backend, batch: PromptBatch, max_new: int, prompt_attention: str,
-                 prompt_block: int | None, stats: Stats, greedy: bool = False):
+                 prompt_block: int | None, stats: Stats, greedy: bool = False, capacity: int | None = None):
         B, P = batch.input_ids.shape
         t0 = time.perf_counter()
         x = backend.embed(batch.input_ids)
-        self._prepare(backend, B, P, max_new, prompt_attention, stats, greedy, x.dtype)
+        self._prepare(backend, B, P, max_new, prompt_attention, stats, greedy, x.dtype, capacity)
         cfg: ModelConfig = backend.config
         self.start = batch.lengths                                       # (B,) index of the first new token
         ds = None
@@ -278,9 +299,10 @@ class Session:
         stats.prefill_s += time.perf_counter() - t0
 
     def _prepare(self, backend, B: int, P: int, max_new: int, prompt_attention: str, stats: Stats,
-                 greedy: bool, dtype: torch.dtype) -> None:
+                 greedy: bool, dtype: torch.dtype, capacity: int | None = None) -> None:
         """The state every session starts from: the backend's contract, the outputs a step asks for, an empty
-        KV buffer for P + max_new tokens in `dtype` (the embeddings')."""
+        KV buffer for P + max_new tokens in `dtype` (the embeddings'; `capacity` columns when the cache holds
+        PAD holes besides them: speculative batches)."""
         self.backend, self.stats, self.prompt_attention = backend, stats, prompt_attention
         # greedy decoding reads only the arg-max and its probability: a graph with the fused head returns just
         # those (B x K values instead of B x K x vocab logits); steps then return an iospec.Top
@@ -298,8 +320,8 @@ class Session:
         self._ds_zeros: dict[int, torch.Tensor] = {}
         # an IO-bound backend keeps one binding per request: only what changed is rebound between steps
         self._binding = backend.binding() if hasattr(backend, "binding") else None
-        self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, P + max_new, self.io.head_dim,
-                             dtype=dtype, device=self.device, chunk=self.padded)
+        self.cache = KVCache(self.io.num_layers, B, self.io.num_kv_heads, capacity or P + max_new,
+                             self.io.head_dim, dtype=dtype, device=self.device, chunk=self.padded)
 
     @classmethod
     def with_past(cls, backend, past: int, max_new: int, stats: Stats, batch: int = 1, greedy: bool = True,
@@ -542,6 +564,151 @@ def bard_blocks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Seque
 
 
 # ---------------------------------------------------------------------------------------------------
+# Lossless speculative decoding: BARD drafts, the AR source verifies
+# ---------------------------------------------------------------------------------------------------
+
+
+def _ragged(rows: list[list[int]], kind: int, block: int, start: torch.Tensor, pad_id: int
+            ) -> tuple[torch.Tensor, Layout]:
+    """Rows of different lengths as one left-padded step: (B, T) tokens and their layout (PAD columns first;
+    row r's tokens at sequence indices start[r], start[r] + 1, ...)."""
+    T = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    kinds = torch.full((len(rows), T), PAD, dtype=torch.long)
+    index = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            tokens[i, T - len(r):] = torch.tensor(r)
+            kinds[i, T - len(r):] = kind
+            index[i, T - len(r):] = start[i] + torch.arange(len(r))
+    return tokens, Layout(kinds, torch.full((len(rows), T), block, dtype=torch.long), index)
+
+
+def draft_block(session: Session, unseen: list[list[int]], length: torch.Tensor, r: int, opts: DecodeOptions,
+                mask_id: int) -> torch.Tensor:
+    """Round r's draft (B, block) on the CPU: the BARD model denoises a block of MASKs that follows each row's
+    unseen clean tokens (they end with the source's latest token, at sequence index `length`); the first step
+    carries those tokens as one clean block and commits their K/V (PAD columns where a row has fewer)."""
+    B_sz, rows = opts.block_size, len(unseen)
+    clean_tokens, clean = _ragged(unseen, CLEAN, 2 * r, length - torch.tensor([len(u) - 1 for u in unseen]),
+                                  mask_id)
+    noisy = response_layout(rows, length + 1, 2 * r + 1, B_sz, B_sz, NOISY)        # the draft follows
+    canvas = torch.full((rows, B_sz), mask_id, dtype=torch.long, device=session.device)
+    edits_left = torch.full((rows,), opts.max_edits, dtype=torch.long, device=session.device)
+    carried, steps = True, 0
+    for step in range(opts.max_steps):
+        masked = canvas == mask_id
+        if not masked.any():
+            break
+        if carried:
+            tokens, layout = torch.cat([clean_tokens.to(session.device), canvas], 1), Layout.cat([clean, noisy])
+        else:
+            tokens, layout = canvas, noisy
+        logits = session.step(tokens, layout, keep=B_sz)
+        if carried:
+            session.commit(layout, clean_tokens.shape[1])
+            carried = False
+        canvas, _ = denoise_step(logits, canvas, masked, edits_left, step, opts, mask_id, None)
+        steps += 1
+    session.stats.steps_per_block.append(steps)
+    return canvas.cpu()
+
+
+def speculative_rounds(draft, verifier, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int],
+                       stats: Stats) -> Iterator[list[list[int]]]:
+    """Lossless speculative decoding, source-verified: yield each round's new tokens per row (1 to block + 1
+    of them) until every row has emitted EOS or max_new_tokens.
+
+    Both models hold the same committed sequence; the source's latest token p is in neither cache yet. A round:
+      1. draft: the BARD model denoises a block of MASKs after [its uncached clean tokens | p] (the first step
+         carries them, as clean tokens, and commits their K/V);
+      2. verify: one causal forward of the source over [p | draft]: its greedy choice after each position;
+      3. keep the longest draft prefix equal to those choices (k tokens) and the source's own next token;
+         the source commits the K/V of [p | kept prefix] only, the rest of the draft never enters its cache
+         (in a batch, a row that kept fewer than another gets PAD columns there: never visible).
+    Every token out is the source's greedy choice after exactly the tokens before it: the output is the source's
+    greedy decode (up to ties that the verify forward's arithmetic breaks otherwise than a one-token step)."""
+    cfg: ModelConfig = draft.config
+    opts = opts.resolved(cfg)
+    verifier_opts = opts.resolved(verifier.config, ar=True)
+    if cfg.bard is None or verifier.config.bard is not None:
+        raise RuntimeInputError("speculative='source' drafts with a BARD checkpoint and verifies with its AR source",
+                                "speculative")
+    B_sz, mask_id = opts.block_size, cfg.bard.mask_token_id
+    rows, max_new = batch.input_ids.shape[0], opts.max_new_tokens
+    P = batch.input_ids.shape[1]
+    capacity = P + max_new + 2 * (B_sz + 1) if rows == 1 else P + (max_new + 2) * (B_sz + 1)
+    prompt_block = B_sz if cfg.bard.prompt_attention == "block" else None
+    d_stats, v_stats = Stats(), Stats()
+    dsess = Session(draft, batch, max_new + B_sz + 1, cfg.bard.prompt_attention, prompt_block, d_stats,
+                    greedy=opts.suppress_mask, capacity=capacity)
+    vsess = Session(verifier, batch, max_new + B_sz + 1, "causal", None, v_stats, greedy=True, capacity=capacity)
+    eos = set(eos_ids)
+    length = batch.lengths.clone()                     # (B,) each row's committed length (prompt + kept tokens)
+    first, _ = predict(vsess.last_logits, verifier_opts, None, None)
+    pending = first.tolist()                           # the source's latest token per row: in neither cache
+    unseen: list[list[int]] = [[t] for t in pending]   # the draft model's uncached clean tokens (p included)
+    out: list[list[int]] = [[t] for t in pending]
+    done = [t in eos for t in pending]
+    yield [[t] for t in pending]
+    t0 = time.perf_counter()
+    r = 0
+    while not all(d or len(o) >= max_new for d, o in zip(done, out, strict=True)):
+        # 1. draft a block after the unseen clean tokens
+        td = time.perf_counter()
+        canvas = draft_block(dsess, unseen, length, r, opts, mask_id)
+        stats.draft_s += time.perf_counter() - td
+        # 2. verify [p | draft] in one causal forward
+        tv = time.perf_counter()
+        tokens = torch.cat([torch.tensor(pending)[:, None], canvas], 1)
+        layout = Layout(torch.full(tokens.shape, PROMPT), torch.zeros_like(tokens),
+                        length[:, None] + torch.arange(1 + B_sz))
+        choice, _ = predict(vsess.step(tokens.to(vsess.device), layout), verifier_opts, None, None)
+        choice = choice.cpu()                                            # (B, 1 + B_sz): after each position
+        stats.verify_s += time.perf_counter() - tv
+        # 3. keep the agreeing prefix + the source's next token; commit [p | prefix] to the source
+        agree = (canvas == choice[:, :B_sz]).long().cumprod(1).sum(1)   # (B,) k per row
+        new_rows, kept = [], []
+        for i in range(rows):
+            k = int(agree[i])
+            if done[i] or len(out[i]) >= max_new:
+                new_rows.append([])
+                kept.append(-1)                      # a finished row commits nothing (all PAD)
+                continue
+            tokens_i = canvas[i, :k].tolist() + [int(choice[i, k])]
+            cut = next((j for j, t in enumerate(tokens_i) if t in eos), None)
+            tokens_i = tokens_i if cut is None else tokens_i[:cut + 1]
+            tokens_i = tokens_i[:max_new - len(out[i])]
+            new_rows.append(tokens_i)
+            kept.append(len(tokens_i) - 1)          # draft tokens to commit behind p (fewer when cut at EOS / max)
+            stats.accepted.append(min(k, len(tokens_i)))
+        width = 1 + max(kept)
+        keep_kind = torch.where(torch.arange(width)[None, :] <= torch.tensor(kept)[:, None], PROMPT, PAD)
+        vsess.commit(Layout(keep_kind, layout.block[:, :width], layout.index[:, :width]), width)
+        for i in range(rows):
+            if new_rows[i]:
+                out[i] += new_rows[i]
+                done[i] = done[i] or any(t in eos for t in new_rows[i])
+                unseen[i] = new_rows[i]                       # kept drafts + the source's token, not in the draft
+                pending[i] = new_rows[i][-1]
+            else:
+                unseen[i] = []
+        length = length + torch.tensor([1 + kept[i] if new_rows[i] else 0 for i in range(rows)])
+        stats.nfe, stats.verify_nfe = d_stats.nfe + v_stats.nfe, v_stats.nfe
+        yield new_rows
+        r += 1
+    stats.decode_s += time.perf_counter() - t0
+    stats.nfe = d_stats.nfe + v_stats.nfe
+    stats.verify_nfe = v_stats.nfe
+    stats.prefill_s += d_stats.prefill_s + v_stats.prefill_s
+    stats.vision_s += d_stats.vision_s + v_stats.vision_s
+    stats.image_tokens += d_stats.image_tokens
+    stats.step_s += d_stats.step_s + v_stats.step_s
+    stats.backend_s += d_stats.backend_s + v_stats.backend_s
+    stats.steps_per_block += d_stats.steps_per_block
+
+
+# ---------------------------------------------------------------------------------------------------
 # The AR baseline: the source model, one token per forward
 # ---------------------------------------------------------------------------------------------------
 
@@ -573,16 +740,34 @@ def ar_tokens(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequenc
     stats.decode_s += time.perf_counter() - t0
 
 
-def generate(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int], ar: bool = False
-             ) -> Generation:
-    """Decode a prompt batch with BARD (default) or the AR baseline; token ids per row and statistics."""
+def row_chunks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int], stats: Stats,
+               ar: bool = False, verifier=None) -> Iterator[list[list[int]]]:
+    """Every mode's decoded chunks as each row's new tokens: a block (BARD), a token (AR), or a verified round
+    (speculative, 1 to block + 1 tokens per row; `verifier`: the AR source's backend)."""
+    if opts.speculative is not None and not ar:
+        if verifier is None:
+            raise RuntimeInputError("speculative='source' needs the AR source to verify with: Pipeline.load(..., "
+                                    "verifier=DIR) (--verifier DIR; a checkpoint finds the source it records)",
+                                    "verifier")
+        yield from speculative_rounds(backend, verifier, batch, opts, eos_ids, stats)
+        return
+    for chunk in (ar_tokens if ar else bard_blocks)(backend, batch, opts, eos_ids, stats):
+        yield chunk.tolist()
+
+
+def generate(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequence[int], ar: bool = False,
+             verifier=None) -> Generation:
+    """Decode a prompt batch with BARD (default; speculative with `verifier` when opts ask) or the AR baseline;
+    token ids per row and statistics."""
     stats = Stats()
-    chunks = list((ar_tokens if ar else bard_blocks)(backend, batch, opts, eos_ids, stats))
-    rows = torch.cat(chunks, 1).tolist() if chunks else [[] for _ in range(batch.input_ids.shape[0])]
+    rows: list[list[int]] = [[] for _ in range(batch.input_ids.shape[0])]
+    for chunk in row_chunks(backend, batch, opts, eos_ids, stats, ar, verifier):
+        for r, part in zip(rows, chunk, strict=True):
+            r += part
     out = truncate_at_eos(rows, set(eos_ids), opts.max_new_tokens)
     stats.tokens = [len(r) for r in out]
     stats.finish_reasons = [finish_reason(r, eos_ids) for r in out]
-    if not ar:
+    if not ar and opts.speculative is None:
         mask_id = backend.config.bard.mask_token_id
         stats.reference_tokens = [sum(1 for t in r if t != mask_id) for r in rows]
     return Generation(out, stats)

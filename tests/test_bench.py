@@ -274,3 +274,23 @@ def test_the_loop_step_is_timed_against_the_bare_graph(tmp_path, capsys):
         assert r["bare_ms"] > 0 and r["loop_ms"] > 0 and r["cache_columns"] == 300 + r["T"]
         rounding = 0.01 * (1 + r["loop_ms"] / r["bare_ms"]) / r["bare_ms"]        # both are rounded to 0.01 ms
         assert r["loop_over_bare"] == pytest.approx(r["loop_ms"] / r["bare_ms"] - 1, abs=rounding + 1e-3)
+
+
+def test_a_speculative_bench_row_is_lossless_and_reports_its_rounds(run, capsys):
+    """bench --speculative source: beside each BARD row a SPEC row (the AR baseline's backend verifies), whose
+    answers must equal AR's request by request (bench raises otherwise), with kept tokens per round and the
+    draft / verify cost per round."""
+    src, b4, root = run
+    res = bench(BenchOptions((b4,), thresholds=(0.9,), requests=3, warmup=1, max_new_tokens=12, speculative=True,
+                             transformers_baseline=False, write=False), log=lambda *a: None)
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["AR baseline", "BARD b4", "SPEC b4"]
+    spec = res["rows"][2]
+    assert spec["identical_to_ar"] == "3/3" and spec["rounds"] >= 3 and 0 <= spec["mean_accepted"] <= 4
+    assert spec["draft_ms_per_round"] > 0 and spec["verify_ms_per_round"] > 0
+    assert spec["tokens"] == res["rows"][0]["tokens"]                   # the same answers, the same tokens
+    from rich.console import Console
+
+    from bard_deploy.tables import bench_table
+    Console(width=250).print(bench_table(res))
+    assert "= AR 3/3" in capsys.readouterr().out
