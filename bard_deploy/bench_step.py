@@ -238,10 +238,10 @@ def _time_layers(o: StepOptions, dims: dict, k: int, tmp: Path, results: dict, r
             for T in o.tokens:
                 loops.append({"backend": name, "layers": k, **loop_vs_bare(backend, T, o.past, o.repeats)})
         if o.replay is not None and replay_here:
-            ar, bard = read_trace(o.replay, o.replay_threshold)
+            ar, bard, spec = read_trace(o.replay, o.replay_threshold)
             replays.append({"backend": name, "layers": k, "trace": str(o.replay),
                             **replay(backend, ar, bard, o.prompt_tokens, o.replay_requests,
-                                     weight_bytes(dims, k, BYTES_PER_WEIGHT[name]))})
+                                     weight_bytes(dims, k, BYTES_PER_WEIGHT[name]), spec)})
         del backend, sess
     return raw
 

@@ -93,12 +93,16 @@ def replay_table(result: dict) -> Table:
     table = _table(result["replay_note"], ("backend", "side", "requests", "tokens", "steps", "tokens/step",
                                           "step p50 ms", "decode tok/s", "speed-up", "AR weights GB/s"))
     for r in result["replay"]:
-        for side in ("ar", "bard"):
+        for side in ("ar", "bard", "spec"):
+            if side not in r:
+                continue
             x = r[side]
-            table.add_row(r["backend"], "AR" if side == "ar" else f"BARD B{r['block_size']} tau {r['threshold']}",
-                          str(x["requests"]), str(x["tokens"]), str(x["steps"]), f"{x['tokens_per_step']:.2f}",
-                          f"{x['step_ms_p50']:.1f}", f"{x['decode_tokens_per_s']:.2f}",
-                          f"{r['speedup_decode_vs_ar']:.2f}x" if side == "bard" else "",
+            label = {"ar": "AR", "bard": f"BARD B{r['block_size']} tau {r['threshold']}",
+                     "spec": f"SPEC (lossless) B{r['block_size']} tau {r['threshold']}"}[side]
+            speed = {"bard": r["speedup_decode_vs_ar"], "spec": r.get("spec_speedup_decode_vs_ar")}.get(side)
+            table.add_row(r["backend"], label, str(x["requests"]), str(x["tokens"]), str(x["steps"]),
+                          f"{x['tokens_per_step']:.2f}", f"{x['step_ms_p50']:.1f}", f"{x['decode_tokens_per_s']:.2f}",
+                          f"{speed:.2f}x" if speed is not None else "",
                           f"{r.get('ar_weight_GBps', '-')}" if side == "ar" else "")
     return table
 

@@ -294,3 +294,26 @@ def test_a_speculative_bench_row_is_lossless_and_reports_its_rounds(run, capsys)
     from bard_deploy.tables import bench_table
     Console(width=250).print(bench_table(res))
     assert "= AR 3/3" in capsys.readouterr().out
+
+
+def test_the_replay_projects_the_speculative_mode_too(run, tmp_path, capsys):
+    """A trace of bench --speculative holds each SPEC request's draft steps and kept tokens per round; the replay
+    runs them at a real shape (per round the draft's steps and one verify step of block + 1 tokens) and reports
+    the lossless mode's projected speed-up beside BARD's."""
+    src, b4, root = run
+    bench(BenchOptions((b4,), thresholds=(0.5,), requests=2, warmup=0, max_new_tokens=12, out=tmp_path / "b",
+                       transformers_baseline=False, speculative=True), log=lambda *a: None)
+    spec = json.loads((tmp_path / "b" / "trace.json").read_text())["configs"][2]
+    assert spec["name"].startswith("SPEC ") and all(len(r["accepted"]) == len(r["steps_per_block"])
+                                                     for r in spec["requests"])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1", "--past", "8", "--full-depth", "--repeats", "1",
+                 "--backends", "onnxruntime-fp32", "--replay", str(tmp_path / "b" / "trace.json"),
+                 "--prompt-tokens", "40", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (r,) = out["replay"]
+    rounds = sum(len(x["accepted"]) for x in spec["requests"])
+    assert r["spec"]["steps"] == sum(sum(x["steps_per_block"]) for x in spec["requests"]) + rounds
+    assert r["spec_speedup_decode_vs_ar"] > 0 and r["spec"]["tokens"] == sum(x["tokens"] for x in spec["requests"])
