@@ -99,7 +99,8 @@ R = Recipe
 RECIPE_OPTIONS = ("name", "out", "source", "data", "image_root", "train_samples", "prompt_attention", "t_min",
                   "weight_cap", "distill_lambda", "distill_topk", "ar_teacher", "no_distill", "shift_distill",
                   "micro_batch", "activation_checkpointing", "device", "precision", "strategy", "seed",
-                  "eval_samples", "eval_threshold", "on_error", "hold_out_every", "max_unknown_rate")
+                  "eval_samples", "eval_threshold", "on_error", "hold_out_every", "max_unknown_rate",
+                  "dual_mode", "dual_mode_weight")
 
 
 @app.command()
@@ -127,6 +128,10 @@ def train(
     no_distill: bool = typer.Option(R.no_distill, "--no-distill", help="Ablation: no distillation pass."),
     shift_distill: float = typer.Option(R.shift_distill, help="Experimental, B4 anchor: weight of the hidden-state "
                                         "distillation from the AR source one position earlier (0 = off)."),
+    dual_mode: bool = typer.Option(R.dual_mode, "--dual-mode", help="Also a next-token loss on the clean response "
+                                   "in every BARD pass: the checkpoints decode causally too (--ar) and verify their "
+                                   "own drafts (--speculative self)."),
+    dual_mode_weight: float = typer.Option(R.dual_mode_weight, help="Weight of the dual-mode next-token loss."),
     micro_batch: int = typer.Option(R.micro_batch, help="Samples per forward, grouped by length (gradient "
                                     "accumulation; 0 = the whole batch)."),
     activation_checkpointing: bool = typer.Option(R.activation_checkpointing, "--activation-checkpointing",
@@ -269,7 +274,8 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="End the answer before this text (repeatable, up to 4).",
                                    show_default=False),
     speculative: str | None = typer.Option(None, help="source: lossless mode, the AR source verifies each drafted "
-                                           "block (the output is its greedy decode).", show_default="off"),
+                                           "block (the output is its greedy decode); self: a dual-mode checkpoint "
+                                           "verifies its own drafts.", show_default="off"),
     verifier: Path | None = typer.Option(None, help="The AR source for --speculative (same backend).",
                                          show_default="the source a checkpoint records"),
 ):

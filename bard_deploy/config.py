@@ -155,6 +155,7 @@ class BardSection:
     stage: str | None = None
     parent: str | None = None
     data_hash: str | None = None
+    dual_mode: bool = False                # trained with an AR loss too: it also decodes causally (ar=True)
 
     @classmethod
     def from_dict(cls, d: Any, vocab_size: int) -> BardSection:
@@ -179,7 +180,8 @@ class BardSection:
         if noise not in NOISES:
             raise ConfigError(f"{where}: noise must be one of {NOISES}, got {noise!r}", noise)
         strs = {k: _field(d, k, str, where, None) for k in ("source_model", "stage", "parent", "data_hash")}
-        return cls(mask_token_id=mask, block_size=block, prompt_attention=pa, noise=noise, **strs)
+        return cls(mask_token_id=mask, block_size=block, prompt_attention=pa, noise=noise,
+                   dual_mode=_field(d, "dual_mode", bool, where, False), **strs)
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,7 @@ class Pipeline:
         """The verifier must be an AR model over this model's vocabulary; a recorded source that is not is
         dropped (asked-for speculative decoding then says so), a given one is an error."""
         v = self.verifier.config
-        why = ("it is a BARD checkpoint, not an AR source" if v.bard is not None else
+        why = ("it is a BARD checkpoint, not an AR source" if v.bard is not None and not v.bard.dual_mode else
                f"its vocabulary ({v.text.vocab_size}) is not this model's ({self.config.text.vocab_size})"
                if v.text.vocab_size != self.config.text.vocab_size else None)
         if why is None:
@@ -310,9 +310,9 @@ class Pipeline:
                                      torch.cat(grids) if grids else None, pad_id=pad)
 
     def _ar(self, ar: bool) -> bool:
-        if ar and self.config.bard is not None:
+        if ar and self.config.bard is not None and not self.config.bard.dual_mode:
             raise RuntimeInputError("this is a BARD checkpoint; the AR mode (ar=True, --ar) decodes an AR source "
-                                    "model", "ar")
+                                    "model (or a dual-mode checkpoint, train --dual-mode)", "ar")
         if not ar and self.config.bard is None:
             raise RuntimeInputError("this checkpoint is an AR model (no 'bard' section): decode it in AR mode "
                                     "(ar=True; --ar on the command line)", "ar")

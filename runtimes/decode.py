@@ -29,7 +29,7 @@ from bard_deploy.vision import merge_image_features, rope_index
 
 
 SCHEDULES = ("min", "even")
-SPECULATIVE = (None, "source")
+SPECULATIVE = (None, "source", "self")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ class DecodeOptions:
     speculative: "source": lossless mode; the BARD model drafts a block (its usual denoising under the options
       above), the AR source checks the whole draft in one causal forward, and the longest prefix equal to the
       source's greedy choices is kept plus the source's own next token: the output is the source's greedy
-      decode. Greedy only.
+      decode. "self": a dual-mode checkpoint verifies its own drafts in its causal mode (the output is its own
+      greedy causal decode). Greedy only.
     """
 
     block_size: int | None = None          # None = the checkpoint's trained block size
@@ -138,8 +139,10 @@ class DecodeOptions:
         if self.schedule not in SCHEDULES:
             raise bad("schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
         if self.speculative not in SPECULATIVE:
-            raise bad("speculative", self.speculative, "must be 'source' (or None); 'self' needs a dual-mode "
-                                                       "checkpoint, which training does not make yet")
+            raise bad("speculative", self.speculative, "must be 'source' or 'self' (or None)")
+        if self.speculative == "self" and (config is None or config.bard is None or not config.bard.dual_mode):
+            raise bad("speculative", self.speculative, "needs a dual-mode checkpoint (train --dual-mode): this one "
+                                                       "does not decode causally")
         if self.speculative is not None and self.temperature > 0:
             raise bad("speculative", self.speculative, "verifies greedy choices: it needs temperature 0")
         return replace(self, block_size=block, max_steps=steps)
@@ -631,9 +634,10 @@ def speculative_rounds(draft, verifier, batch: PromptBatch, opts: DecodeOptions,
     cfg: ModelConfig = draft.config
     opts = opts.resolved(cfg)
     verifier_opts = opts.resolved(verifier.config, ar=True)
-    if cfg.bard is None or verifier.config.bard is not None:
-        raise RuntimeInputError("speculative='source' drafts with a BARD checkpoint and verifies with its AR source",
-                                "speculative")
+    causal = verifier.config.bard is None or verifier.config.bard.dual_mode         # an AR or dual-mode model
+    if cfg.bard is None or not causal:
+        raise RuntimeInputError("speculative decoding drafts with a BARD checkpoint and verifies with its AR source "
+                                "(or, dual-mode, with itself)", "speculative")
     B_sz, mask_id = opts.block_size, cfg.bard.mask_token_id
     rows, max_new = batch.input_ids.shape[0], opts.max_new_tokens
     P = batch.input_ids.shape[1]
@@ -744,6 +748,9 @@ def row_chunks(backend, batch: PromptBatch, opts: DecodeOptions, eos_ids: Sequen
                ar: bool = False, verifier=None) -> Iterator[list[list[int]]]:
     """Every mode's decoded chunks as each row's new tokens: a block (BARD), a token (AR), or a verified round
     (speculative, 1 to block + 1 tokens per row; `verifier`: the AR source's backend)."""
+    if opts.speculative == "self" and not ar:
+        yield from speculative_rounds(backend, backend, batch, opts, eos_ids, stats)
+        return
     if opts.speculative is not None and not ar:
         if verifier is None:
             raise RuntimeInputError("speculative='source' needs the AR source to verify with: Pipeline.load(..., "

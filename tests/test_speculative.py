@@ -115,7 +115,9 @@ def test_speculative_errors_are_typed(dirs, tmp_path):
     spec = Pipeline.load(b_dir, verifier=ar_dir)
     with pytest.raises(RuntimeInputError, match="needs temperature 0"):
         spec.generate("hi", speculative="source", temperature=0.7, max_new_tokens=4)
-    with pytest.raises(RuntimeInputError, match="must be 'source'"):
+    with pytest.raises(RuntimeInputError, match="must be 'source' or 'self'"):
+        spec.generate("hi", speculative="draft", max_new_tokens=4)
+    with pytest.raises(RuntimeInputError, match="needs a dual-mode checkpoint"):
         spec.generate("hi", speculative="self", max_new_tokens=4)
     with pytest.raises(RuntimeInputError, match="not an AR source"):
         Pipeline.load(b_dir, verifier=b_dir)

@@ -294,3 +294,56 @@ def test_data_the_tokenizer_does_not_know_is_refused(tmp_path, source):
     logs = []
     train(replace(r, max_unknown_rate=1.0), progress=False, log=logs.append)
     assert any("unknown tokens" in m and "'retriever' x4" in m for m in logs)
+
+
+def test_the_causal_view_loss_is_the_ar_loss_of_the_clean_response(tok):
+    """Dual mode's extra term on a packed batch equals the plain AR loss of [prompt | response] (the noisy copy
+    hidden, the EOS padding of the last block predicted too): the same model, the same next-token CE."""
+    from bard_deploy.train.objective import causal_view_ce
+    from bard_deploy.train.source import ar_loss
+
+    cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
+    torch.manual_seed(0)
+    model = BardVLM(cfg.with_bard(mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), block_size=4)).eval()
+    enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
+    ex = [encode_example(enc, make_sample(i).messages(), 128) for i in (2, 3)]
+    fit = [e for e in ex if len(e.response_ids) % 4 == 0] or ex[:0]       # no EOS padding: exactly the AR loss
+    with torch.no_grad():
+        packed = causal_view_ce(model, collate_diffusion(ex, model.config, 4, tok.pad_token_id, tok.eos_token_id))
+        plain = ar_loss(model, collate_ar(ex, model.config, tok.pad_token_id), None)[0]
+        assert packed.shape == plain.shape and (packed > 0).all()
+        for e in fit:
+            i = ex.index(e)
+            torch.testing.assert_close(packed[i], plain[i], rtol=1e-4, atol=1e-5)
+        one = collate_diffusion([ex[0]], model.config, 1, tok.pad_token_id, tok.eos_token_id)   # block 1: no pad
+        torch.testing.assert_close(causal_view_ce(model, one)[0],
+                                   ar_loss(model, collate_ar([ex[0]], model.config, tok.pad_token_id), None)[0][0],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_dual_mode_checkpoints_decode_causally_and_verify_their_own_drafts(tmp_path, source):
+    """train --dual-mode: every pass logs the AR term, the checkpoints record dual_mode, their fingerprint differs,
+    the results table has a causal row beside each stage, ar=True decodes them, and speculative="self" gives
+    exactly their own greedy causal decode; without dual mode both are refused."""
+    r = Recipe(name="dual", out=str(tmp_path), source=str(source), train_samples=8, dual_mode=True,
+               stages=(Stage("b4", 4, 2, batch_size=4), Stage("b8", 8, 2, batch_size=4, distill_steps=1)),
+               eval_samples=2)
+    res = train(r, progress=False, log=lambda *a: None)
+    assert [row["model"] for row in res["rows"]] == ["source (AR)", "b4", "b4 (causal)", "b8", "b8 (causal)"]
+    rows = [json.loads(ln) for ln in (tmp_path / "dual" / "b8" / "metrics-swd.jsonl").read_text().splitlines()]
+    assert all(x["ar_ce"] > 0 for x in rows)
+    assert Recipe(dual_mode=True).fingerprint(Recipe().stages[0]) != Recipe().fingerprint(Recipe().stages[0])
+    from bard_deploy.runtimes.api import Pipeline
+    pipe = Pipeline.load(tmp_path / "dual" / "b8")
+    assert pipe.config.bard.dual_mode
+    rows = [make_sample(i).messages()[:1] for i in (1, 4)]
+    want = [pipe.generate_batch([c], ar=True, max_new_tokens=20)[0].token_ids for c in rows]
+    got = pipe.generate_batch(rows, speculative="self", max_new_tokens=20)
+    assert [g.token_ids for g in got] == want and got[0].call_stats.verify_nfe > 1
+    from bard_deploy.embedded import new_checkpoint
+    from bard_deploy.errors import RuntimeInputError
+    plain = Pipeline.load(new_checkpoint(tmp_path / "plain", bard={"block_size": 4}, hidden=32, layers=1))
+    with pytest.raises(RuntimeInputError, match="needs a dual-mode checkpoint"):
+        plain.generate("hi", speculative="self", max_new_tokens=4)
+    with pytest.raises(RuntimeInputError, match="dual-mode checkpoint, train --dual-mode"):
+        plain.generate("hi", ar=True, max_new_tokens=4)

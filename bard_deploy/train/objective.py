@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from bard_deploy.data.collate import TrainBatch
-from bard_deploy.diffusion.loss import per_sample_mean, topk_kl, weighted_ce
-from bard_deploy.diffusion.mask import CLEAN, NOISY, PROMPT, Layout, training_mask
+from bard_deploy.diffusion.loss import next_token_ce, per_sample_mean, topk_kl, weighted_ce
+from bard_deploy.diffusion.mask import CLEAN, NOISY, PAD, PROMPT, Layout, training_mask
 from bard_deploy.diffusion.noise import corrupt
 from bard_deploy.train.recipe import ANCHOR_BLOCK
 from bard_deploy.vlm import BardVLM
@@ -45,6 +45,7 @@ class LossSetup:
     temperature: float = 1.0
     shift_teacher: BardVLM | None = None     # the AR source, for the anchor's shift-distillation term
     shift_weight: float = 0.0
+    ar_weight: float = 0.0                   # dual mode: weight of the next-token CE on the clean response
 
 
 def bard_loss(setup: LossSetup) -> Callable:
@@ -67,6 +68,10 @@ def bard_loss(setup: LossSetup) -> Callable:
             kl = topk_kl(s_logits, t_logits, setup.topk, setup.temperature)
             per_sample = per_sample + setup.distill_lambda * per_sample_mean(kl, rows, scored)
             metrics["kl"] = float(kl.detach().mean()) if kl.numel() else 0.0
+        if setup.ar_weight > 0:
+            ar_ce = causal_view_ce(model, batch)
+            per_sample = per_sample + setup.ar_weight * ar_ce
+            metrics["ar_ce"] = float(ar_ce.detach().mean())
         if setup.shift_teacher is not None:
             with torch.no_grad():
                 target = ar_hidden_before(setup.shift_teacher, batch, rows, cols)
@@ -76,6 +81,20 @@ def bard_loss(setup: LossSetup) -> Callable:
         return per_sample, metrics
 
     return fn
+
+
+def causal_view_ce(model, batch: TrainBatch) -> torch.Tensor:
+    """Per-sample next-token CE of the clean response under the packed batch's causal view (dual mode): the
+    prompt and the clean copy as one causal sequence (the AR special case), the noisy copy hidden (PAD); each
+    clean token is predicted from the position before it, as an AR model decodes."""
+    kind = batch.layout.kind
+    view = Layout(torch.where(kind == CLEAN, PROMPT, torch.where(kind == NOISY, PAD, kind)), batch.layout.block,
+                  batch.layout.index)
+    h = model(batch.input_ids, batch.position_ids, training_mask(view, "causal"), batch.pixel_values,
+              batch.image_grid_thw)
+    predicts = torch.zeros_like(kind, dtype=torch.bool)
+    predicts[:, :-1] = kind[:, 1:] == CLEAN                  # the logits at i predict token i + 1
+    return next_token_ce(getattr(model, "module", model), h, batch.input_ids, predicts)[0]
 
 
 def teacher_logits(setup: LossSetup, batch: TrainBatch, noisy_ids: torch.Tensor, rows: torch.Tensor,

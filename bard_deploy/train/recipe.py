@@ -105,6 +105,10 @@ class Recipe:
     # anchor stage only (experimental, off by default): + weight x (1 - cos) between a masked position's final
     # hidden state and the AR source's one position earlier, which predicts the same token (the head is shared)
     shift_distill: float = 0.0
+    # dual mode: + weight x next-token CE on the clean response (its causal view) in every BARD pass, so the
+    # checkpoint also decodes causally and can verify its own drafts (speculative="self")
+    dual_mode: bool = False
+    dual_mode_weight: float = 1.0
     micro_batch: int = 16                   # samples per forward, grouped by length (0 = the whole batch)
     activation_checkpointing: bool = False
     device: str = "auto"                    # auto = CUDA when present (LOCAL_RANK under torchrun), else CPU
@@ -133,6 +137,8 @@ class Recipe:
         if self.prompt_attention not in ("causal", "block"):
             raise ConfigError(f"prompt_attention must be 'causal' or 'block', got {self.prompt_attention!r}",
                               self.prompt_attention)
+        if not self.dual_mode_weight >= 0:
+            raise ConfigError(f"dual_mode_weight must be >= 0, got {self.dual_mode_weight}", self.dual_mode_weight)
         if self.shift_distill < 0:
             raise ConfigError(f"shift_distill must be >= 0, got {self.shift_distill}", self.shift_distill)
         if not 0 < self.t_min <= 1 or self.weight_cap < 1:

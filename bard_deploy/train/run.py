@@ -175,6 +175,9 @@ def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
         ev = evaluate(pipe, convs, batch_size=1, threshold=recipe.eval_threshold, max_new_tokens=64)
         rows.append({"model": stage.name, "block_size": stage.block_size, "threshold": recipe.eval_threshold,
                      **ev.as_dict()})
+        if recipe.dual_mode:                 # the same checkpoint in its causal mode, beside the diffusion one
+            ev = evaluate(pipe, convs, ar=True, batch_size=1, max_new_tokens=64)
+            rows.append({"model": f"{stage.name} (causal)", "block_size": 1, "threshold": None, **ev.as_dict()})
     Console(width=120).print(results_table_view(rows, len(convs)))
     return {"eval_samples": len(convs), "rows": rows}
 

@@ -68,7 +68,7 @@ def stage_config(base: ModelConfig, recipe: Recipe, stage: Stage, parent: str, s
     """`base` (the parent's config) as the BARD config of `stage`, with its lineage (parent, source, data)."""
     return base.with_bard(mask_token_id=mask_id, block_size=stage.block_size,
                           prompt_attention=recipe.prompt_attention, noise=stage.noise, source_model=source,
-                          stage=stage.name, parent=parent, data_hash=data_hash)
+                          stage=stage.name, parent=parent, data_hash=data_hash, dual_mode=recipe.dual_mode)
 
 
 def train_stage(ctx: StageContext, stage: Stage, parent_dir: Path) -> Path:
@@ -114,7 +114,7 @@ def stage_loss_setup(ctx: StageContext, stage: Stage, mask_id: int, device: torc
     r = ctx.recipe
     setup = LossSetup(stage.noise, mask_id, text_token_ids(ctx.tokenizer), r.t_min, r.weight_cap,
                       r.prompt_attention, distill_lambda=r.distill_lambda, topk=r.distill_topk,
-                      temperature=r.distill_temperature)
+                      temperature=r.distill_temperature, ar_weight=r.dual_mode_weight if r.dual_mode else 0.0)
     if stage is not r.stages[0] or r.shift_distill <= 0:
         return setup
     setup = replace(setup, shift_teacher=frozen_model(ctx.source_dir, device), shift_weight=r.shift_distill)
