@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
 
@@ -149,9 +150,15 @@ def train(
                                            "than this fraction are unknown to the tokenizer."),
     resume: bool = typer.Option(True, "--resume/--fresh", help="Reuse finished stages and continue a killed one."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    threads: int | None = typer.Option(None, help="torch's CPU threads (another count rounds reductions "
+                                       "differently, as another CPU does).", show_default="the available cores"),
 ):
     """Convert an AR VLM into BARD checkpoints (B4 -> B8 -> B16 [-> B32]) and print the results table."""
     r = recipe_from_cli(recipe, preset, stages, _given(ctx, RECIPE_OPTIONS))
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}", threads)
+        torch.set_num_threads(threads)
     results = run_train(r, resume=resume, progress=progress)
     console.print(f"checkpoints: {r.run_dir}  results: {r.run_dir / 'results.json'}  "
                   f"({results['train_seconds']} s)")

@@ -347,3 +347,22 @@ def test_dual_mode_checkpoints_decode_causally_and_verify_their_own_drafts(tmp_p
         plain.generate("hi", speculative="self", max_new_tokens=4)
     with pytest.raises(RuntimeInputError, match="dual-mode checkpoint, train --dual-mode"):
         plain.generate("hi", ar=True, max_new_tokens=4)
+
+
+def test_the_embedded_source_follows_the_run_seed(tmp_path):
+    """train --seed S builds the embedded source with seed S too (its own directory; seed 0 keeps runs/source),
+    so a seed grid covers the source's spread, not only the stages'."""
+    stages = (Stage("b4", 4, 1, batch_size=4),)
+    for seed in (0, 1):
+        r = Recipe(name=f"s{seed}", out=str(tmp_path), train_samples=8, stages=stages, eval_samples=1, seed=seed)
+        train(r, progress=False, source_recipe=TINY, log=lambda *a: None)
+    a, b = (json.loads((tmp_path / d / "build.json").read_text()) for d in ("source", "source-seed1"))
+    assert a["recipe"]["seed"] == 0 and b["recipe"]["seed"] == 1 and a["fingerprint"] != b["fingerprint"]
+    w0, w1 = (load_model(tmp_path / d).language_model.embed_tokens.weight for d in ("source", "source-seed1"))
+    assert not torch.equal(w0, w1)
+
+
+def test_train_threads_option(tmp_path, capsys):
+    from bard_deploy.cli import main
+    assert main(["train", "--preset", "smoke", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,7 +75,10 @@ def resolve_source(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, so
     """The AR source's directory and config: `recipe.source`, or the embedded default built (or reused) under
     `out/source`. A missing checkpoint or one that is already BARD is a ConfigError."""
     if recipe.source is None:
-        source_dir = build_source(Path(recipe.out) / "source", source_recipe, resume=resume, progress=progress,
+        # the embedded source follows the run's seed (seed 0 keeps the plain name other runs reuse)
+        source_recipe = replace(source_recipe, seed=recipe.seed)
+        name = "source" if recipe.seed == 0 else f"source-seed{recipe.seed}"
+        source_dir = build_source(Path(recipe.out) / name, source_recipe, resume=resume, progress=progress,
                                   dist_info=d, log=log, device=recipe.device, precision=recipe.precision,
                                   strategy=recipe.strategy)
         _barrier(d)                     # the main process saved it; the others read it next
