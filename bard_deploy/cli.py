@@ -485,11 +485,13 @@ def serve(
     variant: str | None = typer.Option(None, help="Export decoder variant.", show_default="the manifest's"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     threads: int | None = typer.Option(None, help=THREADS_HELP, show_default="the available cores"),
+    verifier: Path | None = typer.Option(None, help="The AR source that requests with speculative=source verify "
+                                         "with.", show_default="the source a checkpoint records"),
 ):
     """Serve the model over HTTP: OpenAI's chat-completions API, streaming per block, dynamic batching."""
     o = ServeOptions(host, port, max_batch, max_queue, image_root, request_timeout, max_request_bytes,
                      model_name=model_name)
-    run_serve(model, o, backend=backend, variant=variant, device=device, threads=threads)
+    run_serve(model, o, backend=backend, variant=variant, device=device, threads=threads, verifier=verifier)
 
 
 @app.command()

@@ -3,7 +3,8 @@
     POST /v1/chat/completions   OpenAI's chat schema: text and image_url parts (data: URLs; file paths only
                                 under --image-root), stream (SSE, one chunk per decoded block, then [DONE]),
                                 max_tokens, temperature, top_p, seed, stop; BARD options (threshold, block_size,
-                                min_commit, max_steps, edit_threshold, max_edits, top_k) as extra fields
+                                min_commit, max_steps, edit_threshold, max_edits, top_k, speculative) as extra
+                                fields
     GET  /v1/models, /health, /metrics (Prometheus text)
 
 Dynamic batching: one worker thread decodes. It takes the oldest waiting request and every other waiting one
@@ -36,12 +37,12 @@ from bard_deploy.runtimes.decode import DecodeOptions, Stats
 
 log = logging.getLogger("bard_deploy.serve")
 
-BARD_FIELDS = ("threshold", "block_size", "min_commit", "max_steps", "edit_threshold", "max_edits", "top_k")
+BARD_FIELDS = ("threshold", "block_size", "min_commit", "max_steps", "edit_threshold", "max_edits", "top_k",
+               "speculative")
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")   # accepted, no effect
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "logprobs": False,
                "top_logprobs": None, "logit_bias": None, "audio": None, "modalities": None, "prediction": None,
-               "presence_penalty": 0, "frequency_penalty": 0, "reasoning_effort": None, "speculative": None,
-               "web_search_options": None}
+               "presence_penalty": 0, "frequency_penalty": 0, "reasoning_effort": None, "web_search_options": None}
 KNOWN_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                 "temperature", "top_p", "seed", "stop", "n", "response_format", *BARD_FIELDS, *IGNORED_FIELDS,
                 *UNSUPPORTED}

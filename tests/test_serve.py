@@ -246,3 +246,19 @@ def test_metrics_parse(server, client):
     assert samples['bard_batch_size_bucket{le="+Inf"}'] == samples["bard_batch_size_count"] >= 1
     assert samples["bard_step_seconds_count"] > 0 and "bard_queue_depth" in samples
     assert samples["bard_tokens_per_forward"] > 0
+
+
+def test_a_speculative_request_gives_the_sources_greedy_answer(pipe, tmp_path):
+    """speculative=source as an extra field: the server's pipeline verifies with the AR source it was given."""
+    from bard_deploy.embedded import new_checkpoint as make
+
+    ar_dir = make(tmp_path / "ar", seed=1, hidden=64, layers=2)
+    b_dir = make(tmp_path / "b4", seed=2, bard={"block_size": 4}, hidden=64, layers=2)
+    want = Pipeline.load(ar_dir).generate("Describe the picture.", ar=True, max_new_tokens=10).text
+    with Server(Pipeline.load(b_dir, verifier=ar_dir), ServeOptions(port=0, model_name=MODEL), MODEL) as s:
+        status, out = post(s, {"model": MODEL, "messages": [{"role": "user", "content": "Describe the picture."}],
+                               "max_tokens": 10, "speculative": "source"})
+        assert status == 200 and out["choices"][0]["message"]["content"] == want
+        status, out = post(s, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                               "speculative": "self"})
+        assert status == 400 and "dual-mode" in out["error"]["message"]
