@@ -166,7 +166,7 @@ def test_other_bad_requests(server, client):
     assert status == 400 and "not JSON" in out["error"]["message"]
     status, out = post(server, {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 404 and out["error"]["code"] == "model_not_found"
-    import http.client                      # a body announced over the limit is refused before it is read
+    import http.client  # a body announced over the limit is refused before it is read
     host, port = server.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.putrequest("POST", "/v1/chat/completions")
