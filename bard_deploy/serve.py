@@ -350,7 +350,7 @@ class Row:
         text = self.pipe.decode_text(ids)
         reason = None
         if self.job.stop:
-            cut = self.pipe._stop_cut(ids, self.job.stop)
+            cut = self.pipe.stop_cut(ids, self.job.stop)
             if cut is not None:
                 (text, ids), reason = cut, "stop"
         if reason is None and ids and ids[-1] in self.eos:

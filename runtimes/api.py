@@ -347,7 +347,7 @@ class Pipeline:
         out = []
         for i, ids in enumerate(g.token_ids):
             text = self.decode_text(ids)
-            cut = self._stop_cut(ids, opts.stop) if opts.stop else None
+            cut = self.stop_cut(ids, opts.stop) if opts.stop else None
             if cut is not None:
                 text, ids = cut
                 g.stats.tokens[i], g.stats.finish_reasons[i] = len(ids), "stop"
@@ -355,7 +355,7 @@ class Pipeline:
         return [Result(text, ids, g.stats.for_row(i, visual[i]), g.stats.finish_reasons[i], int(real[i].sum()),
                        visual[i], g.stats) for text, ids, i in out]
 
-    def _stop_cut(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, list[int]] | None:
+    def stop_cut(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, list[int]] | None:
         """(text before the first stop string, the ids up to the token that completed it), or None."""
         if not any(x in self.decode_text(ids) for x in stop):
             return None
@@ -437,7 +437,7 @@ class Pipeline:
             tokens += chunk[0]
             kept = truncate_at_eos([tokens], set(self.eos_ids), opts.max_new_tokens)[0]
             text = self.decode_text(kept)
-            cut = self._stop_cut(kept, opts.stop) if opts.stop else None
+            cut = self.stop_cut(kept, opts.stop) if opts.stop else None
             if cut is not None:
                 text, kept = cut
                 reason = "stop"
