@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bard_deploy.errors import BardError, RuntimeInputError
 from bard_deploy.prompting import resolve_image_path
-from bard_deploy.runtimes.api import Pipeline
+from bard_deploy.runtimes.api import Pipeline, ready_text
 from bard_deploy.runtimes.decode import DecodeOptions, Stats
 
 log = logging.getLogger("bard_deploy.serve")
@@ -336,7 +336,6 @@ class Row:
         self.done = False
         self.ids: list[int] = []
         self.eos = set(pipe.eos_ids)
-        self.hold = max(map(len, job.stop), default=1) - 1
 
     def update(self, ids: list[int], nfe: int) -> None:
         """The row's answer ids so far: send the new text (holding back what could begin a stop string); finish
@@ -346,19 +345,12 @@ class Row:
         if self.job.cancelled.is_set() or time.perf_counter() > self.job.deadline:
             self.done = True                       # its handler answers (a disconnect, or 504)
             return
-        ids = ids[:self.job.max_tokens]
-        text = self.pipe.decode_text(ids)
-        reason = None
-        if self.job.stop:
-            cut = self.pipe.stop_cut(ids, self.job.stop)
-            if cut is not None:
-                (text, ids), reason = cut, "stop"
-        if reason is None and ids and ids[-1] in self.eos:
-            reason = "stop"                        # OpenAI's name for a natural end
-        elif reason is None and len(ids) >= self.job.max_tokens:
-            reason = "length"
+        text, ids, stopped = self.pipe.answer_text(ids[:self.job.max_tokens], self.job.stop)
+        # "stop" is OpenAI's name for a stop string and for a natural end (EOS) alike
+        reason = ("stop" if stopped or (ids and ids[-1] in self.eos) else
+                  "length" if len(ids) >= self.job.max_tokens else None)
         self.ids = ids
-        ready = text if reason else text[:max(len(self.sent), len(text) - self.hold)]
+        ready = ready_text(text, self.sent, self.job.stop, reason is not None)
         if ready != self.sent and ready.startswith(self.sent):
             self.job.emit("delta", ready[len(self.sent):])
             self.sent = ready

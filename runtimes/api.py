@@ -105,6 +105,14 @@ def text_after(shown: str, text: str) -> str:
     return text[len(shown):] if text.startswith(shown) else text
 
 
+def ready_text(text: str, shown: str, stop: Sequence[str], final: bool) -> str:
+    """What of an answer's text so far may be shown: all of it once the answer is final, else all but the
+    characters that could still begin a stop string, and never less than is shown already."""
+    if final:
+        return text
+    return text[:max(len(shown), len(text) - (max(map(len, stop), default=1) - 1))]
+
+
 class Pipeline:
     """A loaded model with its tokenizer and image processor, ready to decode."""
 
@@ -346,25 +354,25 @@ class Pipeline:
         visual = (visual_mask(batch.input_ids, cfg.image_token_id, cfg.video_token_id) & real).sum(1).tolist()
         out = []
         for i, ids in enumerate(g.token_ids):
-            text = self.decode_text(ids)
-            cut = self.stop_cut(ids, opts.stop) if opts.stop else None
-            if cut is not None:
-                text, ids = cut
+            text, ids, stopped = self.answer_text(ids, opts.stop)
+            if stopped:
                 g.stats.tokens[i], g.stats.finish_reasons[i] = len(ids), "stop"
             out.append((text, ids, i))
         return [Result(text, ids, g.stats.for_row(i, visual[i]), g.stats.finish_reasons[i], int(real[i].sum()),
                        visual[i], g.stats) for text, ids, i in out]
 
-    def stop_cut(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, list[int]] | None:
-        """(text before the first stop string, the ids up to the token that completed it), or None."""
-        if not any(x in self.decode_text(ids) for x in stop):
-            return None
+    def answer_text(self, ids: list[int], stop: Sequence[str] = ()) -> tuple[str, list[int], bool]:
+        """(text, ids, stopped) of an answer's ids: their text, or, when it holds a stop string, the text before
+        the first one and the ids up to the token that completed it (stopped True)."""
+        text = self.decode_text(ids)
+        if not any(x in text for x in stop):
+            return text, ids, False
         for k in range(1, len(ids) + 1):
-            text = self.decode_text(ids[:k])
-            hits = [text.index(x) for x in stop if x in text]
+            part = self.decode_text(ids[:k])
+            hits = [part.index(x) for x in stop if x in part]
             if hits:
-                return text[:min(hits)], ids[:k]
-        return None
+                return part[:min(hits)], ids[:k], True
+        return text, ids, False              # only the whole decodes to the stop string: no token completes it
 
     def generate_ids(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *, images: Sequence[object] = (),
                      ar: bool = False, **options) -> Generation:
@@ -429,25 +437,19 @@ class Pipeline:
         apply_host_threads(self.threads)
         tokens: list[int] = []
         kept: list[int] = []
-        shown = ""
-        hold = max(map(len, opts.stop), default=1) - 1
-        chunks = row_chunks(self.backend, batch, opts, self.eos_ids, stats, self._ar(ar), self.verifier)
-        reason = None
-        for chunk in chunks:
+        text = shown = ""
+        stopped = False
+        for chunk in row_chunks(self.backend, batch, opts, self.eos_ids, stats, self._ar(ar), self.verifier):
             tokens += chunk[0]
-            kept = truncate_at_eos([tokens], set(self.eos_ids), opts.max_new_tokens)[0]
-            text = self.decode_text(kept)
-            cut = self.stop_cut(kept, opts.stop) if opts.stop else None
-            if cut is not None:
-                text, kept = cut
-                reason = "stop"
-            ready = text if reason else text[:max(len(shown), len(text) - hold)]
+            text, kept, stopped = self.answer_text(truncate_at_eos([tokens], set(self.eos_ids),
+                                                                   opts.max_new_tokens)[0], opts.stop)
+            ready = ready_text(text, shown, opts.stop, stopped)
             if ready != shown:
-                yield ready[len(shown):] if ready.startswith(shown) else ready
+                yield text_after(shown, ready)
                 shown = ready
-            if reason:
+            if stopped:
                 break
-        if reason is None and text_after(shown, self.decode_text(kept)):
-            yield text_after(shown, self.decode_text(kept))
+        if not stopped and text_after(shown, text):
+            yield text_after(shown, text)
         stats.tokens = [len(kept)]
-        stats.finish_reasons = [reason or finish_reason(kept, self.eos_ids)]
+        stats.finish_reasons = ["stop" if stopped else finish_reason(kept, self.eos_ids)]

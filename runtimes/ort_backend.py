@@ -20,7 +20,7 @@ from bard_deploy.errors import ExportError, RuntimeInputError
 from bard_deploy.manifest import Manifest
 from bard_deploy.onnx_files import EmbeddingTable
 from bard_deploy.threads import Threads
-from bard_deploy.vision import grid_inputs
+from bard_deploy.vision import frame_grids, grid_inputs
 
 # what onnxruntime raises (plain Exception subclasses): turned into one-line typed errors here
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException, ort_state.InvalidGraph,
@@ -217,14 +217,16 @@ class OrtBackend:
         if self.vision is None:
             raise RuntimeInputError("this export has no vision graph but an image was given", "image")
         embeds, deepstack, start = [], [], 0
-        for t, h, w in grid_thw.tolist():
-            frame = grid_inputs(self.config.vision, [1, h, w])
-            for _ in range(t):
-                feeds = self.vision_io.feeds(pixel_values[start:start + h * w], frame)
-                e, d = self.vision_io.unpack_outputs(run(self.vision, self.vision_io.output_names, feeds))
-                embeds.append(e)
-                deepstack.append(d)
-                start += h * w
+        inputs: dict[tuple[int, ...], tuple] = {}              # per (1, h, w): computed once per call
+        for grid in frame_grids(grid_thw):
+            n = grid[1] * grid[2]
+            if tuple(grid) not in inputs:
+                inputs[tuple(grid)] = grid_inputs(self.config.vision, grid)
+            feeds = self.vision_io.feeds(pixel_values[start:start + n], inputs[tuple(grid)])
+            e, d = self.vision_io.unpack_outputs(run(self.vision, self.vision_io.output_names, feeds))
+            embeds.append(e)
+            deepstack.append(d)
+            start += n
         return torch.cat(embeds).to(self.device), torch.cat(deepstack, dim=1).to(self.device)
 
     def binding(self) -> Binding:

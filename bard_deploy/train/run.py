@@ -229,7 +229,8 @@ def held_out_loss(directory: Path, examples: list[Example], recipe: Recipe, stag
     """Mean per-sample loss of a checkpoint on held-out examples under its own training objective (no teacher):
     next-token CE for the AR source (stage None), the block-diffusion CE of `stage` with noise seeded per row."""
     model = load_model(directory).eval()
-    cfg, tok = model.config, load_encoder_tokenizer(directory)
+    cfg = model.config
+    tok = load_encoder(directory, cfg).tokenizer
     if stage is None:
         collate, loss_fn = (lambda ex: collate_ar(ex, cfg, tok.pad_token_id)), ar_loss
     else:
@@ -242,14 +243,6 @@ def held_out_loss(directory: Path, examples: list[Example], recipe: Recipe, stag
     for i in range(0, len(examples), 8):
         chunk = examples[i:i + 8]
         gens = [torch.Generator().manual_seed(recipe.seed * 100003 + i + j) for j in range(len(chunk))]
-        per_sample = loss_fn(model, collate(chunk), gens)
-        per_sample = per_sample[0] if isinstance(per_sample, tuple) else per_sample
+        per_sample, _ = loss_fn(model, collate(chunk), gens)
         total += float(per_sample.sum())
     return total / len(examples)
-
-
-def load_encoder_tokenizer(directory: Path):
-    """The HF tokenizer saved with a checkpoint."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
