@@ -15,6 +15,25 @@ ROW_KEYS = {"name", "block_size", "threshold", "requests", "exact_match", "token
             "speedup_e2e_vs_ar", "backend_ms_per_step", "host_ms_per_step", "host_fraction", "image_tokens"}
 
 
+def small_shape(tmp_path, layers: int):
+    """A bench-step --shape config.json of a tiny decoder with `layers` layers."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    return cfg
+
+
+def replay_bench(tmp_path, capsys) -> tuple[dict, dict]:
+    """bench-step --replay of tmp_path/b/trace.json on a 2-layer shape: its JSON line and its one replay row."""
+    cfg = small_shape(tmp_path, 2)
+    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1", "--past", "8", "--full-depth", "--repeats", "1",
+                 "--backends", "onnxruntime-fp32", "--replay", str(tmp_path / "b" / "trace.json"),
+                 "--prompt-tokens", "40", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (r,) = out["replay"]
+    return out, r
+
+
 def test_percentiles():
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile(list(map(float, range(101))), 90) == 90.0
@@ -183,9 +202,7 @@ def test_step_rows_extrapolate_and_flag_noise():
 
 
 def test_step_mode_on_a_small_shape(tmp_path, capsys):
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    cfg = small_shape(tmp_path, 6)
     assert main(["bench-step", "--shape", str(cfg), "--tokens", "1,4", "--past", "16", "--layers-subset", "1,2",
                  "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -195,9 +212,7 @@ def test_step_mode_on_a_small_shape(tmp_path, capsys):
 
 
 def test_step_mode_times_int4_when_asked(tmp_path, capsys):
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    cfg = small_shape(tmp_path, 4)
     assert main(["bench-step", "--shape", str(cfg), "--tokens", "1", "--past", "8", "--layers-subset", "1,2",
                  "--backends", "onnxruntime-fp32,onnxruntime-int4", "--repeats", "2", "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -207,9 +222,7 @@ def test_step_mode_times_int4_when_asked(tmp_path, capsys):
 
 
 def test_step_mode_at_full_depth_has_no_extrapolation(tmp_path, capsys):
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    cfg = small_shape(tmp_path, 3)
     assert main(["bench-step", "--shape", str(cfg), "--tokens", "1,4", "--past", "8", "--full-depth",
                  "--backends", "torch,onnxruntime-fp32", "--repeats", "2", "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -240,14 +253,7 @@ def test_bench_writes_the_commit_trace_and_the_replay_follows_it(run, tmp_path, 
         return step(self, feeds, outputs, binding)
 
     monkeypatch.setattr(OrtBackend, "step", counted)
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
-    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1", "--past", "8", "--full-depth", "--repeats", "1",
-                 "--backends", "onnxruntime-fp32", "--replay", str(tmp_path / "b" / "trace.json"),
-                 "--prompt-tokens", "40", "--out", str(tmp_path)]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    (r,) = out["replay"]
+    out, r = replay_bench(tmp_path, capsys)
     assert out["replay_note"].startswith("a REPLAY") and r["replay"] and r["prompt_tokens"] == 40
     ar_steps = sum(x["tokens"] - 1 for x in ar["requests"])
     bard_steps = sum(sum(x["steps_per_block"]) for x in bard["requests"])
@@ -263,9 +269,7 @@ def test_bench_writes_the_commit_trace_and_the_replay_follows_it(run, tmp_path, 
 
 
 def test_the_loop_step_is_timed_against_the_bare_graph(tmp_path, capsys):
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
+    cfg = small_shape(tmp_path, 2)
     assert main(["bench-step", "--shape", str(cfg), "--tokens", "1,4", "--past", "300", "--full-depth",
                  "--repeats", "2", "--backends", "onnxruntime-fp32", "--loop", "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -306,14 +310,7 @@ def test_the_replay_projects_the_speculative_mode_too(run, tmp_path, capsys):
     spec = json.loads((tmp_path / "b" / "trace.json").read_text())["configs"][2]
     assert spec["name"].startswith("SPEC ") and all(len(r["accepted"]) == len(r["steps_per_block"])
                                                      for r in spec["requests"])
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 500}))
-    assert main(["bench-step", "--shape", str(cfg), "--tokens", "1", "--past", "8", "--full-depth", "--repeats", "1",
-                 "--backends", "onnxruntime-fp32", "--replay", str(tmp_path / "b" / "trace.json"),
-                 "--prompt-tokens", "40", "--out", str(tmp_path)]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    (r,) = out["replay"]
+    out, r = replay_bench(tmp_path, capsys)
     rounds = sum(len(x["accepted"]) for x in spec["requests"])
     assert r["spec"]["steps"] == sum(sum(x["steps_per_block"]) for x in spec["requests"]) + rounds
     assert r["spec_speedup_decode_vs_ar"] > 0 and r["spec"]["tokens"] == sum(x["tokens"] for x in spec["requests"])

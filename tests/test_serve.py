@@ -16,6 +16,7 @@ from bard_deploy.data.synthetic import make_sample
 from bard_deploy.embedded import new_checkpoint
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.serve import ServeOptions, Server
+from tiny import concurrently
 
 openai = pytest.importorskip("openai")
 
@@ -191,19 +192,13 @@ def test_concurrent_requests_are_batched_and_equal_sequential(client, pipe, serv
     want = [client.chat.completions.create(model=MODEL, messages=ask(q, img), max_tokens=n).choices[0].message.content
             for q, img, n in questions]
     before = server.server.config.app.state.metrics.batch.count
-    got = [None] * len(questions)
 
     def one(i):
         q, img, n = questions[i]
-        got[i] = client.chat.completions.create(model=MODEL, messages=ask(q, img), max_tokens=n).choices[0]\
+        return client.chat.completions.create(model=MODEL, messages=ask(q, img), max_tokens=n).choices[0]\
             .message.content
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got == want
+    assert concurrently(one, len(questions)) == want
     m = server.server.config.app.state.metrics
     assert m.batch.count - before < len(questions)                      # some requests shared a batch
 

@@ -67,19 +67,26 @@ def image_prompt(n_img: int, before: list[int], after: list[int]) -> list[int]:
     return before + [VSTART] + [IMG] * n_img + [VEND] + after
 
 
-def assert_concurrent_equals_sequential(pipe, samples, **options) -> None:
-    """Threads calling `pipe.generate` at once get exactly the sequential outputs."""
+def concurrently(fn, n: int) -> list:
+    """[fn(0), ..., fn(n - 1)], each called in its own thread, all at once."""
     import threading
 
-    seq = [pipe.generate(s.question, images=[s.image()], **options).token_ids for s in samples]
-    got = [None] * len(samples)
+    got = [None] * n
 
     def work(i):
-        got[i] = pipe.generate(samples[i].question, images=[samples[i].image()], **options).token_ids
+        got[i] = fn(i)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(samples))]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return got
+
+
+def assert_concurrent_equals_sequential(pipe, samples, **options) -> None:
+    """Threads calling `pipe.generate` at once get exactly the sequential outputs."""
+    seq = [pipe.generate(s.question, images=[s.image()], **options).token_ids for s in samples]
+    got = concurrently(lambda i: pipe.generate(samples[i].question, images=[samples[i].image()],
+                                               **options).token_ids, len(samples))
     assert got == seq
