@@ -95,7 +95,7 @@ class APIError(Exception):
 # ---- requests ------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)                   # a request is itself: the queue finds and removes it by identity
 class Job:
     """One request on its way through the queue and a batch; events go to `queue` on the server's event loop."""
 
@@ -409,12 +409,15 @@ class Worker:
             self._drop_cancelled()
 
     def _drop_cancelled(self) -> None:
-        now = time.perf_counter()
-        kept = [j for j in self.waiting if not j.cancelled.is_set() and now <= j.deadline]
+        now, kept = time.perf_counter(), deque()
         for j in self.waiting:
-            if j not in kept and not j.cancelled.is_set():
+            if j.cancelled.is_set():
+                continue
+            if now > j.deadline:
                 j.emit("error", 504, "the request timed out waiting for a batch")
-        self.waiting = deque(kept)
+                continue
+            kept.append(j)
+        self.waiting = kept
         self.metrics.queue_depth = len(self.waiting)
 
     def _take(self) -> list[Job] | None:
