@@ -85,16 +85,19 @@ def bard_loss(setup: LossSetup) -> Callable:
 
 def causal_view_ce(model, batch: TrainBatch) -> torch.Tensor:
     """Per-sample next-token CE of the clean response under the packed batch's causal view (dual mode): the
-    prompt and the clean copy as one causal sequence (the AR special case), the noisy copy hidden (PAD); each
-    clean token is predicted from the position before it, as an AR model decodes."""
+    prompt and the clean copy as one causal sequence (the AR special case), read over the columns up to the
+    longest such prefix (the noisy copy cut off, what is left of it hidden as PAD); each clean token is
+    predicted from the position before it, as an AR model decodes."""
     kind = batch.layout.kind
-    view = Layout(torch.where(kind == CLEAN, PROMPT, torch.where(kind == NOISY, PAD, kind)), batch.layout.block,
-                  batch.layout.index)
-    h = model(batch.input_ids, batch.position_ids, training_mask(view, "causal"), batch.pixel_values,
-              batch.image_grid_thw)
+    width = int(((kind == PROMPT) | (kind == CLEAN)).sum(1).max())
+    kind = kind[:, :width]
+    lay = batch.layout[:width]
+    view = Layout(torch.where(kind == CLEAN, PROMPT, torch.where(kind == NOISY, PAD, kind)), lay.block, lay.index)
+    h = model(batch.input_ids[:, :width], batch.position_ids[..., :width], training_mask(view, "causal"),
+              batch.pixel_values, batch.image_grid_thw)
     predicts = torch.zeros_like(kind, dtype=torch.bool)
     predicts[:, :-1] = kind[:, 1:] == CLEAN                  # the logits at i predict token i + 1
-    return next_token_ce(getattr(model, "module", model), h, batch.input_ids, predicts)[0]
+    return next_token_ce(getattr(model, "module", model), h, batch.input_ids[:, :width], predicts)[0]
 
 
 def teacher_logits(setup: LossSetup, batch: TrainBatch, noisy_ids: torch.Tensor, rows: torch.Tensor,
