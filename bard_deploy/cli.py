@@ -101,7 +101,7 @@ RECIPE_OPTIONS = ("name", "out", "source", "data", "image_root", "train_samples"
                   "weight_cap", "distill_lambda", "distill_topk", "ar_teacher", "no_distill", "shift_distill",
                   "micro_batch", "activation_checkpointing", "device", "precision", "strategy", "seed",
                   "eval_samples", "eval_threshold", "on_error", "hold_out_every", "max_unknown_rate",
-                  "dual_mode", "dual_mode_weight")
+                  "dual_mode", "dual_mode_weight", "mix_keep_weight")
 
 
 @app.command()
@@ -133,6 +133,9 @@ def train(
                                    "in every BARD pass: the checkpoints decode causally too (--ar) and verify their "
                                    "own drafts (--speculative self)."),
     dual_mode_weight: float = typer.Option(R.dual_mode_weight, help="Weight of the dual-mode next-token loss."),
+    mix_keep_weight: float = typer.Option(R.mix_keep_weight, help="Stages with mix noise: weight of the CE at the "
+                                          "noisy tokens left unchanged (0 = the reference's loss; > 0 teaches the "
+                                          "model to keep right tokens, which token revision relies on)."),
     micro_batch: int = typer.Option(R.micro_batch, help="Samples per forward, grouped by length (gradient "
                                     "accumulation; 0 = the whole batch)."),
     activation_checkpointing: bool = typer.Option(R.activation_checkpointing, "--activation-checkpointing",

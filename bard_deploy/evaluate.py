@@ -23,18 +23,21 @@ class EvalResult:
     decode_s: float
     prefill_s: float
     failures: list[dict] = field(default_factory=list)   # the first few mismatches, for a human to look at
+    edits: int = 0                     # token revisions made (edit_threshold), all rows
+    row_blocks: int = 0                # blocks decoded, counted once per row of each batch (edits / this: per block)
 
     def as_dict(self) -> dict:
         """The JSON row (rounded; failures left out)."""
         return {"n": self.n, "exact_match": round(self.exact_match, 4), "token_accuracy": round(self.token_accuracy, 4),
                 "tokens_per_forward": round(self.tokens_per_forward, 3), "nfe": self.nfe, "tokens": self.tokens,
-                "decode_s": round(self.decode_s, 3), "prefill_s": round(self.prefill_s, 3)}
+                "decode_s": round(self.decode_s, 3), "prefill_s": round(self.prefill_s, 3), "edits": self.edits,
+                "edits_per_block": round(self.edits / self.row_blocks, 4) if self.row_blocks else 0.0}
 
 
 def evaluate(pipe, conversations: Sequence[list[dict]], ar: bool = False, batch_size: int = 16,
              keep_failures: int = 5, **options) -> EvalResult:
     """Decode the prompt of each conversation (all turns but the last) and compare with its last turn."""
-    hits = correct = total = nfe = tokens = 0
+    hits = correct = total = nfe = tokens = edits = row_blocks = 0
     tpf_sum, batches, decode_s, prefill_s = 0.0, 0, 0.0, 0.0
     failures: list[dict] = []
     for start in range(0, len(conversations), batch_size):
@@ -46,6 +49,8 @@ def evaluate(pipe, conversations: Sequence[list[dict]], ar: bool = False, batch_
         tpf_sum += stats.tokens_per_forward
         decode_s += stats.decode_s
         prefill_s += stats.prefill_s
+        edits += stats.edits
+        row_blocks += len(stats.steps_per_block) * len(chunk)
         batches += 1
         for conv, res in zip(chunk, results, strict=True):
             ref_text = assistant_text(conv[-1]).strip()
@@ -57,7 +62,7 @@ def evaluate(pipe, conversations: Sequence[list[dict]], ar: bool = False, batch_
                 failures.append({"expected": ref_text, "got": res.text})
     n = len(conversations)
     return EvalResult(n, hits / max(n, 1), correct / max(total, 1), tpf_sum / max(batches, 1), nfe, tokens,
-                      decode_s, prefill_s, failures)
+                      decode_s, prefill_s, failures, edits, row_blocks)
 
 
 def synthetic_conversations(split: str, n: int) -> list[list[dict]]:

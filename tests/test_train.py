@@ -366,3 +366,45 @@ def test_train_threads_option(tmp_path, capsys):
     from bard_deploy.cli import main
     assert main(["train", "--preset", "smoke", "--threads", "0", "--out", str(tmp_path)]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_mix_keep_weight_scores_the_unchanged_noisy_tokens(tok):
+    """mix noise, mix_keep_weight w: the loss gains w x the mean CE at the noisy positions the noise left as they
+    were (the reference scores only changed ones, so a visible token always reads as wrong); mask noise and w = 0
+    are the reference loss, and the recipe's fingerprint moves only where the term changes the weights."""
+    from bard_deploy.diffusion.loss import weighted_ce
+    from bard_deploy.diffusion.noise import corrupt
+
+    cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
+    mask_id = tok.convert_tokens_to_ids("<|mask|>")
+    torch.manual_seed(0)
+    model = BardVLM(cfg.with_bard(mask_token_id=mask_id, block_size=4)).eval()
+    enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
+    batch = collate_diffusion([encode_example(enc, make_sample(i).messages(), 128) for i in (2, 3, 5)],
+                              model.config, 4, tok.pad_token_id, tok.eos_token_id)
+    text = text_token_ids(tok)
+
+    def loss(noise, w):
+        gens = [torch.Generator().manual_seed(i) for i in range(3)]
+        setup = LossSetup(noise, mask_id, text, 0.05, 20.0, "causal", keep_weight=w)
+        with torch.no_grad():
+            return bard_loss(setup)(model, batch, gens)
+
+    (base, _), (keep, metrics) = loss("mix", 0.0), loss("mix", 2.0)
+    c = corrupt(batch.input_ids, batch.layout, "mix", mask_id, text, 0.05, [torch.Generator().manual_seed(i)
+                                                                            for i in range(3)])
+    kept = batch.loss_mask & ~c.corrupted
+    assert kept.sum() > 0 and c.corrupted.sum() > 0
+    with torch.no_grad():
+        h = model(c.input_ids, batch.position_ids, training_mask(batch.layout, "causal"), batch.pixel_values,
+                  batch.image_grid_thw)
+        kept_ce = weighted_ce(model, h, batch.input_ids, kept, torch.ones_like(c.t), batch.loss_mask, 1.0)[0]
+    torch.testing.assert_close(keep, base + 2.0 * kept_ce)
+    assert metrics["keep_ce"] > 0
+    torch.testing.assert_close(loss("mask", 2.0)[0], loss("mask", 0.0)[0])
+    stages = (Stage("b4", 4, 1), Stage("b8", 8, 1, noise="mix"))
+    r, rk = Recipe(stages=stages), Recipe(stages=stages, mix_keep_weight=1.0)
+    assert r.fingerprint(stages[0]) == rk.fingerprint(stages[0]) and r.fingerprint(stages[1]) != rk.fingerprint(
+        stages[1])
+    with pytest.raises(ConfigError, match="mix_keep_weight"):
+        Recipe(mix_keep_weight=-1.0).check()

@@ -113,8 +113,10 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def make_sample(seed: int) -> Sample:
-    """The sample of one seed: 1-4 objects (at most one word), then one question about them."""
+def make_sample(seed: int, task_weights: dict[str, float] | None = None) -> Sample:
+    """The sample of one seed: 1-4 objects (at most one word), then one question about them, its type drawn
+    uniformly from those the objects allow, or in proportion to `task_weights` (task -> weight, 1 if absent;
+    another draw than the uniform one, so the default samples stay what they were)."""
     rng = random.Random(seed)
     cells = sorted(rng.sample(range(9), rng.randint(1, 4)))
     items, has_word = [], False
@@ -131,7 +133,8 @@ def make_sample(seed: int) -> Sample:
     unique = [i for i in shapes if sum((j.name, j.color) == (i.name, i.color) for j in shapes) == 1]
     if not unique:
         tasks.remove("where")
-    task = rng.choice(tasks)
+    task = rng.choice(tasks) if task_weights is None else \
+        rng.choices(tasks, weights=[task_weights.get(t, 1.0) for t in tasks])[0]
     if task == "describe":
         question = "Describe the picture."
         answer = "The picture shows " + _join([f"{i.phrase()} at the {PLACES[i.cell]}" for i in items]) + "."
@@ -158,13 +161,18 @@ def split_of(sample: Sample) -> str:
     return next(name for name, buckets in SPLITS.items() if bucket in buckets)
 
 
-def samples(split: str, n: int, start_seed: int = 0) -> Iterator[Sample]:
-    """The first n samples of a split, scanning seeds from start_seed (deterministic)."""
+def samples(split: str, n: int, start_seed: int = 0, task_weights: dict[str, float] | None = None
+            ) -> Iterator[Sample]:
+    """The first n samples of a split, scanning seeds from start_seed (deterministic); `task_weights` as in
+    `make_sample` (a training mix: the split is still decided by content, so no test pair enters training)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    unknown = set(task_weights or ()) - set(TASKS)
+    if unknown or any(w < 0 for w in (task_weights or {}).values()):
+        raise ValueError(f"task_weights: tasks are {TASKS} with weights >= 0, got {task_weights!r}")
     seed, count = start_seed, 0
     while count < n:
-        s = make_sample(seed)
+        s = make_sample(seed, task_weights)
         if split_of(s) == split:
             yield s
             count += 1

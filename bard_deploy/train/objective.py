@@ -46,6 +46,7 @@ class LossSetup:
     shift_teacher: BardVLM | None = None     # the AR source, for the anchor's shift-distillation term
     shift_weight: float = 0.0
     ar_weight: float = 0.0                   # dual mode: weight of the next-token CE on the clean response
+    keep_weight: float = 0.0                 # mix noise: weight of the CE at noisy positions left unchanged
 
 
 def bard_loss(setup: LossSetup) -> Callable:
@@ -59,6 +60,11 @@ def bard_loss(setup: LossSetup) -> Callable:
                   batch.pixel_values, batch.image_grid_thw)
         per_sample, metrics = weighted_ce(module, h, batch.input_ids, c.corrupted, c.t, batch.loss_mask,
                                           setup.weight_cap)
+        if setup.noise == "mix" and setup.keep_weight > 0:      # judge every visible token, right ones too
+            kept = batch.loss_mask & ~c.corrupted
+            keep_ce, _ = weighted_ce(module, h, batch.input_ids, kept, torch.ones_like(c.t), batch.loss_mask, 1.0)
+            per_sample = per_sample + setup.keep_weight * keep_ce
+            metrics["keep_ce"] = float(keep_ce.detach().mean())
         rows, cols = c.corrupted.nonzero(as_tuple=True)
         scored = batch.loss_mask.sum(1).float()
         if setup.teacher is not None:

@@ -109,6 +109,10 @@ class Recipe:
     # checkpoint also decodes causally and can verify its own drafts (speculative="self")
     dual_mode: bool = False
     dual_mode_weight: float = 1.0
+    # mix noise: + weight x CE at the noisy positions the noise left unchanged (0 = the reference: the loss only
+    # where the input differs from the target, so a visible token is always "wrong" to the model and token
+    # revision rewrites right tokens; > 0 teaches it to keep them, what revision needs)
+    mix_keep_weight: float = 0.0
     micro_batch: int = 16                   # samples per forward, grouped by length (0 = the whole batch)
     activation_checkpointing: bool = False
     device: str = "auto"                    # auto = CUDA when present (LOCAL_RANK under torchrun), else CPU
@@ -139,6 +143,8 @@ class Recipe:
                               self.prompt_attention)
         if not self.dual_mode_weight >= 0:
             raise ConfigError(f"dual_mode_weight must be >= 0, got {self.dual_mode_weight}", self.dual_mode_weight)
+        if not self.mix_keep_weight >= 0:
+            raise ConfigError(f"mix_keep_weight must be >= 0, got {self.mix_keep_weight}", self.mix_keep_weight)
         if self.shift_distill < 0:
             raise ConfigError(f"shift_distill must be >= 0, got {self.shift_distill}", self.shift_distill)
         if not 0 < self.t_min <= 1 or self.weight_cap < 1:
@@ -168,6 +174,8 @@ class Recipe:
                "out": None, "name": None, "max_unknown_rate": None}
         if len(upto) == 1:      # the anchor has no distillation pass: an ablation run reuses (a copy of) it
             key.update(dict.fromkeys(DISTILL_FIELDS))
+        if all(s.noise == "mask" for s in upto) or self.mix_keep_weight == 0:
+            del key["mix_keep_weight"]      # no effect on these weights (and the fingerprints of earlier runs stay)
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -47,6 +47,7 @@ class SourceRecipe:
     vision_pos_std: float = 0.3
     weight_decay: float = 0.1  # AdamW's, on matrices (not norms, biases, embeddings): reading is learnt sooner
     seed: int = 0
+    task_weights: dict[str, float] | None = None   # the training mix of question types (None: uniform)
     hidden: int = 128
     layers: int = 4
     vision_depth: int = 2
@@ -55,7 +56,8 @@ class SourceRecipe:
     def fingerprint(self) -> str:
         """16-hex hash of the recipe and DATA_VERSION: a cached build or a training state is reused
         only when it matches."""
-        return hashlib.sha256(json.dumps([asdict(self), DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
+        key = {k: v for k, v in asdict(self).items() if not (k == "task_weights" and v is None)}  # earlier builds
+        return hashlib.sha256(json.dumps([key, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def data_hash(split: str, n: int) -> str:
@@ -64,9 +66,11 @@ def data_hash(split: str, n: int) -> str:
     return hashlib.sha256(f"{DATA_VERSION}:{split}:{n}".encode()).hexdigest()[:16]
 
 
-def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int) -> list[Example]:
+def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int,
+                       task_weights: dict[str, float] | None = None) -> list[Example]:
     """The first n samples of a synthetic split, encoded as Examples (source "split:seed")."""
-    return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}") for s in samples(split, n)]
+    return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}")
+            for s in samples(split, n, task_weights=task_weights)]
 
 
 def make_encoder(tokenizer, processor, cfg) -> PromptEncoder:
@@ -95,7 +99,7 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
     cfg = embedded_config(tokenizer, hidden=recipe.hidden, layers=recipe.layers, vision_depth=recipe.vision_depth)
     t0 = time.perf_counter()
     examples = synthetic_examples(make_encoder(tokenizer, processor, cfg), "train", recipe.train_samples,
-                                  recipe.max_len)
+                                  recipe.max_len, recipe.task_weights)
     log(f"source model: {len(examples)} training samples encoded in {time.perf_counter() - t0:.1f} s")
     model = BardVLM(cfg)
     with torch.no_grad():

@@ -114,7 +114,8 @@ def stage_loss_setup(ctx: StageContext, stage: Stage, mask_id: int, device: torc
     r = ctx.recipe
     setup = LossSetup(stage.noise, mask_id, text_token_ids(ctx.tokenizer), r.t_min, r.weight_cap,
                       r.prompt_attention, distill_lambda=r.distill_lambda, topk=r.distill_topk,
-                      temperature=r.distill_temperature, ar_weight=r.dual_mode_weight if r.dual_mode else 0.0)
+                      temperature=r.distill_temperature, ar_weight=r.dual_mode_weight if r.dual_mode else 0.0,
+                      keep_weight=r.mix_keep_weight)
     if stage is not r.stages[0] or r.shift_distill <= 0:
         return setup
     setup = replace(setup, shift_teacher=frozen_model(ctx.source_dir, device), shift_weight=r.shift_distill)
