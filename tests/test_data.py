@@ -57,6 +57,22 @@ def test_splits_do_not_overlap():
     assert all(split_of(s) == "test" for s in samples("test", 50))
 
 
+def test_task_weights_change_the_training_mix_only_where_asked():
+    """No weights: the samples are what they always were (the test split is fixed); weights shift the mix of
+    question types (the split still by content, so no test pair enters training); bad weights are refused."""
+    from collections import Counter
+
+    assert list(samples("train", 50, task_weights={})) == list(samples("train", 50))     # {}: the uniform draw
+    plain = Counter(s.task for s in samples("train", 800))
+    where = Counter(s.task for s in samples("train", 800, task_weights={"where": 3.0}))
+    assert where["where"] > 1.5 * plain["where"] and where["describe"] < plain["describe"]
+    test_keys = {s.content_hash for s in samples("test", 400)}
+    assert not test_keys & {s.content_hash for s in samples("train", 800, task_weights={"where": 3.0})}
+    for bad in ({"wheer": 1.0}, {"where": -1.0}):
+        with pytest.raises(ValueError, match="task_weights"):
+            next(samples("train", 1, task_weights=bad))
+
+
 def test_answers_are_sentences_of_8_to_40_tokens(tok):
     lengths = [len(tok(s.answer)["input_ids"]) for s in samples("train", 500)]
     assert min(lengths) >= 8 and max(lengths) <= 40

@@ -133,7 +133,7 @@ def make_sample(seed: int, task_weights: dict[str, float] | None = None) -> Samp
     unique = [i for i in shapes if sum((j.name, j.color) == (i.name, i.color) for j in shapes) == 1]
     if not unique:
         tasks.remove("where")
-    task = rng.choice(tasks) if task_weights is None else \
+    task = rng.choice(tasks) if not task_weights else \
         rng.choices(tasks, weights=[task_weights.get(t, 1.0) for t in tasks])[0]
     if task == "describe":
         question = "Describe the picture."
