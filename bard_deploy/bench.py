@@ -37,7 +37,7 @@ from bard_deploy.evaluate import synthetic_conversations
 from bard_deploy.manifest import Manifest, is_export
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.replay import AR as AR_NAME
-from bard_deploy.replay import trace_rows
+from bard_deploy.replay import CAUSAL_PREFIX, SPEC_PREFIX, trace_rows
 from bard_deploy.runtimes.api import Pipeline, backend_kind, eos_ids_of
 
 
@@ -72,7 +72,10 @@ class BenchOptions:
     threads: int | None = None                 # the backend's CPU threads (None: the available cores)
     repeats: int = 1                           # runs of every configuration (median and spread reported)
     write: bool = True                         # write bench.json / bench.png
-    speculative: bool = False                  # also each BARD configuration in lossless speculative mode
+    # also each BARD configuration in lossless speculative mode: "source" (the AR baseline verifies; a SPEC row
+    # must equal AR) or "self" (a dual-mode checkpoint verifies its own drafts; beside it the checkpoint's own
+    # causal decode, a CAUSAL row, which the SPEC row must equal and is also compared with)
+    speculative: str | None = None
 
     def check(self) -> BenchOptions:
         """A copy with paths as Path; a bad value raises a typed error naming it."""
@@ -84,6 +87,9 @@ class BenchOptions:
                                     f"{self.warmup}", self.requests)
         if self.repeats < 1:
             raise RuntimeInputError(f"--repeats must be >= 1, got {self.repeats}", self.repeats)
+        if self.speculative not in (None, "source", "self"):
+            raise RuntimeInputError(f"--speculative must be source or self, got {self.speculative!r}",
+                                    self.speculative)
         models = tuple(Path(m) for m in self.models)
         out = Path(self.out) if self.out is not None else models[0].resolve().parent / "bench"
         return replace(self, models=models, ar_model=None if self.ar_model is None else Path(self.ar_model), out=out)
@@ -349,18 +355,27 @@ def bench(opts: BenchOptions, log=print) -> dict:
     log(f"bench: AR baseline {ar_model} ({kind}{f', {variant}' if variant else ''}; threads "
         f"{ar_pipe.threads.backend} backend / {ar_pipe.threads.host} host)")
     configs = [(ar_pipe, AR_NAME, True, {})]
+    twin = {}                          # a SPEC configuration's index -> the one its outputs must equal
     for path, pipe in pipes:
         trained = pipe.config.bard.block_size if pipe.config.bard else None
+        if o.speculative == "self":
+            if pipe.config.bard is None or not pipe.config.bard.dual_mode:
+                raise RuntimeInputError(f"--speculative self needs dual-mode checkpoints (train --dual-mode); "
+                                        f"{path} is not one", str(path))
+            causal = len(configs)
+            configs.append((pipe, f"{CAUSAL_PREFIX}{path.name}", True, {}))   # its own causal decode
         for block in o.block_sizes or [trained]:
             for th in o.thresholds:
                 configs.append((pipe, f"BARD {path.name}", False, {"block_size": block, "threshold": th,
                                                                    "allow_block_size_mismatch": True}))
                 if o.speculative:
                     spec = pipe.with_backend(pipe.backend)
-                    spec.verifier = ar_pipe.backend          # the AR baseline's own backend verifies the drafts
-                    configs.append((spec, f"SPEC {path.name}", False, {
+                    if o.speculative == "source":
+                        spec.verifier = ar_pipe.backend      # the AR baseline's own backend verifies the drafts
+                    twin[len(configs)] = 0 if o.speculative == "source" else causal
+                    configs.append((spec, f"{SPEC_PREFIX}{path.name}", False, {
                         "block_size": block, "threshold": th, "allow_block_size_mismatch": True,
-                        "speculative": "source"}))
+                        "speculative": o.speculative}))
     runs: list[list[dict]] = [[] for _ in configs]        # per configuration, one row per repeat
     first: list[Summary] = []                              # the first repeat's requests: the commit trace
     log("bench: " + "; ".join(name + (f" block {opt['block_size']} threshold {opt['threshold']}" if opt else "")
@@ -374,12 +389,15 @@ def bench(opts: BenchOptions, log=print) -> dict:
         first = first or summaries
     rows = merge_repeats(runs)
     mismatches = []
-    for row, summary in zip(rows, first, strict=True):     # lossless: every speculative answer is AR's
-        if summary.name.startswith("SPEC "):
-            same = [a.token_ids == b.token_ids for a, b in zip(summary.requests, first[0].requests, strict=True)]
-            row["identical_to_ar"] = f"{sum(same)}/{len(same)}"
-            if not all(same):
-                mismatches.append(f"{summary.name} threshold {summary.threshold}: {len(same) - sum(same)} requests")
+    for i, j in twin.items():      # lossless: every speculative answer is the greedy causal one it verifies with
+        summary, ref = first[i], first[j]
+        same = [a.token_ids == b.token_ids for a, b in zip(summary.requests, ref.requests, strict=True)]
+        rows[i]["identical_to_ar" if j == 0 else "identical_to_causal"] = f"{sum(same)}/{len(same)}"
+        if j:
+            rows[i]["speedup_decode_vs_causal"] = round(statistics.median(ratios(runs[i], runs[j])), 3)
+        if not all(same):
+            mismatches.append(f"{summary.name} threshold {summary.threshold}: {len(same) - sum(same)} requests "
+                              f"differ from {ref.name}")
     source = _checkpoint_of(ar_model) if o.transformers_baseline else None
     if source is not None:
         log(f"bench: transformers generate on {source}")
@@ -401,7 +419,7 @@ def bench(opts: BenchOptions, log=print) -> dict:
         plot(rows, o.out / "bench.png", title)
         result["plot"] = str(o.out / "bench.png")
     if mismatches:
-        raise RuntimeInputError("speculative decoding differed from the AR decode (it must not): "
+        raise RuntimeInputError("speculative decoding differed from the greedy decode it verifies with (it must not): "
                                 + "; ".join(mismatches) + (f" (see {o.out / 'bench.json'})" if o.write else ""),
                                 mismatches)
     return result
@@ -414,8 +432,7 @@ def merge_repeats(runs: list[list[dict]]) -> list[dict]:
     ar = runs[0]
     rows = []
     for reps in runs:
-        speed = [r["decode_tokens_per_s"] / (a["decode_tokens_per_s"] or 1.0) for r, a in zip(reps, ar, strict=True)]
-        e2e = [r["e2e_tokens_per_s"] / (a["e2e_tokens_per_s"] or 1.0) for r, a in zip(reps, ar, strict=True)]
+        speed, e2e = ratios(reps, ar), ratios(reps, ar, "e2e_tokens_per_s")
         by_speed = sorted(reps, key=lambda r: r["decode_tokens_per_s"])
         row = dict(by_speed[(len(reps) - 1) // 2])            # the lower median: a real run, not an average
         row["speedup_decode_vs_ar"] = round(statistics.median(speed), 3)
@@ -428,6 +445,11 @@ def merge_repeats(runs: list[list[dict]]) -> list[dict]:
                               "speedup_max_over_min": round(max(speed) / max(min(speed), 1e-9), 3)}
         rows.append(row)
     return rows
+
+
+def ratios(reps: list[dict], base: list[dict], key: str = "decode_tokens_per_s") -> list[float]:
+    """Repeat i of a configuration over repeat i of `base` (which ran interleaved with it), for `key`."""
+    return [r[key] / (b[key] or 1.0) for r, b in zip(reps, base, strict=True)]
 
 
 def same_backend(pipes: list[tuple[Path, Pipeline]]) -> tuple[str, str | None]:

@@ -368,16 +368,15 @@ def bench(
     repeats: int = typer.Option(B.repeats, help="Runs of every configuration, interleaved; the median and the "
                                 "spread are reported."),
     speculative: str | None = typer.Option(None, help="Also each BARD configuration in lossless speculative mode: "
-                                           "source (the AR model verifies; its outputs must equal AR's).",
-                                           show_default="off"),
+                                           "source (the AR model verifies; its outputs must equal AR's) or self "
+                                           "(a dual-mode checkpoint verifies itself; its outputs must equal its own "
+                                           "causal decode, timed beside it).", show_default="off"),
 ):
     """AR vs BARD latency and throughput, side by side, on the same backend and prompts; one JSON line last."""
-    if speculative not in (None, "source"):
-        raise RuntimeInputError(f"--speculative must be source, got {speculative!r}", speculative)
     o = BenchOptions(tuple(model), ar_model, backend, variant, device, dtype,
                      _ints(block_sizes, "block-sizes") if block_sizes else None, _floats(thresholds, "thresholds"),
                      requests, warmup, max_new_tokens, data, out, transformers_baseline, threads, repeats,
-                     speculative=speculative is not None)
+                     speculative=speculative)
     res = run_bench(o, log=console.print)
     Console(width=max(console.width, 220)).print(bench_table(res))   # 16 columns: never squeeze them to 80
     console.print(f"plot: {res['plot']}   json: {Path(res['plot']).with_name('bench.json')}")

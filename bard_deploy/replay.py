@@ -44,22 +44,27 @@ def trace_rows(summaries) -> list[dict]:
 
 
 SPEC_PREFIX = "SPEC "
+CAUSAL_PREFIX = "CAUSAL "      # bench --speculative self: a dual-mode checkpoint's own causal decode
 
 
 def read_trace(path: Path, threshold: float | None) -> tuple[dict, dict, dict | None]:
     """(AR configuration, BARD configuration at `threshold` (None: the only BARD one), its speculative twin or
-    None) of a trace.json; a ConfigError naming what is there otherwise."""
+    None) of a trace.json; a ConfigError naming what is there otherwise. A trace of `bench --speculative self`
+    gives the checkpoint's own causal decode (its CAUSAL configuration) as the AR side: what self mode must
+    equal and beat (at a real shape its step costs what the source's AR step costs)."""
     try:
         configs = json.loads(Path(path).read_text())["configs"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is not a bench trace ({type(e).__name__}: {e}); bard-deploy bench writes one "
                           "(trace.json beside bench.json)", str(path)) from e
-    ar = [c for c in configs if c["name"] == AR]
-    at = [c for c in configs if c["name"] != AR and (threshold is None or c["threshold"] == threshold)]
+    causal = [c for c in configs if c["name"].startswith(CAUSAL_PREFIX)]
+    ar = causal if len(causal) == 1 else [c for c in configs if c["name"] == AR]
+    at = [c for c in configs if c["name"] != AR and not c["name"].startswith(CAUSAL_PREFIX)
+          and (threshold is None or c["threshold"] == threshold)]
     bard = [c for c in at if not c["name"].startswith(SPEC_PREFIX)]
     spec = [c for c in at if c["name"].startswith(SPEC_PREFIX)]
     have = ", ".join(f"{c['name']} block {c['block_size']} threshold {c['threshold']}" for c in configs
-                     if c["name"] != AR)
+                     if c["name"] != AR and not c["name"].startswith(CAUSAL_PREFIX))
     if len(ar) != 1 or len(bard) != 1 or len(spec) > 1:
         raise ConfigError(f"{path}: need the AR baseline and exactly one BARD configuration at threshold "
                           f"{threshold}; it has: {have}", threshold)

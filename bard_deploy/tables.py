@@ -55,9 +55,11 @@ def bench_table(result: dict) -> Table:
             sp = r["repeats"]["speedup_decode_vs_ar"]
             speed += f" ({min(sp):.2f}-{max(sp):.2f})"
         name = r["name"]
-        if "mean_accepted" in r:        # speculative: draft tokens kept per round, answers equal to AR's
+        if "mean_accepted" in r:        # speculative: draft tokens kept per round, answers equal to AR's / causal
+            same = (f"= AR {r['identical_to_ar']}" if "identical_to_ar" in r else
+                    f"= causal {r.get('identical_to_causal', '?')}, {r.get('speedup_decode_vs_causal', 0):.2f}x it")
             name += (f" (kept {r['mean_accepted']:.2f}/round, draft {r['draft_ms_per_round']:.1f} + verify "
-                     f"{r['verify_ms_per_round']:.1f} ms, = AR {r.get('identical_to_ar', '?')})")
+                     f"{r['verify_ms_per_round']:.1f} ms, {same})")
         table.add_row(name, str(r["block_size"] or "-"), str(r["threshold"] or "-"),
                       f"{100 * r['exact_match']:.1f}%", f"{r['ttft_ms']:.1f}", steps, split,
                       str(r["steps_per_block"] or "-"), f"{r['tokens_per_forward']:.2f}", f"{r['nfe_per_token']:.2f}",

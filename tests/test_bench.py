@@ -7,6 +7,7 @@ import pytest
 from bard_deploy.bench import BenchOptions, Request, Summary, bench, merge_repeats, percentile
 from bard_deploy.cli import main
 from bard_deploy.embedded import new_checkpoint
+from bard_deploy.errors import RuntimeInputError
 
 SIZES = dict(hidden=64, layers=2)
 ROW_KEYS = {"name", "block_size", "threshold", "requests", "exact_match", "tokens", "nfe", "tokens_per_forward",
@@ -285,7 +286,7 @@ def test_a_speculative_bench_row_is_lossless_and_reports_its_rounds(run, capsys)
     answers must equal AR's request by request (bench raises otherwise), with kept tokens per round and the
     draft / verify cost per round."""
     src, b4, root = run
-    res = bench(BenchOptions((b4,), thresholds=(0.9,), requests=3, warmup=1, max_new_tokens=12, speculative=True,
+    res = bench(BenchOptions((b4,), thresholds=(0.9,), requests=3, warmup=1, max_new_tokens=12, speculative="source",
                              transformers_baseline=False, write=False), log=lambda *a: None)
     names = [r["name"] for r in res["rows"]]
     assert names == ["AR baseline", "BARD b4", "SPEC b4"]
@@ -300,13 +301,42 @@ def test_a_speculative_bench_row_is_lossless_and_reports_its_rounds(run, capsys)
     assert "= AR 3/3" in capsys.readouterr().out
 
 
+def test_a_self_speculative_bench_row_equals_the_checkpoints_own_causal_decode(run, tmp_path, capsys):
+    """bench --speculative self on a dual-mode checkpoint: a CAUSAL row (its own causal decode) before its BARD
+    rows, a SPEC row whose answers equal the CAUSAL row's request by request, its speed-up over that row; the
+    trace's replay takes the CAUSAL configuration as its AR side. A checkpoint without dual mode is refused."""
+    src, b4, root = run
+    dual = new_checkpoint(tmp_path / "dual", seed=3, bard={"block_size": 4, "source_model": str(src),
+                                                           "dual_mode": True}, **SIZES)
+    res = bench(BenchOptions((dual,), thresholds=(0.5,), requests=3, warmup=1, max_new_tokens=12,
+                             speculative="self", transformers_baseline=False, out=tmp_path / "b"), log=lambda *a: None)
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["AR baseline", "CAUSAL dual", "BARD dual", "SPEC dual"]
+    causal, spec = res["rows"][1], res["rows"][3]
+    assert spec["identical_to_causal"] == "3/3" and "identical_to_ar" not in spec
+    assert spec["tokens"] == causal["tokens"] and spec["speedup_decode_vs_causal"] > 0
+    from rich.console import Console
+
+    from bard_deploy.tables import bench_table
+    Console(width=250).print(bench_table(res))
+    assert "= causal 3/3" in capsys.readouterr().out
+    from bard_deploy.replay import read_trace
+    ar, bard, spec_conf = read_trace(tmp_path / "b" / "trace.json", 0.5)
+    assert (ar["name"], bard["name"], spec_conf["name"]) == ("CAUSAL dual", "BARD dual", "SPEC dual")
+    with pytest.raises(RuntimeInputError, match="needs dual-mode checkpoints"):
+        bench(BenchOptions((b4,), requests=1, warmup=0, speculative="self", transformers_baseline=False,
+                           write=False), log=lambda *a: None)
+    with pytest.raises(RuntimeInputError, match="must be source or self"):
+        BenchOptions((b4,), speculative="draft").check()
+
+
 def test_the_replay_projects_the_speculative_mode_too(run, tmp_path, capsys):
     """A trace of bench --speculative holds each SPEC request's draft steps and kept tokens per round; the replay
     runs them at a real shape (per round the draft's steps and one verify step of block + 1 tokens) and reports
     the lossless mode's projected speed-up beside BARD's."""
     src, b4, root = run
     bench(BenchOptions((b4,), thresholds=(0.5,), requests=2, warmup=0, max_new_tokens=12, out=tmp_path / "b",
-                       transformers_baseline=False, speculative=True), log=lambda *a: None)
+                       transformers_baseline=False, speculative="source"), log=lambda *a: None)
     spec = json.loads((tmp_path / "b" / "trace.json").read_text())["configs"][2]
     assert spec["name"].startswith("SPEC ") and all(len(r["accepted"]) == len(r["steps_per_block"])
                                                      for r in spec["requests"])
