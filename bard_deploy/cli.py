@@ -109,8 +109,9 @@ def train(
     ctx: typer.Context,
     recipe: Path | None = typer.Option(None, "--recipe", help="A TOML recipe (top-level keys + [[stages]]); "
                                        "options given on the command line override it."),
-    preset: str = typer.Option("default", help="Stage and data sizes: default (~25-40 min on 2 CPU cores with its source), quality "
-                               "(~30 min, steadier across seeds) or smoke."),
+    preset: str = typer.Option("default", help="Stage and data sizes: default (~25-40 min on 2 CPU cores with "
+                               "its source), quality (about twice the default's steps, steadier across seeds) or "
+                               "smoke."),
     stages: str | None = typer.Option(None, help="name:block:steps[:distill_steps],... overriding the preset.",
                                       show_default="the preset's"),
     name: str = typer.Option(R.name, help="Run name: checkpoints go to OUT/NAME/<stage>."),

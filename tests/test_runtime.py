@@ -28,7 +28,7 @@ def peaked_model(prompt_attention="causal", seed=0):
     matter (a plain random model is uniformly unsure)."""
     torch.manual_seed(seed)
     cfg = ModelConfig.from_dict(qwen3_vl_config().to_dict()).with_bard(
-        mask_token_id=MASK_ID, block_size=TRAINED_B, prompt_attention=prompt_attention)
+        mask_token_id=MASK_ID, block_size=TRAINED_B, prompt_attention=prompt_attention, noise="mix")  # may revise
     m = BardVLM(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
@@ -137,6 +137,16 @@ def test_bad_options_are_typed_errors(model, bad):
     name = next(iter(bad))
     with pytest.raises(RuntimeInputError, match=name):
         generate_bard(TorchBackend(model), prompts(False), opts(**bad), eos_ids=[])
+
+
+def test_revision_is_refused_on_a_mask_noise_checkpoint():
+    """A mask-noise model never learnt to judge a visible token (the measured default rewrites 66 % of right
+    ones): edit_threshold on it is a typed error naming the option; the same model recorded as mix decodes."""
+    m = peaked_model()
+    m.config = replace_opts(m.config, bard=replace_opts(m.config.bard, noise="mask"))
+    with pytest.raises(RuntimeInputError, match=r"edit_threshold=0\.6: .*mask-noise"):
+        generate_bard(TorchBackend(m), prompts(False), opts(threshold=0.5, edit_threshold=0.6), eos_ids=[])
+    generate_bard(TorchBackend(m), prompts(False), opts(threshold=0.5), eos_ids=[])        # no revision: fine
 
 
 def test_prompt_longer_than_context_is_refused(model):
