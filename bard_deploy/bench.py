@@ -315,6 +315,18 @@ def _gpu_name(device: str) -> str | None:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
 
 
+def plot_curves(rows: list[dict]) -> dict[str, list[tuple]]:
+    """The plot's curves: per block size and mode (BARD, and the lossless SPEC rows beside it) the
+    (decode tokens/s, exact match %, threshold) points in speed order."""
+    curves = {}
+    for spec, block in sorted({(r["name"].startswith(SPEC_PREFIX), r["block_size"]) for r in rows
+                               if r["block_size"]}):
+        curves[f"{'SPEC (lossless)' if spec else 'BARD'} B{block}"] = sorted(
+            (r["decode_tokens_per_s"], 100 * r["exact_match"], r["threshold"]) for r in rows
+            if r["block_size"] == block and r["name"].startswith(SPEC_PREFIX) == spec)
+    return curves
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Exact match vs decode tokens/s: one curve per block size over thresholds, AR points marked."""
     import matplotlib
@@ -322,10 +334,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    for block in sorted({r["block_size"] for r in rows if r["block_size"]}):
-        pts = sorted((r["decode_tokens_per_s"], 100 * r["exact_match"], r["threshold"]) for r in rows
-                     if r["block_size"] == block)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"BARD B{block}")
+    for label, pts in plot_curves(rows).items():
+        spec = label.startswith("SPEC")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if spec else "o", ls="--" if spec else "-",
+                label=label)
         for x, y, t in pts:
             ax.annotate(f"{t}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     for r in rows:

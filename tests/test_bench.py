@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bard_deploy.bench import BenchOptions, Request, Summary, bench, merge_repeats, percentile
+from bard_deploy.bench import BenchOptions, Request, Summary, bench, merge_repeats, percentile, plot_curves
 from bard_deploy.cli import main
 from bard_deploy.embedded import new_checkpoint
 from bard_deploy.errors import RuntimeInputError
@@ -328,6 +328,16 @@ def test_a_self_speculative_bench_row_equals_the_checkpoints_own_causal_decode(r
                            write=False), log=lambda *a: None)
     with pytest.raises(RuntimeInputError, match="must be source or self"):
         BenchOptions((b4,), speculative="draft").check()
+
+
+def test_the_plot_draws_the_lossless_points_as_their_own_curve():
+    row = lambda name, th, tps, em: {"name": name, "block_size": 16, "threshold": th,       # noqa: E731
+                                     "decode_tokens_per_s": tps, "exact_match": em}
+    rows = [{"name": "AR baseline", "block_size": None, "threshold": None, "decode_tokens_per_s": 100,
+             "exact_match": 1.0}, row("BARD b16", 0.5, 500, 0.9), row("SPEC b16", 0.5, 250, 1.0),
+            row("BARD b16", 0.9, 400, 0.95), row("SPEC b16", 0.9, 200, 1.0)]
+    assert plot_curves(rows) == {"BARD B16": [(400, 95.0, 0.9), (500, 90.0, 0.5)],
+                                 "SPEC (lossless) B16": [(200, 100.0, 0.9), (250, 100.0, 0.5)]}
 
 
 def test_the_replay_projects_the_speculative_mode_too(run, tmp_path, capsys):
