@@ -27,22 +27,20 @@ from pathlib import Path
 EDITS = (None, 0.5, 0.7, 0.9)
 
 
-def planted_canvas(directory: Path, n: int, plant: float, edit_thresholds, seed: int = 0) -> dict:
-    """Fix and break rates of one revision pass over planted blocks (module docstring, 2)."""
+def planted_canvas(pipe, n: int, plant: float, edit_thresholds, seed: int = 0) -> dict:
+    """Fix and break rates of one revision pass over planted blocks (module docstring, 2), with the model, prompt
+    encoder and tokenizer of a torch-backend Pipeline."""
     import torch
 
-    from bard_deploy.checkpoint import load_model
     from bard_deploy.data.chat import encode_example
     from bard_deploy.data.collate import collate_diffusion
     from bard_deploy.data.synthetic import samples
     from bard_deploy.diffusion.mask import NOISY, training_mask
     from bard_deploy.train.objective import text_token_ids
-    from bard_deploy.train.run import load_encoder
+    from bard_deploy.vlm import greedy_head
 
-    model = load_model(directory).eval()
+    model, encoder, tok = pipe.backend.model, pipe.encoder, pipe.tokenizer
     cfg, bard = model.config, model.config.bard
-    encoder = load_encoder(directory, cfg)
-    tok = encoder.tokenizer
     text = text_token_ids(tok)
     gen = torch.Generator().manual_seed(seed)
     counts = {t: {"fixed": 0, "broken": 0} for t in edit_thresholds}
@@ -59,9 +57,7 @@ def planted_canvas(directory: Path, n: int, plant: float, edit_thresholds, seed:
         with torch.no_grad():
             h = model(ids, b.position_ids, training_mask(b.layout, bard.prompt_attention), b.pixel_values,
                       b.image_grid_thw)
-            logits = model.head(h[noisy])
-        logits[:, bard.mask_token_id] = float("-inf")
-        conf, pred = logits.softmax(-1).max(-1)
+            pred, conf = greedy_head(model.head(h[noisy]), bard.mask_token_id)     # the decode loop's rule
         tgt, planted = target[noisy], swap[noisy]
         planted_n += int(planted.sum())
         right_n += int((~planted).sum())
@@ -94,7 +90,7 @@ def main() -> None:
     convs = [s.messages() for s in samples("test", a.samples)]
     for spec in a.model:
         label, _, path = spec.partition("=")
-        pipe = Pipeline.load(Path(path), threads=a.threads)
+        pipe = Pipeline.load(Path(path), backend="torch", threads=a.threads)
         rows = []
         for tau in (float(x) for x in a.thresholds.split(",")):
             for edit in EDITS:
@@ -107,7 +103,7 @@ def main() -> None:
                              "tokens_per_forward": round(ev.tokens_per_forward, 3),
                              "edits_per_block": ev.as_dict()["edits_per_block"]})
         print(json.dumps({"model": label, "path": path, "noise": pipe.config.bard.noise, "decode": rows,
-                          "planted_canvas": planted_canvas(Path(path), a.samples, a.plant, EDITS[1:])}), flush=True)
+                          "planted_canvas": planted_canvas(pipe, a.samples, a.plant, EDITS[1:])}), flush=True)
 
 
 if __name__ == "__main__":
