@@ -156,6 +156,9 @@ class BardSection:
     parent: str | None = None
     data_hash: str | None = None
     dual_mode: bool = False                # trained with an AR loss too: it also decodes causally (ar=True)
+    # mix noise: the weight of the CE at the noisy tokens the noise left unchanged (0 = the reference's loss, which
+    # never shows the model a right visible token); None = not recorded (imported, or trained before it was)
+    mix_keep_weight: float | None = None
 
     @classmethod
     def from_dict(cls, d: Any, vocab_size: int) -> BardSection:
@@ -180,8 +183,12 @@ class BardSection:
         if noise not in NOISES:
             raise ConfigError(f"{where}: noise must be one of {NOISES}, got {noise!r}", noise)
         strs = {k: _field(d, k, str, where, None) for k in ("source_model", "stage", "parent", "data_hash")}
+        keep = _field(d, "mix_keep_weight", (int, float), where, None)
+        if keep is not None and keep < 0:
+            raise ConfigError(f"{where}: mix_keep_weight must be >= 0, got {keep!r}", keep)
         return cls(mask_token_id=mask, block_size=block, prompt_attention=pa, noise=noise,
-                   dual_mode=_field(d, "dual_mode", bool, where, False), **strs)
+                   dual_mode=_field(d, "dual_mode", bool, where, False),
+                   mix_keep_weight=None if keep is None else float(keep), **strs)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,20 @@ def test_revision_is_refused_on_a_mask_noise_checkpoint():
     generate_bard(TorchBackend(m), prompts(False), opts(threshold=0.5), eos_ids=[])        # no revision: fine
 
 
+@pytest.mark.parametrize("keep, refused", [(0.0, True), (1.0, False), (None, False)])
+def test_revision_needs_the_keep_loss_on_a_mix_noise_checkpoint(keep, refused):
+    """Mix noise under the reference's loss (keep weight 0, measured to break ~50 % of right tokens) refuses
+    revision like mask noise; a keep loss, or a checkpoint that does not record it (imported), decodes."""
+    m = peaked_model()
+    m.config = replace_opts(m.config, bard=replace_opts(m.config.bard, mix_keep_weight=keep))
+    o = opts(threshold=0.5, edit_threshold=0.6)
+    if refused:
+        with pytest.raises(RuntimeInputError, match=r"edit_threshold=0\.6: .*mix_keep_weight 0"):
+            generate_bard(TorchBackend(m), prompts(False), o, eos_ids=[])
+    else:
+        generate_bard(TorchBackend(m), prompts(False), o, eos_ids=[])
+
+
 def test_prompt_longer_than_context_is_refused(model):
     long = PromptBatch.from_rows([[5] * 4090])
     with pytest.raises(RuntimeInputError, match="context"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bard_deploy.checkpoint import load_model
+from bard_deploy.config import ModelConfig
 from bard_deploy.data.chat import encode_example
 from bard_deploy.data.collate import collate_ar, collate_diffusion
 from bard_deploy.data.synthetic import make_sample
@@ -22,6 +23,7 @@ from bard_deploy.train.objective import LossSetup, ar_hidden_before, bard_loss, 
 from bard_deploy.train.recipe import Recipe, Stage, load_recipe, parse_stages
 from bard_deploy.train.run import train
 from bard_deploy.train.source import SourceRecipe, build_source, synthetic_examples
+from bard_deploy.train.stages import stage_config
 from bard_deploy.vlm import BardVLM
 
 TINY = SourceRecipe(train_samples=48, steps=16, batch_size=8, lr=1e-2, warmup=2, hidden=32, layers=2,
@@ -408,3 +410,12 @@ def test_mix_keep_weight_scores_the_unchanged_noisy_tokens(tok):
         stages[1])
     with pytest.raises(ConfigError, match="mix_keep_weight"):
         Recipe(mix_keep_weight=-1.0).check()
+    # the checkpoint records it on a mix stage (decoding refuses revision at 0), and through a config round trip
+    base = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
+    mask_id = tok.convert_tokens_to_ids("<|mask|>")
+    for recipe, stage, want in ((r, stages[1], 0.0), (rk, stages[1], 1.0), (rk, stages[0], None)):
+        cfg = stage_config(base, recipe, stage, "parent", "source", mask_id, "hash")
+        assert cfg.bard.mix_keep_weight == want
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).bard.mix_keep_weight == want
+    with pytest.raises(ConfigError, match="mix_keep_weight"):
+        base.with_bard(mask_token_id=mask_id, noise="mix", mix_keep_weight=-0.5)

@@ -68,7 +68,8 @@ def stage_config(base: ModelConfig, recipe: Recipe, stage: Stage, parent: str, s
     """`base` (the parent's config) as the BARD config of `stage`, with its lineage (parent, source, data)."""
     return base.with_bard(mask_token_id=mask_id, block_size=stage.block_size,
                           prompt_attention=recipe.prompt_attention, noise=stage.noise, source_model=source,
-                          stage=stage.name, parent=parent, data_hash=data_hash, dual_mode=recipe.dual_mode)
+                          stage=stage.name, parent=parent, data_hash=data_hash, dual_mode=recipe.dual_mode,
+                          mix_keep_weight=recipe.mix_keep_weight if stage.noise == "mix" else None)
 
 
 def train_stage(ctx: StageContext, stage: Stage, parent_dir: Path) -> Path:
