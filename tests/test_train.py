@@ -52,6 +52,16 @@ def test_source_training_lowers_loss_and_loads(source):
     assert "reusing" in msgs[0]
 
 
+def test_the_source_vision_width_is_a_recipe_field(tmp_path):
+    """SourceRecipe.vision_hidden sets the ViT's width; at its old value (64) the fingerprint of earlier builds
+    stays, so their cached sources are still reused."""
+    assert SourceRecipe(vision_hidden=64).fingerprint() == SourceRecipe().fingerprint() != \
+        SourceRecipe(vision_hidden=128).fingerprint()
+    recipe = replace(TINY, vision_hidden=32, steps=1, train_samples=8)
+    m = load_model(build_source(tmp_path / "source", recipe, progress=False, log=lambda *a: None))
+    assert m.config.vision["hidden_size"] == 32
+
+
 def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp", length=None, micro_batch=4,
                   fingerprint=""):
     cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)

@@ -51,12 +51,14 @@ class SourceRecipe:
     hidden: int = 128
     layers: int = 4
     vision_depth: int = 2
+    vision_hidden: int = 64
     max_len: int = 256
 
     def fingerprint(self) -> str:
         """16-hex hash of the recipe and DATA_VERSION: a cached build or a training state is reused
         only when it matches."""
-        key = {k: v for k, v in asdict(self).items() if not (k == "task_weights" and v is None)}  # earlier builds
+        # fields added later leave the fingerprints of earlier builds as they were at their old values
+        key = {k: v for k, v in asdict(self).items() if (k, v) not in (("task_weights", None), ("vision_hidden", 64))}
         return hashlib.sha256(json.dumps([key, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -96,7 +98,8 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
         return directory
     torch.manual_seed(recipe.seed)
     tokenizer, processor = build_tokenizer(), build_image_processor()
-    cfg = embedded_config(tokenizer, hidden=recipe.hidden, layers=recipe.layers, vision_depth=recipe.vision_depth)
+    cfg = embedded_config(tokenizer, hidden=recipe.hidden, layers=recipe.layers, vision_depth=recipe.vision_depth,
+                          vision_hidden=recipe.vision_hidden)
     t0 = time.perf_counter()
     examples = synthetic_examples(make_encoder(tokenizer, processor, cfg), "train", recipe.train_samples,
                                   recipe.max_len, recipe.task_weights)
