@@ -218,14 +218,22 @@ def test_stage_fingerprints_cover_what_determines_the_weights():
     assert Recipe(train_samples=100).fingerprint(b4) != base.fingerprint(b4)
     assert Recipe(stages=(Stage("b4", 4, 10),)).fingerprint(Stage("b4", 4, 10)) != base.fingerprint(b4)
     assert Recipe(eval_samples=5, out="elsewhere").fingerprint(b4) == base.fingerprint(b4)
+    # a stage's weight decay: 0 (the old behaviour) keeps earlier fingerprints, another value is another run
+    wd = Stage("b4", 4, 10, weight_decay=0.1)
+    assert Recipe(stages=(Stage("b4", 4, 10, weight_decay=0.0),)).fingerprint(Stage("b4", 4, 10)) == \
+        Recipe(stages=(Stage("b4", 4, 10),)).fingerprint(Stage("b4", 4, 10)) != Recipe(stages=(wd,)).fingerprint(wd)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        Stage("b4", 4, 10, weight_decay=-0.1).check()
 
 
 def test_recipe_toml_and_stage_specs(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('name = "x"\nt_min = 0.1\n[[stages]]\nname = "b4"\nblock_size = 4\nsteps = 10\n'
-                 '[[stages]]\nname = "b8"\nblock_size = 8\nsteps = 5\ndistill_steps = 5\nnoise = "mix"\n')
+                 '[[stages]]\nname = "b8"\nblock_size = 8\nsteps = 5\ndistill_steps = 5\nnoise = "mix"\n'
+                 'weight_decay = 0.1\n')
     r = load_recipe(p, seed=3)
     assert r.name == "x" and r.t_min == 0.1 and r.seed == 3 and r.stages[1].noise == "mix"
+    assert r.stages[0].weight_decay == 0.0 and r.stages[1].weight_decay == 0.1
     assert parse_stages("b4:4:10,b16:16:5:3")[1] == Stage("b16", 16, 5, distill_steps=3)
     for bad in ("b4:4", "b4:x:1", "b8:8:10"):
         with pytest.raises(ConfigError):
@@ -415,7 +423,7 @@ def test_mix_keep_weight_scores_the_unchanged_noisy_tokens(tok):
     assert metrics["keep_ce"] > 0
     torch.testing.assert_close(loss("mask", 2.0)[0], loss("mask", 0.0)[0])
     stages = (Stage("b4", 4, 1), Stage("b8", 8, 1, noise="mix"))
-    r, rk = Recipe(stages=stages), Recipe(stages=stages, mix_keep_weight=1.0)
+    r, rk = Recipe(stages=stages, mix_keep_weight=0.0), Recipe(stages=stages, mix_keep_weight=1.0)
     assert r.fingerprint(stages[0]) == rk.fingerprint(stages[0]) and r.fingerprint(stages[1]) != rk.fingerprint(
         stages[1])
     with pytest.raises(ConfigError, match="mix_keep_weight"):

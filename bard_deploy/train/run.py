@@ -235,7 +235,7 @@ def held_out_loss(directory: Path, examples: list[Example], recipe: Recipe, stag
         collate, loss_fn = (lambda ex: collate_ar(ex, cfg, tok.pad_token_id)), ar_loss
     else:
         setup = LossSetup(stage.noise, cfg.bard.mask_token_id, text_token_ids(tok), recipe.t_min, recipe.weight_cap,
-                          recipe.prompt_attention)
+                          recipe.prompt_attention, keep_weight=recipe.mix_keep_weight)
         collate = lambda ex: collate_diffusion(ex, cfg, stage.block_size, tok.pad_token_id,  # noqa: E731
                                                tok.eos_token_id, recipe.prompt_attention)
         loss_fn = bard_loss(setup)

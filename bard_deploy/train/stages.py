@@ -158,7 +158,7 @@ def pass_trainer(ctx: StageContext, stage: Stage, model: BardVLM, setup: LossSet
         return collate_diffusion(ex, cfg, stage.block_size, tok.pad_token_id, tok.eos_token_id, r.prompt_attention)
 
     sched = Schedule(steps=p.steps, lr=p.lr, batch_size=stage.batch_size, micro_batch=r.micro_batch,
-                     warmup=min(stage.warmup, p.steps // 5))
+                     warmup=min(stage.warmup, p.steps // 5), weight_decay=stage.weight_decay)
     return Trainer(model, sched, ctx.examples, collate, bard_loss(setup), ctx.work_dir(stage) / p.kind, seed=r.seed,
                    save_every=50, label=f"{stage.name} {p.kind}", dist_info=ctx.dist_info, progress=ctx.progress,
                    device=device, precision=r.precision, strategy=r.strategy, length=lambda ex: ex.num_tokens,
