@@ -226,6 +226,21 @@ def test_stage_fingerprints_cover_what_determines_the_weights():
         Stage("b4", 4, 10, weight_decay=-0.1).check()
 
 
+def test_the_expected_range_is_printed_for_the_default_recipe_only():
+    """`train` prints the measured range of the default recipe beside its table; a recipe that changes the weights
+    (the reference's mix loss, mask noise above the anchor, another seed is still the default) gets none."""
+    from bard_deploy.train.recipe import DEFAULT_STAGES
+    from bard_deploy.train.run import EXPECTED, expected_line, is_default_recipe
+
+    assert is_default_recipe(Recipe()) and is_default_recipe(Recipe(seed=4, name="x", out="y"))
+    assert not is_default_recipe(Recipe(mix_keep_weight=0.0))
+    assert not is_default_recipe(Recipe(stages=tuple(replace(s, noise="mask") for s in DEFAULT_STAGES)))
+    line = expected_line()
+    for model in ("source (AR)", "b4", "b8", "b16"):
+        lo, hi = EXPECTED[model]
+        assert 0 < lo <= hi <= 1 and f"{model} {100 * lo:.1f}-{100 * hi:.1f} %" in line
+
+
 def test_recipe_toml_and_stage_specs(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('name = "x"\nt_min = 0.1\n[[stages]]\nname = "b4"\nblock_size = 4\nsteps = 10\n'
