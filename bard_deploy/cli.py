@@ -110,7 +110,8 @@ def train(
     recipe: Path | None = typer.Option(None, "--recipe", help="A TOML recipe (top-level keys + [[stages]]); "
                                        "options given on the command line override it."),
     preset: str = typer.Option("default", help="Stage and data sizes: default (30-65 min with its source, "
-                               "measured at 1 thread on 2 busy cores), quality (about twice the default's steps, steadier across seeds) or "
+                               "measured at 1 thread on 2 busy cores), quality (about twice the default's steps, "
+                               "steadier across seeds) or "
                                "smoke."),
     stages: str | None = typer.Option(None, help="name:block:steps[:distill_steps],... overriding the preset.",
                                       show_default="the preset's"),
