@@ -4,8 +4,8 @@ must earn their place).
 Two measurements per checkpoint, on the synthetic test prompts:
 
 1. Decoding (torch, batch 1, greedy): exact match, tokens per forward and edits per block at each commit
-   threshold x revision setting (`edit_threshold` off / 0.5 / 0.7 / 0.9; refused on a mask-noise checkpoint,
-   whose measured rows, before the refusal, are in the README).
+   threshold x revision setting (`edit_threshold` off / 0.5 / 0.7 / 0.9; refused on a mask-noise checkpoint and
+   on a mix one trained with mix_keep_weight 0, whose measured rows, before the refusal, are in the README).
 2. The planted canvas, what revision is for: each response block holds the reference answer with a fraction
    `--plant` of its tokens replaced by random text tokens (no MASK left), the blocks before it clean, as a
    block looks to the decoder once every position is committed and some are wrong. One forward; at each edit
@@ -96,7 +96,7 @@ def main() -> None:
             for edit in EDITS:
                 try:
                     ev = evaluate(pipe, convs, batch_size=1, threshold=tau, edit_threshold=edit, max_new_tokens=64)
-                except RuntimeInputError as e:   # revision on a mask-noise checkpoint is refused (the canvas shows why)
+                except RuntimeInputError as e:   # revision the checkpoint was not trained for is refused
                     rows.append({"threshold": tau, "edit_threshold": edit, "refused": str(e)})
                     continue
                 rows.append({"threshold": tau, "edit_threshold": edit, "exact_match": ev.exact_match,
