@@ -241,6 +241,24 @@ def test_the_expected_range_is_printed_for_the_default_recipe_only():
         assert 0 < lo <= hi <= 1 and f"{model} {100 * lo:.1f}-{100 * hi:.1f} %" in line
 
 
+def test_a_stage_weight_decay_reaches_its_optimizer_in_both_passes(tmp_path, source):
+    """Stage.weight_decay is the AdamW decay of the stage's matrices in its PBM and SWD passes (norms, biases and
+    embeddings stay undecayed, as in the source's training)."""
+    from bard_deploy.train.loop import DistInfo
+    from bard_deploy.train.stages import StageContext, pass_trainer, stage_passes
+
+    stages = (Stage("b4", 4, 2), Stage("b8", 8, 2, distill_steps=2, weight_decay=0.1))
+    recipe = Recipe(stages=stages, out=str(tmp_path), micro_batch=4)
+    model = load_model(source)
+    tok = build_tokenizer()
+    ctx = StageContext(recipe, source, [], tok, "hash", False, DistInfo(), False, lambda *a: None)
+    passes = stage_passes(recipe, stages[1], source)
+    assert [p.kind for p in passes] == ["pbm", "swd"]
+    for p in passes:
+        trainer = pass_trainer(ctx, stages[1], model, None, p, torch.device("cpu"))
+        assert sorted({g["weight_decay"] for g in trainer.opt.param_groups}) == [0.0, 0.1]
+
+
 def test_recipe_toml_and_stage_specs(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('name = "x"\nt_min = 0.1\n[[stages]]\nname = "b4"\nblock_size = 4\nsteps = 10\n'
