@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bard_deploy.errors import DataError
+from bard_deploy.patches import PatchCache
 from bard_deploy.video import VideoInput, VideoProcessor, timestamp_text
 from bard_deploy.vision import image_token_count
 
@@ -153,8 +154,8 @@ class CompressedImages:
     is deterministic and PNG is lossless, so the values are the ones eager encoding gives (tested bitwise).
     """
 
-    def __init__(self, processor, images: list[Image.Image], grid: torch.Tensor):
-        self.processor, self.grid = processor, grid
+    def __init__(self, processor, images: list[Image.Image], grid: torch.Tensor, patches: PatchCache | None = None):
+        self.processor, self.grid, self.patches = processor, grid, patches
         buffers = []
         for im in images:
             buf = io.BytesIO()
@@ -170,11 +171,18 @@ class CompressedImages:
     def pixel_values(self) -> torch.Tensor:
         """The processor's pixel values of the images (checked to give the grids the prompt was encoded for)."""
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in self.png]
-        out = self.processor(images=images, return_tensors="pt")
-        if not torch.equal(out["image_grid_thw"], self.grid):
-            raise DataError(f"the image processor made grids {out['image_grid_thw'].tolist()}, the prompt was "
+        fast = None
+        if self.patches is not None and self.patches.processor is self.processor:   # plans are per processor
+            fast = self.patches.pixel_values(images)
+        if fast is not None:
+            values, grid = fast
+        else:
+            out = self.processor(images=images, return_tensors="pt")
+            values, grid = out["pixel_values"], out["image_grid_thw"]
+        if not torch.equal(grid, self.grid):
+            raise DataError(f"the image processor made grids {grid.tolist()}, the prompt was "
                             f"encoded for {self.grid.tolist()}", self.grid.tolist())
-        return out["pixel_values"]
+        return values
 
 
 def predicted_grid(processor, images: list[Image.Image]) -> torch.Tensor | None:
@@ -246,6 +254,7 @@ class PromptEncoder:
         self.tokenizer, self.processor = tokenizer, processor
         self.image_token_id, self.merge = image_token_id, merge
         self.video = video
+        self.patches = PatchCache(processor) if processor is not None else None   # CompressedImages' fast path
 
     def set_pixel_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
         """Resize images into [min_pixels, max_pixels] from now on (the processor's own budget, its own resize
@@ -347,5 +356,5 @@ class PromptEncoder:
                 prev = pos + 1
             expanded += ids[prev:]
         if compress_images:
-            return EncodedPrompt(expanded, None, grid, CompressedImages(self.processor, images, grid))
+            return EncodedPrompt(expanded, None, grid, CompressedImages(self.processor, images, grid, self.patches))
         return EncodedPrompt(expanded, out["pixel_values"], grid)

@@ -6,7 +6,8 @@ not, "where" the next weakest).
 
 `--set` takes SourceRecipe fields as JSON (steps, weight_decay, train_samples, lr, vision_lr_ratio, ...). Prints
 one JSON line: the recipe, training seconds, exact match overall and per task (read / where / describe / count),
-and the first mismatches.
+and the first mismatches. `--train-samples N` also scores the first N training samples (seen in training): a
+gap between the two is over-fitting, not under-learning.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--set", default="{}", help="SourceRecipe fields as JSON")
     ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--train-samples", type=int, default=0, help="also score the first N training samples")
     a = ap.parse_args()
 
     import torch
@@ -40,16 +42,24 @@ def main() -> None:
     build_source(a.out / "source", recipe, progress=False, log=lambda *x: None)
     train_s = time.perf_counter() - t0
     pipe = Pipeline.load(a.out / "source", threads=a.threads)
-    hit, total, fails = Counter(), Counter(), []
-    for s in samples("test", a.samples):
-        got = pipe.generate_batch([s.messages()[:-1]], ar=True, max_new_tokens=64)[0].text
-        hit[s.task] += got == s.answer
-        total[s.task] += 1
-        if got != s.answer and len(fails) < 8:
-            fails.append({"task": s.task, "expected": s.answer, "got": got})
-    print(json.dumps({"recipe": asdict(recipe), "threads": a.threads, "train_s": round(train_s),
-                      "exact_match": sum(hit.values()) / a.samples,
-                      "per_task": {t: f"{hit[t]}/{total[t]}" for t in total}, "fails": fails}))
+
+    def score(split: str, n: int) -> tuple[float, dict[str, str], list[dict]]:
+        hit, total, fails = Counter(), Counter(), []
+        for s in samples(split, n):
+            got = pipe.generate_batch([s.messages()[:-1]], ar=True, max_new_tokens=64)[0].text
+            hit[s.task] += got == s.answer
+            total[s.task] += 1
+            if got != s.answer and len(fails) < 8:
+                fails.append({"task": s.task, "expected": s.answer, "got": got})
+        return sum(hit.values()) / n, {t: f"{hit[t]}/{total[t]}" for t in total}, fails
+
+    exact, per_task, fails = score("test", a.samples)
+    row = {"recipe": asdict(recipe), "threads": a.threads, "train_s": round(train_s), "exact_match": exact,
+           "per_task": per_task, "fails": fails}
+    if a.train_samples:
+        train_exact, train_per_task, _ = score("train", a.train_samples)
+        row["train_split"] = {"exact_match": train_exact, "per_task": train_per_task}
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":
