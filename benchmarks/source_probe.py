@@ -5,9 +5,9 @@ not, "where" the next weakest).
     python benchmarks/source_probe.py --seed 1 --threads 1 --out /tmp/probe/s1 [--set '{"steps": 3000}']
 
 `--set` takes SourceRecipe fields as JSON (steps, weight_decay, train_samples, lr, vision_lr_ratio, ...). Prints
-one JSON line: the recipe, training seconds, exact match overall and per task (read / where / describe / count),
-and the first mismatches. `--train-samples N` also scores the first N training samples (seen in training): a
-gap between the two is over-fitting, not under-learning.
+one JSON line: the recipe, training seconds, exact match overall, per task (read / where / describe / count) and
+per task and object count, and the first mismatches. `--train-samples N` also scores the first N training samples
+(seen in training): a gap between the two is over-fitting, not under-learning.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
 
     import torch
 
-    from bard_deploy.data.synthetic import samples
+    from bard_deploy.data.synthetic import TASKS, samples
     from bard_deploy.runtimes.api import Pipeline
     from bard_deploy.train.source import SourceRecipe, build_source
 
@@ -47,11 +47,12 @@ def main() -> None:
         hit, total, fails = Counter(), Counter(), []
         for s in samples(split, n):
             got = pipe.generate_batch([s.messages()[:-1]], ar=True, max_new_tokens=64)[0].text
-            hit[s.task] += got == s.answer
-            total[s.task] += 1
+            for key in (s.task, f"{s.task}, {len(s.items)} objects"):      # per task, and by how crowded
+                hit[key] += got == s.answer
+                total[key] += 1
             if got != s.answer and len(fails) < 8:
                 fails.append({"task": s.task, "expected": s.answer, "got": got})
-        return sum(hit.values()) / n, {t: f"{hit[t]}/{total[t]}" for t in total}, fails
+        return sum(hit[t] for t in TASKS) / n, {t: f"{hit[t]}/{total[t]}" for t in sorted(total)}, fails
 
     exact, per_task, fails = score("test", a.samples)
     row = {"recipe": asdict(recipe), "threads": a.threads, "train_s": round(train_s), "exact_match": exact,
