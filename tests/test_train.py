@@ -62,6 +62,18 @@ def test_the_source_vision_width_is_a_recipe_field(tmp_path):
     assert m.config.vision["hidden_size"] == 32
 
 
+def test_the_source_qk_norm_gain_is_a_recipe_field(tmp_path):
+    """SourceRecipe.qk_norm_init sets the LM's query / key norm gains at init (1.0, HF's, keeps earlier
+    fingerprints); at a negligible learning rate the built model still holds them."""
+    assert SourceRecipe(qk_norm_init=1.0).fingerprint() == SourceRecipe().fingerprint() != \
+        SourceRecipe(qk_norm_init=1.5).fingerprint()
+    recipe = replace(TINY, qk_norm_init=1.5, steps=1, train_samples=8, lr=1e-12)
+    m = load_model(build_source(tmp_path / "source", recipe, progress=False, log=lambda *a: None))
+    for layer in m.language_model.layers:
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            assert torch.allclose(norm.weight, torch.full_like(norm.weight, 1.5), atol=1e-6)
+
+
 def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp", length=None, micro_batch=4,
                   fingerprint=""):
     cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)

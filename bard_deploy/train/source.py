@@ -45,6 +45,10 @@ class SourceRecipe:
     # decodable from its image token (linear probe: 40 %) and "where is X" unlearnable in the budget; 0.3 makes
     # it decodable (100 %); 1.0 drowns the content (reading collapses).
     vision_pos_std: float = 0.3
+    # initial value of the LM's per-head query / key RMSNorm gains (Qwen3's QK norm). With unit gains a head's
+    # attention logit is at most sqrt(head_dim) x gain^2: 5.7 at this model's head_dim 32 (11.3 at Qwen3's 128),
+    # and training left the gains at 0.9-1.2. 1.0 is HF's init.
+    qk_norm_init: float = 1.0
     weight_decay: float = 0.1  # AdamW's, on matrices (not norms, biases, embeddings): reading is learnt sooner
     seed: int = 0
     task_weights: dict[str, float] | None = None   # the training mix of question types (None: uniform)
@@ -58,7 +62,8 @@ class SourceRecipe:
         """16-hex hash of the recipe and DATA_VERSION: a cached build or a training state is reused
         only when it matches."""
         # fields added later leave the fingerprints of earlier builds as they were at their old values
-        key = {k: v for k, v in asdict(self).items() if (k, v) not in (("task_weights", None), ("vision_hidden", 64))}
+        key = {k: v for k, v in asdict(self).items() if (k, v) not in (("task_weights", None), ("vision_hidden", 64),
+                                                                           ("qk_norm_init", 1.0))}
         return hashlib.sha256(json.dumps([key, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,6 +112,9 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
     model = BardVLM(cfg)
     with torch.no_grad():
         model.visual.pos_embed.weight.normal_(0.0, recipe.vision_pos_std)
+        for layer in model.language_model.layers:
+            layer.self_attn.q_norm.weight.fill_(recipe.qk_norm_init)
+            layer.self_attn.k_norm.weight.fill_(recipe.qk_norm_init)
     log(f"source model: {model.num_parameters() / 1e6:.2f} M parameters, {recipe.steps} steps of "
         f"{recipe.batch_size}")
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, warmup=recipe.warmup,
