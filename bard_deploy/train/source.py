@@ -47,7 +47,7 @@ class SourceRecipe:
     vision_pos_std: float = 0.3
     # initial value of the LM's per-head query / key RMSNorm gains (Qwen3's QK norm). With unit gains a head's
     # attention logit is at most sqrt(head_dim) x gain^2: 5.7 at this model's head_dim 32 (11.3 at Qwen3's 128),
-    # and training left the gains at 0.9-1.2. 1.0 is HF's init.
+    # and training left the gains at 0.9-1.2. 1.0 is HF's init; 1.5 made "where" worse (README), so it stays.
     qk_norm_init: float = 1.0
     weight_decay: float = 0.1  # AdamW's, on matrices (not norms, biases, embeddings): reading is learnt sooner
     seed: int = 0
