@@ -33,18 +33,12 @@ class PatchPlan:
         return chw.reshape(-1)[self.order]
 
 
-def _resize_free(processor, height: int, width: int) -> tuple[int, int] | None:
-    """(patch size, merge size) when the processor would keep this size as it is, else None."""
+def _geometry(processor) -> tuple[int, int, int] | None:
+    """(patch size, merge size, temporal patch size) of a Qwen2-VL-style processor, None for another kind."""
     try:
-        ps, merge = int(processor.patch_size), int(processor.merge_size)
-        lo, hi = int(processor.size["shortest_edge"]), int(processor.size["longest_edge"])
-    except (AttributeError, KeyError, TypeError, ValueError):
+        return int(processor.patch_size), int(processor.merge_size), int(processor.temporal_patch_size)
+    except (AttributeError, TypeError, ValueError):
         return None
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    if smart_resize(height, width, ps * merge, min_pixels=lo, max_pixels=hi) != (height, width):
-        return None
-    return ps, merge
 
 
 def _run(processor, image: Image.Image) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -55,15 +49,20 @@ def _run(processor, image: Image.Image) -> tuple[np.ndarray, tuple[int, ...]]:
 def build_plan(processor, height: int, width: int) -> PatchPlan | None:
     """The plan of a processor for one image size, or None where the processor resizes that size, is not of
     the Qwen2-VL kind, or does not agree bit for bit with the plan on a random image."""
-    if height * width < 256 or _resize_free(processor, height, width) is None:
+    geometry = _geometry(processor)
+    if geometry is None or height * width < 256:
         return None
+    ps, merge, tps = geometry
+    if height % (ps * merge) or width % (ps * merge):
+        return None                                                       # off the grid: always resized
     n = height * width
     flat = np.arange(n)
     ramp = np.stack([(flat + 85 * c) % 256 for c in range(3)], axis=-1).astype(np.uint8).reshape(height, width, 3)
     values, grid = _run(processor, Image.fromarray(ramp))
-    # where each output slot's value came from: the same rearrangement applied to the pixels' flat indices
-    order = _patch_order(processor, height, width, values.shape)
-    if order is None:
+    if grid != (1, height // ps, width // ps):
+        return None                                                       # the processor resized it
+    order = _patch_order(height, width, ps, merge, tps)
+    if values.shape != order.shape:
         return None
     src = ramp.transpose(2, 0, 1).reshape(-1)[order]                     # the 8-bit value behind each slot
     chan = order // n
@@ -78,16 +77,10 @@ def build_plan(processor, height: int, width: int) -> PatchPlan | None:
     return plan if check_grid == grid and np.array_equal(plan.apply(probe), check) else None
 
 
-def _patch_order(processor, height: int, width: int, shape: tuple[int, ...]) -> np.ndarray | None:
+def _patch_order(height: int, width: int, ps: int, merge: int, tps: int) -> np.ndarray:
     """(patches, dim) int64: for each output slot, the flat (C, H, W) index of its input value, following the
     Qwen2-VL patchify (merge groups row-major, then C, temporal copies, patch rows, patch columns)."""
-    try:
-        ps, merge, tps = int(processor.patch_size), int(processor.merge_size), int(processor.temporal_patch_size)
-    except (AttributeError, TypeError, ValueError):
-        return None
     gh, gw = height // ps, width // ps
-    if shape != (gh * gw, 3 * tps * ps * ps):
-        return None
     idx = np.arange(3 * height * width).reshape(3, gh // merge, merge, ps, gw // merge, merge, ps)
     idx = idx.transpose(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]
     idx = np.broadcast_to(idx, (*idx.shape[:5], tps, ps, ps))
