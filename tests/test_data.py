@@ -73,6 +73,23 @@ def test_task_weights_change_the_training_mix_only_where_asked():
             next(samples("train", 1, task_weights=bad))
 
 
+def test_object_weights_crowd_the_training_pictures_only_where_asked():
+    """Object-count weights shift how many objects the training pictures hold (no weights: the uniform draw,
+    the samples unchanged), never move a test pair into training, and bad weights are refused by name."""
+    from collections import Counter
+
+    assert list(samples("train", 50, object_weights=None)) == list(samples("train", 50))
+    plain = Counter(len(s.items) for s in samples("train", 800))
+    crowded = Counter(len(s.items) for s in samples("train", 800, object_weights=(1, 1, 3, 3)))
+    assert crowded[4] > 1.25 * plain[4] and crowded[1] < 0.75 * plain[1]  # 3 / 8 and 1 / 8 against 1 / 4
+    assert set(Counter(len(s.items) for s in samples("train", 200, object_weights=(0, 0, 0, 1)))) == {4}
+    test_keys = {s.content_hash for s in samples("test", 400)}
+    assert not test_keys & {s.content_hash for s in samples("train", 800, object_weights=(1, 1, 3, 3))}
+    for bad in ((1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)):
+        with pytest.raises(ValueError, match="object_weights"):
+            next(samples("train", 1, object_weights=bad))
+
+
 def test_answers_are_sentences_of_8_to_40_tokens(tok):
     lengths = [len(tok(s.answer)["input_ids"]) for s in samples("train", 500)]
     assert min(lengths) >= 8 and max(lengths) <= 40

@@ -62,6 +62,18 @@ def test_the_source_vision_width_is_a_recipe_field(tmp_path):
     assert m.config.vision["hidden_size"] == 32
 
 
+def test_the_source_kv_heads_and_object_mix_are_recipe_fields(tmp_path):
+    """SourceRecipe.kv_heads sets the LM's key / value heads and object_weights the training pictures' object
+    counts; at their old values (2, None) the fingerprint of earlier builds stays."""
+    base = SourceRecipe().fingerprint()
+    assert SourceRecipe(kv_heads=2, object_weights=None).fingerprint() == base
+    changed = {SourceRecipe(kv_heads=4).fingerprint(), SourceRecipe(object_weights=(1, 1, 2, 2)).fingerprint()}
+    assert len(changed | {base}) == 3
+    recipe = replace(TINY, kv_heads=4, object_weights=(0, 0, 0, 1), steps=1, train_samples=8)
+    m = load_model(build_source(tmp_path / "source", recipe, progress=False, log=lambda *a: None))
+    assert m.config.text.num_key_value_heads == 4
+
+
 def test_the_source_qk_norm_gain_is_a_recipe_field(tmp_path):
     """SourceRecipe.qk_norm_init sets the LM's query / key norm gains at init (1.0, HF's, keeps earlier
     fingerprints); at a negligible learning rate the built model still holds them."""

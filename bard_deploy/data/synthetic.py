@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
@@ -113,12 +113,15 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def make_sample(seed: int, task_weights: dict[str, float] | None = None) -> Sample:
+def make_sample(seed: int, task_weights: dict[str, float] | None = None,
+                object_weights: Sequence[float] | None = None) -> Sample:
     """The sample of one seed: 1-4 objects (at most one word), then one question about them, its type drawn
     uniformly from those the objects allow, or in proportion to `task_weights` (task -> weight, 1 if absent;
-    another draw than the uniform one, so the default samples stay what they were)."""
+    another draw than the uniform one, so the default samples stay what they were). `object_weights` (four
+    weights, of 1 / 2 / 3 / 4 objects) likewise replaces the uniform draw of the object count."""
     rng = random.Random(seed)
-    cells = sorted(rng.sample(range(9), rng.randint(1, 4)))
+    count = rng.randint(1, 4) if not object_weights else rng.choices(range(1, 5), weights=object_weights)[0]
+    cells = sorted(rng.sample(range(9), count))
     items, has_word = [], False
     for c in cells:
         if not has_word and rng.random() < 0.25:
@@ -161,18 +164,22 @@ def split_of(sample: Sample) -> str:
     return next(name for name, buckets in SPLITS.items() if bucket in buckets)
 
 
-def samples(split: str, n: int, start_seed: int = 0, task_weights: dict[str, float] | None = None
-            ) -> Iterator[Sample]:
-    """The first n samples of a split, scanning seeds from start_seed (deterministic); `task_weights` as in
-    `make_sample` (a training mix: the split is still decided by content, so no test pair enters training)."""
+def samples(split: str, n: int, start_seed: int = 0, task_weights: dict[str, float] | None = None,
+            object_weights: Sequence[float] | None = None) -> Iterator[Sample]:
+    """The first n samples of a split, scanning seeds from start_seed (deterministic); `task_weights` and
+    `object_weights` as in `make_sample` (a training mix: the split is still decided by content, so no test pair
+    enters training)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     unknown = set(task_weights or ()) - set(TASKS)
     if unknown or any(w < 0 for w in (task_weights or {}).values()):
         raise ValueError(f"task_weights: tasks are {TASKS} with weights >= 0, got {task_weights!r}")
+    if object_weights is not None and (len(object_weights) != 4 or min(object_weights) < 0
+                                       or not sum(object_weights) > 0):
+        raise ValueError(f"object_weights: four weights >= 0 (of 1-4 objects), not all 0, got {object_weights!r}")
     seed, count = start_seed, 0
     while count < n:
-        s = make_sample(seed, task_weights)
+        s = make_sample(seed, task_weights, object_weights)
         if split_of(s) == split:
             yield s
             count += 1

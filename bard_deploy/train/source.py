@@ -52,6 +52,8 @@ class SourceRecipe:
     weight_decay: float = 0.1  # AdamW's, on matrices (not norms, biases, embeddings): reading is learnt sooner
     seed: int = 0
     task_weights: dict[str, float] | None = None   # the training mix of question types (None: uniform)
+    object_weights: tuple[float, ...] | None = None  # ... and of 1 / 2 / 3 / 4 objects per picture (None: uniform)
+    kv_heads: int = 2        # the LM's key / value heads (of 4 query heads; 4 = plain multi-head attention)
     hidden: int = 128
     layers: int = 4
     vision_depth: int = 2
@@ -62,8 +64,9 @@ class SourceRecipe:
         """16-hex hash of the recipe and DATA_VERSION: a cached build or a training state is reused
         only when it matches."""
         # fields added later leave the fingerprints of earlier builds as they were at their old values
-        key = {k: v for k, v in asdict(self).items() if (k, v) not in (("task_weights", None), ("vision_hidden", 64),
-                                                                           ("qk_norm_init", 1.0))}
+        key = {k: v for k, v in asdict(self).items() if (k, v) not in (
+            ("task_weights", None), ("vision_hidden", 64), ("qk_norm_init", 1.0), ("object_weights", None),
+            ("kv_heads", 2))}
         return hashlib.sha256(json.dumps([key, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,10 +77,11 @@ def data_hash(split: str, n: int) -> str:
 
 
 def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int,
-                       task_weights: dict[str, float] | None = None) -> list[Example]:
+                       task_weights: dict[str, float] | None = None,
+                       object_weights: tuple[float, ...] | None = None) -> list[Example]:
     """The first n samples of a synthetic split, encoded as Examples (source "split:seed")."""
     return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}")
-            for s in samples(split, n, task_weights=task_weights)]
+            for s in samples(split, n, task_weights=task_weights, object_weights=object_weights)]
 
 
 def make_encoder(tokenizer, processor, cfg) -> PromptEncoder:
@@ -104,10 +108,10 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
     torch.manual_seed(recipe.seed)
     tokenizer, processor = build_tokenizer(), build_image_processor()
     cfg = embedded_config(tokenizer, hidden=recipe.hidden, layers=recipe.layers, vision_depth=recipe.vision_depth,
-                          vision_hidden=recipe.vision_hidden)
+                          vision_hidden=recipe.vision_hidden, kv_heads=recipe.kv_heads)
     t0 = time.perf_counter()
     examples = synthetic_examples(make_encoder(tokenizer, processor, cfg), "train", recipe.train_samples,
-                                  recipe.max_len, recipe.task_weights)
+                                  recipe.max_len, recipe.task_weights, recipe.object_weights)
     log(f"source model: {len(examples)} training samples encoded in {time.perf_counter() - t0:.1f} s")
     model = BardVLM(cfg)
     with torch.no_grad():
