@@ -307,6 +307,23 @@ def test_batch_padding_and_ar_layout(encoder, tok, cfg):
     assert (a.layout.kind[0, :P + R] == PROMPT).all()
 
 
+def test_prompt_positions_are_computed_once_per_example_and_config(encoder, tok, cfg):
+    """Collation keeps each example's MRoPE positions under (image token id, merge size): they are rope_index's,
+    a second collation reads them back into the same batch, and an entry under another key is not used."""
+    from bard_deploy.vision import rope_index
+
+    exs = [encode_example(encoder, make_sample(i).messages(), 256) for i in (4, 5)]
+    exs[1].positions[(-1, 2)] = (torch.zeros(3, 1, dtype=torch.long), 0)        # another config's entry
+    first = collate_ar(exs, cfg, tok.pad_token_id)
+    key = (cfg.image_token_id, cfg.spatial_merge_size)
+    assert [set(e.positions) for e in exs] == [{key}, {key, (-1, 2)}]
+    for e in exs:
+        pos, delta = rope_index(torch.tensor([e.prompt_ids]), cfg.image_token_id, e.image_grid_thw,
+                                cfg.spatial_merge_size)
+        assert torch.equal(e.positions[key][0], pos[:, 0]) and e.positions[key][1] == int(delta[0])
+    assert torch.equal(collate_ar(exs, cfg, tok.pad_token_id).position_ids, first.position_ids)
+
+
 def test_video_processor_follows_qwen3_vl_video_processing(tmp_path):
     """Frames -> patches as Qwen3-VL's video processor makes them: one size for every frame from its smart_resize
     over the budget of all frames, pairs of frames per temporal patch (an odd count repeats the last frame), and a

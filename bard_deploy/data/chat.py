@@ -36,6 +36,9 @@ class Example:
     pixels: torch.Tensor | CompressedImages | None = None    # pixel values, or the images to make them from
     image_grid_thw: torch.Tensor | None = None
     source: str = ""
+    # the prompt's MRoPE positions per (image token id, merge size), made on first collation: training collates
+    # every example on many steps, and rope_index was ~8 % of a source step on 2 cores
+    positions: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def pixel_values(self) -> torch.Tensor | None:

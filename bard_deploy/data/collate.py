@@ -55,10 +55,14 @@ class TrainBatch:
 
 
 def _prompt_positions(ex: Example, cfg: ModelConfig) -> tuple[torch.Tensor, int]:
-    """MRoPE positions (3, P) of the prompt and the delta that continues text positions after it."""
-    ids = torch.tensor([ex.prompt_ids])
-    pos, delta = rope_index(ids, cfg.image_token_id, ex.image_grid_thw, cfg.spatial_merge_size)
-    return pos[:, 0], int(delta[0])
+    """MRoPE positions (3, P) of the prompt and the delta that continues text positions after it (computed once
+    per example and config, then read from `ex.positions`; callers only read the tensor)."""
+    key = (cfg.image_token_id, cfg.spatial_merge_size)
+    if key not in ex.positions:
+        ids = torch.tensor([ex.prompt_ids])
+        pos, delta = rope_index(ids, cfg.image_token_id, ex.image_grid_thw, cfg.spatial_merge_size)
+        ex.positions[key] = (pos[:, 0], int(delta[0]))
+    return ex.positions[key]
 
 
 def _stack(rows: list[dict], pad_id: int) -> dict:
