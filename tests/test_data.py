@@ -90,6 +90,20 @@ def test_object_weights_crowd_the_training_pictures_only_where_asked():
             next(samples("train", 1, object_weights=bad))
 
 
+def test_color_share_plants_same_coloured_twins_only_where_asked():
+    """color_share 0 is the plain draw; 1 makes every shape after the first a same-coloured twin of an earlier
+    one in another form (the hard case of "where"); the test split is untouched and a bad rate is refused."""
+    assert list(samples("train", 50, color_share=0.0)) == list(samples("train", 50))
+    for s in samples("train", 300, color_share=1.0):
+        shapes = [i for i in s.items if i.kind == "shape"]
+        assert len({i.color for i in shapes}) <= 1                                   # all twins of the first
+        assert len(shapes) < 2 or shapes[0].name != shapes[1].name                   # in another form
+    test_keys = {s.content_hash for s in samples("test", 400)}
+    assert not test_keys & {s.content_hash for s in samples("train", 800, color_share=0.5)}
+    with pytest.raises(ValueError, match="color_share"):
+        next(samples("train", 1, color_share=1.5))
+
+
 def test_answers_are_sentences_of_8_to_40_tokens(tok):
     lengths = [len(tok(s.answer)["input_ids"]) for s in samples("train", 500)]
     assert min(lengths) >= 8 and max(lengths) <= 40

@@ -114,11 +114,13 @@ def _join(parts: list[str]) -> str:
 
 
 def make_sample(seed: int, task_weights: dict[str, float] | None = None,
-                object_weights: Sequence[float] | None = None) -> Sample:
+                object_weights: Sequence[float] | None = None, color_share: float = 0.0) -> Sample:
     """The sample of one seed: 1-4 objects (at most one word), then one question about them, its type drawn
     uniformly from those the objects allow, or in proportion to `task_weights` (task -> weight, 1 if absent;
     another draw than the uniform one, so the default samples stay what they were). `object_weights` (four
-    weights, of 1 / 2 / 3 / 4 objects) likewise replaces the uniform draw of the object count."""
+    weights, of 1 / 2 / 3 / 4 objects) likewise replaces the uniform draw of the object count. With
+    `color_share` > 0 each shape after the first is, with that probability, a same-coloured twin of an earlier
+    shape in another form (a red square beside a red circle): the hard case of "where is the red circle"."""
     rng = random.Random(seed)
     count = rng.randint(1, 4) if not object_weights else rng.choices(range(1, 5), weights=object_weights)[0]
     cells = sorted(rng.sample(range(9), count))
@@ -128,7 +130,12 @@ def make_sample(seed: int, task_weights: dict[str, float] | None = None,
             items.append(Item(c, "word", rng.choice(WORDS)))
             has_word = True
         else:
-            items.append(Item(c, "shape", rng.choice(SHAPES), rng.choice(list(COLORS))))
+            name, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+            earlier = [i for i in items if i.kind == "shape"]
+            if color_share and earlier and rng.random() < color_share:      # no extra draw when 0
+                twin = rng.choice(earlier)
+                name, color = rng.choice([n for n in SHAPES if n != twin.name]), twin.color
+            items.append(Item(c, "shape", name, color))
     items = tuple(items)
     tasks = [t for t in TASKS if t != "read" or has_word]
     shapes = [i for i in items if i.kind == "shape"]
@@ -165,10 +172,10 @@ def split_of(sample: Sample) -> str:
 
 
 def samples(split: str, n: int, start_seed: int = 0, task_weights: dict[str, float] | None = None,
-            object_weights: Sequence[float] | None = None) -> Iterator[Sample]:
-    """The first n samples of a split, scanning seeds from start_seed (deterministic); `task_weights` and
-    `object_weights` as in `make_sample` (a training mix: the split is still decided by content, so no test pair
-    enters training)."""
+            object_weights: Sequence[float] | None = None, color_share: float = 0.0) -> Iterator[Sample]:
+    """The first n samples of a split, scanning seeds from start_seed (deterministic); `task_weights`,
+    `object_weights` and `color_share` as in `make_sample` (a training mix: the split is still decided by
+    content, so no test pair enters training)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     unknown = set(task_weights or ()) - set(TASKS)
@@ -177,9 +184,11 @@ def samples(split: str, n: int, start_seed: int = 0, task_weights: dict[str, flo
     if object_weights is not None and (len(object_weights) != 4 or min(object_weights) < 0
                                        or not sum(object_weights) > 0):
         raise ValueError(f"object_weights: four weights >= 0 (of 1-4 objects), not all 0, got {object_weights!r}")
+    if not 0.0 <= color_share <= 1.0:
+        raise ValueError(f"color_share: a probability in [0, 1], got {color_share!r}")
     seed, count = start_seed, 0
     while count < n:
-        s = make_sample(seed, task_weights, object_weights)
+        s = make_sample(seed, task_weights, object_weights, color_share)
         if split_of(s) == split:
             yield s
             count += 1

@@ -53,6 +53,7 @@ class SourceRecipe:
     seed: int = 0
     task_weights: dict[str, float] | None = None   # the training mix of question types (None: uniform)
     object_weights: tuple[float, ...] | None = None  # ... and of 1 / 2 / 3 / 4 objects per picture (None: uniform)
+    color_share: float = 0.0  # ... and of same-coloured twins of another form (data/synthetic.make_sample)
     kv_heads: int = 2        # the LM's key / value heads (of 4 query heads; 4 = plain multi-head attention)
     hidden: int = 128
     layers: int = 4
@@ -66,7 +67,7 @@ class SourceRecipe:
         # fields added later leave the fingerprints of earlier builds as they were at their old values
         key = {k: v for k, v in asdict(self).items() if (k, v) not in (
             ("task_weights", None), ("vision_hidden", 64), ("qk_norm_init", 1.0), ("object_weights", None),
-            ("kv_heads", 2))}
+            ("kv_heads", 2), ("color_share", 0.0))}
         return hashlib.sha256(json.dumps([key, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -78,10 +79,11 @@ def data_hash(split: str, n: int) -> str:
 
 def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int,
                        task_weights: dict[str, float] | None = None,
-                       object_weights: tuple[float, ...] | None = None) -> list[Example]:
+                       object_weights: tuple[float, ...] | None = None, color_share: float = 0.0) -> list[Example]:
     """The first n samples of a synthetic split, encoded as Examples (source "split:seed")."""
     return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}")
-            for s in samples(split, n, task_weights=task_weights, object_weights=object_weights)]
+            for s in samples(split, n, task_weights=task_weights, object_weights=object_weights,
+                                             color_share=color_share)]
 
 
 def make_encoder(tokenizer, processor, cfg) -> PromptEncoder:
@@ -111,7 +113,8 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
                           vision_hidden=recipe.vision_hidden, kv_heads=recipe.kv_heads)
     t0 = time.perf_counter()
     examples = synthetic_examples(make_encoder(tokenizer, processor, cfg), "train", recipe.train_samples,
-                                  recipe.max_len, recipe.task_weights, recipe.object_weights)
+                                  recipe.max_len, recipe.task_weights, recipe.object_weights,
+                                  recipe.color_share)
     log(f"source model: {len(examples)} training samples encoded in {time.perf_counter() - t0:.1f} s")
     model = BardVLM(cfg)
     with torch.no_grad():
