@@ -37,7 +37,7 @@ class Example:
     image_grid_thw: torch.Tensor | None = None
     source: str = ""
     # the prompt's MRoPE positions per (image token id, merge size), made on first collation: training collates
-    # every example on many steps, and rope_index was ~8 % of a source step on 2 cores
+    # every example on many steps, and rope_index took 0.01-0.02 s of a ~0.2 s source step on 2 cores
     positions: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
