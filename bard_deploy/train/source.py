@@ -83,7 +83,7 @@ def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int,
     """The first n samples of a synthetic split, encoded as Examples (source "split:seed")."""
     return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}")
             for s in samples(split, n, task_weights=task_weights, object_weights=object_weights,
-                                             color_share=color_share)]
+                             color_share=color_share)]
 
 
 def make_encoder(tokenizer, processor, cfg) -> PromptEncoder:
