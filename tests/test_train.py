@@ -63,12 +63,13 @@ def test_the_source_vision_width_is_a_recipe_field(tmp_path):
 
 
 def test_the_source_kv_heads_and_object_mix_are_recipe_fields(tmp_path):
-    """SourceRecipe.kv_heads sets the LM's key / value heads and object_weights the training pictures' object
-    counts; at their old values (2, None) the fingerprint of earlier builds stays."""
+    """SourceRecipe.kv_heads sets the LM's key / value heads, object_weights and color_share the training
+    pictures' mix; at their old values (2, None, 0) the fingerprint of earlier builds stays."""
     base = SourceRecipe().fingerprint()
-    assert SourceRecipe(kv_heads=2, object_weights=None).fingerprint() == base
-    changed = {SourceRecipe(kv_heads=4).fingerprint(), SourceRecipe(object_weights=(1, 1, 2, 2)).fingerprint()}
-    assert len(changed | {base}) == 3
+    assert SourceRecipe(kv_heads=2, object_weights=None, color_share=0.0).fingerprint() == base
+    changed = {SourceRecipe(kv_heads=4).fingerprint(), SourceRecipe(object_weights=(1, 1, 2, 2)).fingerprint(),
+               SourceRecipe(color_share=0.5).fingerprint()}
+    assert len(changed | {base}) == 4
     recipe = replace(TINY, kv_heads=4, object_weights=(0, 0, 0, 1), steps=1, train_samples=8)
     m = load_model(build_source(tmp_path / "source", recipe, progress=False, log=lambda *a: None))
     assert m.config.text.num_key_value_heads == 4

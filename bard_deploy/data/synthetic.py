@@ -131,8 +131,8 @@ def make_sample(seed: int, task_weights: dict[str, float] | None = None,
             has_word = True
         else:
             name, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-            earlier = [i for i in items if i.kind == "shape"]
-            if color_share and earlier and rng.random() < color_share:      # no extra draw when 0
+            earlier = [i for i in items if i.kind == "shape"] if color_share else []
+            if earlier and rng.random() < color_share:                     # no extra draw when 0
                 twin = rng.choice(earlier)
                 name, color = rng.choice([n for n in SHAPES if n != twin.name]), twin.color
             items.append(Item(c, "shape", name, color))

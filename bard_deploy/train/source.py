@@ -77,13 +77,11 @@ def data_hash(split: str, n: int) -> str:
     return hashlib.sha256(f"{DATA_VERSION}:{split}:{n}".encode()).hexdigest()[:16]
 
 
-def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int,
-                       task_weights: dict[str, float] | None = None,
-                       object_weights: tuple[float, ...] | None = None, color_share: float = 0.0) -> list[Example]:
-    """The first n samples of a synthetic split, encoded as Examples (source "split:seed")."""
+def synthetic_examples(encoder: PromptEncoder, split: str, n: int, max_len: int, **mix) -> list[Example]:
+    """The first n samples of a synthetic split, encoded as Examples (source "split:seed"); `mix` is the
+    training mix `data.synthetic.samples` takes (task_weights, object_weights, color_share)."""
     return [encode_example(encoder, s.messages(), max_len, source=f"{split}:{s.seed}")
-            for s in samples(split, n, task_weights=task_weights, object_weights=object_weights,
-                             color_share=color_share)]
+            for s in samples(split, n, **mix)]
 
 
 def make_encoder(tokenizer, processor, cfg) -> PromptEncoder:
@@ -113,8 +111,8 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
                           vision_hidden=recipe.vision_hidden, kv_heads=recipe.kv_heads)
     t0 = time.perf_counter()
     examples = synthetic_examples(make_encoder(tokenizer, processor, cfg), "train", recipe.train_samples,
-                                  recipe.max_len, recipe.task_weights, recipe.object_weights,
-                                  recipe.color_share)
+                                  recipe.max_len, task_weights=recipe.task_weights,
+                                  object_weights=recipe.object_weights, color_share=recipe.color_share)
     log(f"source model: {len(examples)} training samples encoded in {time.perf_counter() - t0:.1f} s")
     model = BardVLM(cfg)
     with torch.no_grad():
