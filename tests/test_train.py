@@ -75,6 +75,22 @@ def test_the_source_kv_heads_and_object_mix_are_recipe_fields(tmp_path):
     assert m.config.text.num_key_value_heads == 4
 
 
+def test_the_source_and_stages_can_build_from_a_weight_average(tmp_path):
+    """SourceRecipe.ema_decay / Stage.ema_decay: the build is the run's weight average (Trainer.final_model);
+    at 0 the fingerprints of earlier builds stay."""
+    assert SourceRecipe(ema_decay=0.0).fingerprint() == SourceRecipe().fingerprint() != \
+        SourceRecipe(ema_decay=0.99).fingerprint()
+    r = Recipe()
+    averaged = replace(r, stages=tuple(replace(s, ema_decay=0.99) for s in r.stages))
+    assert replace(r, stages=tuple(replace(s, ema_decay=0.0) for s in r.stages)).fingerprint(r.stages[1]) == \
+        r.fingerprint(r.stages[1]) != averaged.fingerprint(averaged.stages[1])
+    with pytest.raises(ConfigError, match="ema_decay"):
+        Stage("b4", 4, 1, ema_decay=-0.1).check()
+    plain, avg = (load_model(build_source(tmp_path / name, replace(TINY, steps=3, train_samples=8, ema_decay=d),
+                                          progress=False, log=lambda *a: None)) for name, d in (("a", 0.0), ("b", 0.9)))
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), avg.parameters(), strict=True))
+
+
 def test_the_source_qk_norm_gain_is_a_recipe_field(tmp_path):
     """SourceRecipe.qk_norm_init sets the LM's query / key norm gains at init (1.0, HF's, keeps earlier
     fingerprints); at a negligible learning rate the built model still holds them."""
@@ -88,7 +104,7 @@ def test_the_source_qk_norm_gain_is_a_recipe_field(tmp_path):
 
 
 def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp", length=None, micro_batch=4,
-                  fingerprint=""):
+                  fingerprint="", ema_decay=0.0, on_step=None):
     cfg = embedded_config(tok, hidden=32, layers=2, vision_depth=1)
     enc = PromptEncoder(tok, build_image_processor(), cfg.image_token_id, 2)
     examples = synthetic_examples(enc, "train", 24, 128)
@@ -96,10 +112,11 @@ def small_trainer(tmp_path, tok, steps, seed=0, dist_info=None, strategy="ddp", 
     torch.manual_seed(seed)
     model = BardVLM(cfg)
     setup = LossSetup("mix", cfg.bard.mask_token_id, text_token_ids(tok), 0.05, 20.0, "causal")
-    return Trainer(model, Schedule(steps=steps, lr=2e-3, batch_size=6, micro_batch=micro_batch, warmup=1), examples,
+    sched = Schedule(steps=steps, lr=2e-3, batch_size=6, micro_batch=micro_batch, warmup=1, ema_decay=ema_decay)
+    return Trainer(model, sched, examples,
                    lambda ex: collate_diffusion(ex, cfg, 4, tok.pad_token_id, tok.eos_token_id), bard_loss(setup),
                    tmp_path, seed=seed, save_every=3, progress=False, dist_info=dist_info, strategy=strategy,
-                   length=length, fingerprint=fingerprint)
+                   length=length, fingerprint=fingerprint, on_step=on_step)
 
 
 def test_length_grouped_micro_batches_change_padding_not_the_math(tmp_path, tok):
@@ -115,10 +132,34 @@ def test_length_grouped_micro_batches_change_padding_not_the_math(tmp_path, tok)
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # Adam on float-reordered sums
 
 
-def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok):
-    full = small_trainer(tmp_path / "a", tok, 7)
+def test_weight_average_follows_its_warmed_up_decay_and_is_what_the_run_produces(tmp_path, tok):
+    seen = []                                                     # the weights after each step, by hand
+    t = small_trainer(tmp_path, tok, 4, ema_decay=0.3,
+                      on_step=lambda tr: seen.append({k: p.detach().clone() for k, p in tr.model.named_parameters()}))
+    t.run()
+    last = {k: p.detach().clone() for k, p in t.model.named_parameters()}
+    want = dict(seen[0])
+    for step, weights in enumerate(seen[1:], start=2):
+        decay = min(0.3, (1 + step) / (10 + step))                # 0.25 after step 2, then 0.3
+        want = {k: decay * want[k] + (1 - decay) * weights[k] for k in want}
+    model = t.final_model()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p, want[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(p, last[k]) for k, p in model.named_parameters())
+    plain = small_trainer(tmp_path / "plain", tok, 4)
+    plain.run()
+    assert plain.final_model() is plain.model                     # no average: the last weights
+    for k, p in plain.model.named_parameters():
+        assert torch.equal(p, last[k]), k                         # averaging does not change the training itself
+    with pytest.raises(ConfigError, match="ema_decay"):
+        Schedule(steps=1, lr=1e-3, batch_size=1, ema_decay=1.0).check()
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok, ema_decay):
+    full = small_trainer(tmp_path / "a", tok, 7, ema_decay=ema_decay)
     full.run()
-    part = small_trainer(tmp_path / "b", tok, 7)
+    part = small_trainer(tmp_path / "b", tok, 7, ema_decay=ema_decay)
     step = part.train_step
 
     def dies_after_4():
@@ -129,11 +170,14 @@ def test_resume_after_interrupt_gives_identical_weights(tmp_path, tok):
     part.train_step = dies_after_4
     with pytest.raises(KeyboardInterrupt):
         part.run()
-    resumed = small_trainer(tmp_path / "b", tok, 7)                  # a new process: fresh model and optimizer
+    resumed = small_trainer(tmp_path / "b", tok, 7, ema_decay=ema_decay)   # a new process: fresh model, optimizer
     assert resumed.load_state() and resumed.step == 3
     resumed.run(resume=True)
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+    for (k, a), (_, b) in zip(full.final_model().state_dict().items(), resumed.final_model().state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), k                                   # and the weight average too
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
 
@@ -331,6 +375,7 @@ def test_two_process_gloo_run_follows_the_one_process_loss_curve(tmp_path, strat
     assert one["weights"] == pytest.approx(two["weights"], rel=1e-4, abs=1e-4)   # sums of each tensor
     # resumed from the state saved at step 3 (written from the gathered shards): the same step 4
     assert two["resumed_losses"] == pytest.approx(two["losses"][3:], rel=1e-5)
+    assert two["resumed_weights"] == pytest.approx(two["weights"], rel=1e-4, abs=1e-4)  # the average resumed too
 
 
 def test_recipe_on_a_chat_jsonl(tmp_path, source):

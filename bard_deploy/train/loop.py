@@ -47,6 +47,10 @@ class Schedule:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
+    # an exponential moving average of the weights at this decay (0 = none): it starts at the weights after step 1
+    # and decays at min(decay, (1 + t) / (10 + t)) after step t (the usual warm-up); when kept, the average is
+    # what the run produces
+    ema_decay: float = 0.0
 
     def check(self) -> Schedule:
         """Validate the fields (a ConfigError names a bad one); returns self so a call can be chained."""
@@ -57,7 +61,14 @@ class Schedule:
             raise ConfigError(f"lr must be > 0, got {self.lr}", self.lr)
         if self.warmup < 0 or self.micro_batch < 0:
             raise ConfigError("warmup and micro_batch must be >= 0", (self.warmup, self.micro_batch))
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}", self.ema_decay)
         return self
+
+    def ema_weight(self, step: int) -> float:
+        """The weight of the new weights in the average after optimizer step `step` (1-based; the average
+        starts as a copy of step 1's)."""
+        return 1.0 - min(self.ema_decay, (1 + step) / (10 + step))
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, cosine to min_lr_ratio."""
@@ -166,14 +177,16 @@ class Trainer:
     """Runs `schedule.steps` optimizer steps of `loss_fn` over `examples`, writing to `work_dir`.
 
     loss_fn(model, batch, generators) -> (per-sample losses (n,), metrics); `collate(examples)` builds the batch;
-    `length(example)`, when given, orders each step's samples before they are cut into micro-batches.
+    `length(example)`, when given, orders each step's samples before they are cut into micro-batches;
+    `on_step(trainer)`, when given, runs after every optimizer step.
     """
 
     def __init__(self, model: torch.nn.Module, schedule: Schedule, examples: Sequence, collate: Callable,
                  loss_fn: LossFn, work_dir: str | Path, seed: int = 0, save_every: int = 0, log_every: int = 0,
                  label: str = "train", dist_info: DistInfo | None = None, progress: bool = True,
                  device: torch.device | str = "cpu", precision: str = "fp32", strategy: str = "ddp",
-                 length: Callable[[Any], int] | None = None, fingerprint: str = ""):
+                 length: Callable[[Any], int] | None = None, fingerprint: str = "",
+                 on_step: Callable[[Trainer], None] | None = None):
         self.sched = schedule.check()
         if strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}", strategy)
@@ -184,6 +197,7 @@ class Trainer:
         self.work = Path(work_dir)
         self.seed, self.save_every, self.label = seed, save_every, label
         self.length = length
+        self.on_step = on_step               # called after every optimizer step (probes: weight averages, snapshots)
         self.fingerprint = fingerprint       # what else determines the run (recipe, data); checked on resume
         self.log_every = log_every or max(1, min(10, schedule.steps // 50))   # ~50+ points per curve
         self.dist = dist_info or DistInfo()
@@ -200,6 +214,7 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.opt = torch.optim.AdamW(param_groups(model, self.sched), lr=self.sched.lr, betas=self.sched.betas)
         self.step = 0
+        self.average: dict[str, torch.Tensor] = {}   # the weight average (ema_decay): name -> tensor (FSDP: shard)
 
     # ---- state -----------------------------------------------------------------------------------------
     @property
@@ -216,10 +231,13 @@ class Trainer:
         """Atomically write weights, optimizer moments, step and RNG states (safetensors + JSON, no pickle).
         Every process calls it (FSDP gathers the shards); the main process writes."""
         weights, moments = self._full_state()
+        average = self._full_average()
         if not self.dist.main:
             return
         with atomic_dir(self.state_dir, CheckpointError, "training state") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+            if average:
+                save_file({k: v.cpu().contiguous() for k, v in average.items()}, tmp / "average.safetensors")
             opt = {}
             for i, state in enumerate(moments):
                 for key, value in state.items():
@@ -244,6 +262,7 @@ class Trainer:
             meta = json.loads(meta_path.read_text())
             weights = load_file(self.state_dir / "model.safetensors")
             opt = load_file(self.state_dir / "optimizer.safetensors")
+            average = load_file(self.state_dir / "average.safetensors") if self.sched.ema_decay else {}
         except (OSError, ValueError, json.JSONDecodeError) as e:
             raise CheckpointError(f"training state in {self.state_dir} is unreadable ({e})", str(self.state_dir)) from e
         if (meta["schedule"] != json.loads(json.dumps(asdict(self.sched))) or meta["seed"] != self.seed
@@ -255,6 +274,7 @@ class Trainer:
             st = {k.split(".", 1)[1]: v for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
             moments.append({k: v.reshape(()) if k == "step" else v for k, v in st.items()})
         self._load_full_state(weights, moments)
+        self._load_full_average(average)
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         random.setstate(_py_rng_from_json(meta["python_rng"]))
         self.step = meta["step"]
@@ -305,6 +325,49 @@ class Trainer:
         groups = get_optimizer_state_dict(self.model, self.opt, options=options)["param_groups"]
         state = {names[id(p)]: st for p, st in zip(self._params, moments, strict=True) if st}
         set_optimizer_state_dict(self.model, self.opt, {"state": state, "param_groups": groups}, options=options)
+
+    # ---- the weight average (Schedule.ema_decay) -------------------------------------------------------------
+    def _update_average(self) -> None:
+        """Fold the weights after this step into the average (a copy of them after the first step)."""
+        weight = self.sched.ema_weight(self.step)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in self.average:
+                    self.average[name].lerp_(p.detach(), weight)
+                else:
+                    self.average[name] = p.detach().clone()
+
+    def _full_average(self) -> dict[str, torch.Tensor]:
+        """The average as whole tensors (FSDP: a collective that gathers its shards on every process)."""
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.average.items()}
+
+    def _load_full_average(self, average: dict[str, torch.Tensor]) -> None:
+        """Inverse of `_full_average`: every process passes the whole average (FSDP keeps its shard)."""
+        params = dict(self.model.named_parameters())
+        if set(average) != (set(params) if self.sched.ema_decay else set()):
+            raise CheckpointError(f"training state in {self.state_dir} holds no weight average for this model",
+                                  str(self.state_dir))
+        self.average = {}
+        for name, full in average.items():
+            p = params[name]
+            if hasattr(p, "device_mesh"):                    # FSDP: this process's shard of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+                self.average[name] = distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
+            else:
+                self.average[name] = full.to(p.device)
+
+    def final_model(self) -> torch.nn.Module:
+        """What the run produces, as a plain module on every process (a collective under FSDP): the weight
+        average when the schedule keeps one (then also the weights of this trainer's model), else the last
+        weights (`unsharded_model`)."""
+        if not self.average:
+            return self.unsharded_model()
+        average = self._full_average()
+        model = self.model if not self.fsdp else self.unsharded_model()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(average[name].to(p.device))
+        return model
 
     def unsharded_model(self) -> torch.nn.Module:
         """The trained model as a plain module, the same on every process (to save it, or to start the next
@@ -369,6 +432,8 @@ class Trainer:
         if self.dist.world > 1:
             dist.all_reduce(total)
         self.step += 1
+        if self.sched.ema_decay:
+            self._update_average()
         return {"step": self.step, "loss": float(total[0] / total[1]), "lr": self.opt.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm), **{k: round(v, 6) for k, v in extra.items()}}
 
@@ -394,6 +459,8 @@ class Trainer:
                 m["elapsed_s"] = round(time.perf_counter() - t0, 3)
                 history.append(m)
                 bar.update(task, completed=self.step, loss=m["loss"])
+                if self.on_step is not None:
+                    self.on_step(self)
                 if self.dist.main and (self.step % self.log_every == 0 or self.step == self.sched.steps):
                     with open(self.metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(m) + "\n")

@@ -39,6 +39,7 @@ class Stage:
     distill_steps: int = 0           # stages above the anchor: the SWD pass
     distill_lr: float = 5e-4
     weight_decay: float = 0.0        # AdamW's, on matrices (as the source's), in both passes
+    ema_decay: float = 0.0           # each pass ends on an exponential moving average of its weights (0 = none)
 
     def check(self) -> Stage:
         """The stage itself, or a ConfigError naming the first bad field."""
@@ -47,6 +48,8 @@ class Stage:
         if not self.weight_decay >= 0:
             raise ConfigError(f"stage {self.name}: weight_decay must be >= 0, got {self.weight_decay}",
                               self.weight_decay)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"stage {self.name}: ema_decay must be in [0, 1), got {self.ema_decay}", self.ema_decay)
         if self.noise not in ("mask", "mix"):
             raise ConfigError(f"stage {self.name}: noise must be 'mask' or 'mix', got {self.noise!r}", self.noise)
         return self
@@ -179,7 +182,8 @@ class Recipe:
         """What determines a stage's weights: the recipe up to and including it."""
         upto = self.stages[:self.stages.index(stage) + 1]
         # a stage field added later is left out at its old value (the fingerprints of earlier runs stay)
-        stages = [{k: v for k, v in asdict(s).items() if (k, v) != ("weight_decay", 0.0)} for s in upto]
+        stages = [{k: v for k, v in asdict(s).items() if (k, v) not in (("weight_decay", 0.0), ("ema_decay", 0.0))}
+                  for s in upto]
         key = {**asdict(self), "stages": stages, "eval_samples": None, "eval_threshold": None,
                "out": None, "name": None, "max_unknown_rate": None}
         if len(upto) == 1:      # the anchor has no distillation pass: an ablation run reuses (a copy of) it

@@ -50,6 +50,7 @@ class SourceRecipe:
     # and training left the gains at 0.9-1.2. 1.0 is HF's init; 1.5 made "where" worse (README), so it stays.
     qk_norm_init: float = 1.0
     weight_decay: float = 0.1  # AdamW's, on matrices (not norms, biases, embeddings): reading is learnt sooner
+    ema_decay: float = 0.0     # build from an exponential moving average of the weights (train.loop.Schedule)
     seed: int = 0
     task_weights: dict[str, float] | None = None   # the training mix of question types (None: uniform)
     object_weights: tuple[float, ...] | None = None  # ... and of 1 / 2 / 3 / 4 objects per picture (None: uniform)
@@ -67,7 +68,7 @@ class SourceRecipe:
         # fields added later leave the fingerprints of earlier builds as they were at their old values
         key = {k: v for k, v in asdict(self).items() if (k, v) not in (
             ("task_weights", None), ("vision_hidden", 64), ("qk_norm_init", 1.0), ("object_weights", None),
-            ("kv_heads", 2), ("color_share", 0.0))}
+            ("kv_heads", 2), ("color_share", 0.0), ("ema_decay", 0.0))}
         return hashlib.sha256(json.dumps([key, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,8 +99,9 @@ def ar_loss(model, batch, gens):
 
 def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), resume: bool = True,
                  progress: bool = True, dist_info: DistInfo | None = None, log=print, device: str = "cpu",
-                 precision: str = "fp32", strategy: str = "ddp") -> Path:
-    """Train (or reuse) the source model into `directory`; returns it."""
+                 precision: str = "fp32", strategy: str = "ddp", on_step=None) -> Path:
+    """Train (or reuse) the source model into `directory`; returns it. `on_step(trainer)` runs after every
+    optimizer step of a build (probes use it to keep weight averages or snapshots)."""
     directory = Path(directory)
     dist_info = dist_info or DistInfo()
     if is_built(directory, recipe.fingerprint()):
@@ -123,13 +125,15 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
     log(f"source model: {model.num_parameters() / 1e6:.2f} M parameters, {recipe.steps} steps of "
         f"{recipe.batch_size}")
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, warmup=recipe.warmup,
-                     min_lr_ratio=0.05, vision_lr_ratio=recipe.vision_lr_ratio, weight_decay=recipe.weight_decay)
+                     min_lr_ratio=0.05, vision_lr_ratio=recipe.vision_lr_ratio, weight_decay=recipe.weight_decay,
+                     ema_decay=recipe.ema_decay)
     work = directory.parent / ".work" / directory.name
     trainer = Trainer(model, sched, examples, lambda ex: collate_ar(ex, cfg, tokenizer.pad_token_id), ar_loss, work,
                       seed=recipe.seed, save_every=100, label="source (AR)", dist_info=dist_info, progress=progress,
-                      device=device, precision=precision, strategy=strategy, fingerprint=recipe.fingerprint())
+                      device=device, precision=precision, strategy=strategy, fingerprint=recipe.fingerprint(),
+                      on_step=on_step)
     history = trainer.run(resume=resume)
-    model = trainer.unsharded_model().cpu()
+    model = trainer.final_model().cpu()
     if not dist_info.main:
         return directory
     plot_losses(trainer.metrics_path, work / "loss.png", "source model (AR next-token loss)")

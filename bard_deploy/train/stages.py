@@ -142,7 +142,7 @@ def run_passes(ctx: StageContext, stage: Stage, model: BardVLM, setup: LossSetup
     for p in stage_passes(ctx.recipe, stage, ctx.source_dir):
         trainer = pass_trainer(ctx, stage, model, pass_loss_setup(ctx, stage, setup, p, device), p, device)
         history[p.kind] = trainer.run(resume=ctx.resume)
-        model = trainer.unsharded_model()
+        model = trainer.final_model()
         if ctx.dist_info.main:
             plot_losses(trainer.metrics_path, trainer.work / "loss.png", f"{stage.name} {p.kind} loss")
     return model, history
@@ -158,7 +158,8 @@ def pass_trainer(ctx: StageContext, stage: Stage, model: BardVLM, setup: LossSet
         return collate_diffusion(ex, cfg, stage.block_size, tok.pad_token_id, tok.eos_token_id, r.prompt_attention)
 
     sched = Schedule(steps=p.steps, lr=p.lr, batch_size=stage.batch_size, micro_batch=r.micro_batch,
-                     warmup=min(stage.warmup, p.steps // 5), weight_decay=stage.weight_decay)
+                     warmup=min(stage.warmup, p.steps // 5), weight_decay=stage.weight_decay,
+                     ema_decay=stage.ema_decay)
     return Trainer(model, sched, ctx.examples, collate, bard_loss(setup), ctx.work_dir(stage) / p.kind, seed=r.seed,
                    save_every=50, label=f"{stage.name} {p.kind}", dist_info=ctx.dist_info, progress=ctx.progress,
                    device=device, precision=r.precision, strategy=r.strategy, length=lambda ex: ex.num_tokens,
