@@ -15,11 +15,12 @@ one data order, one seed):
     python benchmarks/source_probe.py --seed 3 --out /tmp/probe/s3 --ema 0.995,0.998 --snapshots 2500 \
         --samples 1000 --validation 300
 
-`--ema D,...` keeps an exponential moving average of the weights per decay D (from step 0, with the usual
-warm-up min(D, (1 + t) / (10 + t)) so that the random init is forgotten); `--snapshots S,...` keeps the weights
-after step S; `--validation N` also scores every variant on N validation prompts (to test choosing a variant on
-validation and reporting it on test). Each variant is saved as a checkpoint under --out and scored like the
-last weights; the JSON line then has one row per variant under "variants".
+`--ema D,...` keeps an exponential moving average of the weights per decay D (from step 1, with the usual
+warm-up min(D, (1 + t) / (10 + t)): `train.loop.average_weight`, as `Schedule.ema_decay`);
+`--snapshots S,...` keeps the weights after step S; `--validation N` also scores every variant on N validation
+prompts (to test choosing a variant on validation and reporting it on test). Each variant is saved as a
+checkpoint under --out and scored like the last weights; the JSON line then has one row per variant under
+"variants".
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     from bard_deploy.data.synthetic import TASKS, samples
     from bard_deploy.embedded import save_checkpoint
     from bard_deploy.runtimes.api import Pipeline
+    from bard_deploy.train.loop import average_weight
     from bard_deploy.train.source import SourceRecipe, build_source
 
     torch.set_num_threads(a.threads)
@@ -65,7 +67,7 @@ def main() -> None:
             model_of.append(trainer.model)
         for d in decays:
             avg = kept.setdefault(f"ema{d}", {n: p.clone() for n, p in params.items()})
-            w = 1 - min(d, (1 + trainer.step) / (10 + trainer.step))
+            w = average_weight(d, trainer.step)          # the same average as Schedule.ema_decay
             for n, p in params.items():
                 if p.is_floating_point():
                     avg[n].lerp_(p, w)

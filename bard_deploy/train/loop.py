@@ -66,9 +66,8 @@ class Schedule:
         return self
 
     def ema_weight(self, step: int) -> float:
-        """The weight of the new weights in the average after optimizer step `step` (1-based; the average
-        starts as a copy of step 1's)."""
-        return 1.0 - min(self.ema_decay, (1 + step) / (10 + step))
+        """The weight of the new weights in the average after optimizer step `step` (`average_weight`)."""
+        return average_weight(self.ema_decay, step)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, cosine to min_lr_ratio."""
@@ -76,6 +75,12 @@ class Schedule:
             return (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def average_weight(decay: float, step: int) -> float:
+    """The weight of the new weights in an exponential moving average at `decay` after optimizer step `step`
+    (1-based; the average starts as a copy of step 1's): 1 - min(decay, (1 + step) / (10 + step))."""
+    return 1.0 - min(decay, (1 + step) / (10 + step))
 
 
 @dataclass
