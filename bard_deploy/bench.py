@@ -31,7 +31,7 @@ import torch
 from bard_deploy.checkpoint import INDEX, WEIGHTS
 from bard_deploy.config import load_config, resolve_source
 from bard_deploy.data.chat import assistant_text, read_conversations
-from bard_deploy.devices import resolve_device, resolve_dtype
+from bard_deploy.devices import cpu_name, resolve_device, resolve_dtype
 from bard_deploy.errors import ConfigError, RuntimeInputError
 from bard_deploy.evaluate import synthetic_conversations
 from bard_deploy.manifest import Manifest, is_export
@@ -293,15 +293,7 @@ def header(backend: str, device: str = "cpu", dtype: str = "fp32", threads: dict
     policy's backend / host threads), repeats, versions."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": cpu, "cores": os.cpu_count(),
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": cpu_name(), "cores": os.cpu_count(),
             "backend": backend, "variant": variant, "device": device, "dtype": dtype, "gpu": _gpu_name(device),
             "threads": threads, "repeats": repeats, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,

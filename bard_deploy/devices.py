@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
 from bard_deploy.errors import ConfigError
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows: results record the machine they came from,
+    since another CPU rounds differently."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

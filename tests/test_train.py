@@ -14,6 +14,7 @@ from bard_deploy.data.chat import encode_example
 from bard_deploy.data.collate import collate_ar, collate_diffusion
 from bard_deploy.data.synthetic import make_sample
 from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
+from bard_deploy.devices import cpu_name
 from bard_deploy.diffusion.mask import NOISY, training_layout, training_mask
 from bard_deploy.embedded import embedded_config
 from bard_deploy.errors import CheckpointError, ConfigError
@@ -248,6 +249,7 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     r = Recipe(name="tiny", out=str(tmp_path), source=str(source), train_samples=24,
                stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, distill_steps=2)),
                eval_samples=4)
+    threads = torch.get_num_threads()          # training's: the results table's pipelines set their own
     results = train(r, progress=False, log=lambda *a: None)
     for stage, block in (("b4", 4), ("b8", 8)):
         m = load_model(tmp_path / "tiny" / stage)
@@ -260,6 +262,13 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert load_model(tmp_path / "tiny" / "b8").config.bard.parent == "b4"
     assert (tmp_path / "tiny" / "b8" / "metrics-swd.jsonl").is_file()
     assert [row["model"] for row in results["rows"]] == ["source (AR)", "b4", "b8"]
+    # results.json says which cell of a grid it is: machine, training threads and processes, seed, source build
+    prov = json.loads((tmp_path / "tiny" / "results.json").read_text())["provenance"]
+    assert prov == results["provenance"]
+    assert (prov["machine"], prov["torch_threads"], prov["processes"], prov["seed"]) == (
+        cpu_name(), threads, 1, 0)
+    assert prov["default_recipe"] is False and prov["stage_fingerprint"] == r.fingerprint(r.stages[-1])
+    assert (prov["source_steps"], prov["source_fingerprint"]) == (TINY.steps, TINY.fingerprint())
     # resuming a finished recipe reuses the stages
     msgs = []
     train(r, progress=False, log=msgs.append)

@@ -18,6 +18,7 @@ from bard_deploy.checkpoint import load_model
 from bard_deploy.config import ModelConfig, load_config
 from bard_deploy.data.chat import Example, Report, read_jsonl
 from bard_deploy.data.collate import collate_ar, collate_diffusion
+from bard_deploy.devices import cpu_name
 from bard_deploy.errors import ConfigError
 from bard_deploy.evaluate import evaluate, synthetic_conversations
 from bard_deploy.prompting import PromptEncoder
@@ -54,6 +55,7 @@ def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_rec
     """`train` inside the process group: source, data, the stages in order (each from the previous), results."""
     log = log if d.main else _quiet
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()               # training's (evaluation may set its own)
     source_dir, source_cfg = resolve_source(recipe, d, resume, progress, source_recipe, log)
     encoder = load_encoder(source_dir, source_cfg)
     examples, dhash, held_out = load_examples(recipe, encoder, log)
@@ -62,12 +64,25 @@ def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_rec
     for stage in recipe.stages:
         parent = train_stage(ctx, stage, parent)
         _barrier(d)                     # the next stage (and the results) read the checkpoint the main one saved
-    results = {"train_seconds": round(time.perf_counter() - t0, 1)}
+    results = {"train_seconds": round(time.perf_counter() - t0, 1),
+               "provenance": provenance(recipe, source_dir, threads, d.world)}
     if d.main:
         results.update(results_table(recipe, source_dir, log) if recipe.data is None else
                        held_out_table(recipe, source_dir, held_out, log))
         (recipe.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def provenance(recipe: Recipe, source_dir: Path, threads: int, world: int) -> dict:
+    """Where and how a run's results were made: the machine (another CPU rounds differently), torch's training
+    threads and processes, the seed, whether it is the default recipe, and the source build's steps and
+    fingerprint (None for a given source): what a grid of runs needs to say which cell each result is."""
+    build = source_dir / "build.json"
+    source = json.loads(build.read_text()) if build.is_file() else {}
+    return {"machine": cpu_name(), "torch_threads": threads, "processes": world, "seed": recipe.seed,
+            "default_recipe": is_default_recipe(recipe), "torch": torch.__version__,
+            "source_steps": source.get("recipe", {}).get("steps"), "source_fingerprint": source.get("fingerprint"),
+            "stage_fingerprint": recipe.fingerprint(recipe.stages[-1])}
 
 
 def resolve_source(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_recipe: SourceRecipe,

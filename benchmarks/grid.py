@@ -1,0 +1,184 @@
+"""The robust-default grid: `bard-deploy train` over seeds x torch thread counts, and its table (issue "robust
+default": on every seed 0-4 and at threads 1 and 2 the source reaches >= 95 % and B16 is within 1 point of it at
+>= 4 tokens per forward).
+
+    python benchmarks/grid.py --out runs-grid --run --jobs 2     # train the missing cells, then the table
+    python benchmarks/grid.py --out runs-grid                    # the table of the cells that are there
+    python benchmarks/grid.py --out runs-grid --json             # ... as JSON
+
+A cell is `bard-deploy train --seed S --threads T --out OUT/tT --name sS --no-progress` (the source is rebuilt per
+thread count, under OUT/tT/source[-seedS]); its log goes to OUT/tT/sS.log. `--jobs N` runs N cells at a time: their
+wall times are then contended (the table says so) while their results are not (a cell's numbers depend on its
+seed, thread count and CPU, not on the load). `--train-args` passes further options to every cell, e.g.
+`--train-args "--preset quality"`.
+
+The table has one row per cell (exact match of the source and every stage, B16's tokens per forward, B16 minus
+the source, the machine, and results.json's wall time, contended when cells shared the cores), then the mean and
+the worst per stage and how many cells meet each target. A cell made before results.json carried its provenance
+is keyed by its directory names and shows "?" for the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SOURCE_MIN = 0.95      # the source's exact match
+GAP_MAX = 0.01         # B16 at most this far below its source (above it is fine)
+TPF_MIN = 4.0          # B16's tokens per forward
+SOURCE = "source (AR)"
+
+
+def cell_command(out: Path, seed: int, threads: int, train_args: str = "") -> list[str]:
+    """The `bard-deploy train` command line of one cell."""
+    return [sys.executable, "-m", "bard_deploy.cli", "train", "--seed", str(seed), "--threads", str(threads),
+            "--out", str(out / f"t{threads}"), "--name", f"s{seed}", "--no-progress", *shlex.split(train_args)]
+
+
+def result_path(out: Path, seed: int, threads: int) -> Path:
+    return out / f"t{threads}" / f"s{seed}" / "results.json"
+
+
+def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str) -> list[str]:
+    """Train the cells `todo` ((seed, threads) each), `jobs` at a time; returns one line per failed cell."""
+    running: list[tuple[tuple[int, int], subprocess.Popen, object]] = []
+    failed = []
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            seed, threads = queue.pop(0)
+            (out / f"t{threads}").mkdir(parents=True, exist_ok=True)
+            log = open(out / f"t{threads}" / f"s{seed}.log", "w")
+            print(f"grid: cell seed {seed}, threads {threads} started ({log.name})", flush=True)
+            running.append(((seed, threads), subprocess.Popen(cell_command(out, seed, threads, train_args),
+                                                              stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(5)
+        for item in list(running):
+            (seed, threads), proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
+                print(f"grid: cell seed {seed}, threads {threads} {status}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(f"seed {seed}, threads {threads}: exit {proc.returncode}, see {log.name}")
+    return failed
+
+
+def load_cells(out: Path) -> list[dict]:
+    """Every finished cell under `out`: seed, threads, machine, wall seconds, {model: (exact match, tokens per
+    forward)} in the table's order."""
+    cells = []
+    for path in sorted(out.glob("t*/s*/results.json")):
+        res = json.loads(path.read_text())
+        prov = res.get("provenance", {})
+        cells.append({
+            "seed": prov.get("seed", int(path.parent.name[1:])),
+            "threads": prov.get("torch_threads", int(path.parent.parent.name[1:])),
+            "machine": prov.get("machine", "?"), "source_steps": prov.get("source_steps"),
+            "seconds": res.get("train_seconds"),
+            "models": {r["model"]: (r["exact_match"], r["tokens_per_forward"]) for r in res["rows"]}})
+    return sorted(cells, key=lambda c: (c["threads"], c["seed"]))
+
+
+def targets(cell: dict, last: str) -> dict[str, bool]:
+    """The three targets of one cell, for its last stage `last` (B16 in the default recipe)."""
+    src, (b, tpf) = cell["models"][SOURCE][0], cell["models"][last]
+    return {"source": src >= SOURCE_MIN - 1e-9, "gap": b >= src - GAP_MAX - 1e-9, "tpf": tpf >= TPF_MIN}
+
+
+def summarize(cells: list[dict]) -> dict:
+    """Mean and worst exact match per model (and of B16 - source), and how many cells meet each target. Every
+    cell must have the same models (a ValueError names the first that does not)."""
+    models = list(cells[0]["models"])
+    for c in cells:
+        if list(c["models"]) != models:
+            raise ValueError(f"cell seed {c['seed']}, threads {c['threads']} has models {list(c['models'])}, "
+                             f"not {models}: one recipe per grid")
+    last = models[-1]
+    per = {m: [c["models"][m][0] for c in cells if m in c["models"]] for m in models}
+    gaps = [c["models"][last][0] - c["models"][SOURCE][0] for c in cells]
+    met = [targets(c, last) for c in cells]
+    return {"cells": len(cells), "last": last,
+            "mean": {m: statistics.fmean(v) for m, v in per.items()},
+            "worst": {m: min(v) for m, v in per.items()},
+            "mean_tpf": statistics.fmean(c["models"][last][1] for c in cells),
+            "worst_tpf": min(c["models"][last][1] for c in cells),
+            "mean_gap": statistics.fmean(gaps), "worst_gap": min(gaps),
+            "met": {k: sum(m[k] for m in met) for k in ("source", "gap", "tpf")},
+            "all_three": sum(all(m.values()) for m in met)}
+
+
+def markdown(cells: list[dict], summary: dict) -> str:
+    """The README's grid table."""
+    models, last = list(cells[0]["models"]), summary["last"]
+    pct = lambda x: f"{100 * x:.1f} %"                                  # noqa: E731
+    head = ["seed", "threads", *models[:-1], f"{last} (tokens / forward)", f"{last} - source", "machine",
+            "wall"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        m = c["models"]
+        gap = 100 * (m[last][0] - m[SOURCE][0])
+        wall = "-" if c["seconds"] is None else f"{int(c['seconds'] // 60)} min {int(c['seconds'] % 60)} s"
+        lines.append("| " + " | ".join([str(c["seed"]), str(c["threads"]), *(pct(m[k][0]) for k in models[:-1]),
+                                        f"{pct(m[last][0])} ({m[last][1]:.2f})", f"{gap:+.1f}", c["machine"],
+                                        wall]) + " |")
+    for what in ("mean", "worst"):
+        vals = summary[what]
+        tpf, gap = summary[f"{what}_tpf"], 100 * summary[f"{what}_gap"]
+        lines.append("| " + " | ".join([f"**{what}**", "", *(pct(vals[k]) for k in models[:-1]),
+                                        f"{pct(vals[last])} ({tpf:.2f})", f"{gap:+.1f}", "", ""]) + " |")
+    n, met = summary["cells"], summary["met"]
+    lines.append(f"\nOf {n} cells: source >= {100 * SOURCE_MIN:.0f} % on {met['source']}, {last} within "
+                 f"{100 * GAP_MAX:.0f} point of its source on {met['gap']}, at >= {TPF_MIN:g} tokens per forward on "
+                 f"{met['tpf']}; **all three on {summary['all_three']}**.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    ap.add_argument("--run", action="store_true", help="train the cells that have no results.json yet")
+    ap.add_argument("--jobs", type=int, default=1, help="cells trained at a time")
+    ap.add_argument("--train-args", default="", help="further `bard-deploy train` options for every cell")
+    ap.add_argument("--json", action="store_true", help="print the cells and the summary as JSON")
+    a = ap.parse_args()
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s]
+        thread_counts = [int(t) for t in a.threads.split(",") if t]
+    except ValueError:
+        raise SystemExit(f"--seeds {a.seeds!r} / --threads {a.threads!r}: comma-separated integers") from None
+    if a.jobs < 1 or not seeds or not thread_counts or min(thread_counts) < 1:
+        raise SystemExit("--jobs, --seeds and --threads need at least one value, threads and jobs >= 1")
+    if a.run:
+        todo = [(s, t) for t in thread_counts for s in seeds if not result_path(a.out, s, t).is_file()]
+        if a.jobs * max(thread_counts) > (os.cpu_count() or 1):
+            print(f"grid: {a.jobs} jobs x up to {max(thread_counts)} threads on {os.cpu_count()} cores: the wall "
+                  "times are contended (the results are not)", flush=True)
+        failed = run_cells(a.out, todo, a.jobs, a.train_args)
+        if failed:
+            raise SystemExit("grid: cells failed:\n  " + "\n  ".join(failed))
+    cells = [c for c in load_cells(a.out) if c["seed"] in seeds and c["threads"] in thread_counts]
+    if not cells:
+        raise SystemExit(f"grid: no finished cell under {a.out} (train them with --run)")
+    try:
+        summary = summarize(cells)
+    except ValueError as e:
+        raise SystemExit(f"grid: {e}") from None
+    if a.json:
+        print(json.dumps({"cells": cells, "summary": summary}, indent=2))
+    else:
+        print(markdown(cells, summary))
+
+
+if __name__ == "__main__":
+    main()
