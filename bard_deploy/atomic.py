@@ -161,8 +161,14 @@ def recover_dir(target: str | Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def is_built(directory: Path, fingerprint: str) -> bool:
-    """True when `directory` is a finished build of exactly `fingerprint` (after repairing a killed replace)."""
+def built_fingerprint(directory: Path) -> str | None:
+    """The fingerprint of the finished build in `directory` (after repairing a killed replace), None when there
+    is none."""
     recover_dir(directory)
     marker = directory / BUILD_MARKER
-    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    return json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+
+
+def is_built(directory: Path, fingerprint: str) -> bool:
+    """True when `directory` is a finished build of exactly `fingerprint` (after repairing a killed replace)."""
+    return built_fingerprint(directory) == fingerprint

@@ -273,6 +273,12 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     msgs = []
     train(r, progress=False, log=msgs.append)
     assert any("done already" in m for m in msgs)
+    # another seed under the same name replaces the stages, and says so
+    msgs = []
+    train(replace(r, seed=1), progress=False, log=msgs.append)
+    assert [m.split(",")[0] for m in msgs if "replacing" in m] == [
+        f"{st}: replacing {tmp_path / 'tiny' / st}" for st in ("b4", "b8")]
+    assert all("another recipe" in m and "--name" in m for m in msgs if "replacing" in m)
 
 
 def test_recipe_wires_shift_distillation_into_the_anchor_only(tmp_path, source):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bard_deploy.atomic import is_built
+from bard_deploy.atomic import built_fingerprint
 from bard_deploy.checkpoint import load_model, save_model
 from bard_deploy.config import ModelConfig
 from bard_deploy.data.chat import Example
@@ -75,9 +75,14 @@ def stage_config(base: ModelConfig, recipe: Recipe, stage: Stage, parent: str, s
 def train_stage(ctx: StageContext, stage: Stage, parent_dir: Path) -> Path:
     """One PBM stage (+ its SWD pass): initialise from `parent_dir`, train, save `run_dir/<stage>`; returns it."""
     recipe, out = ctx.recipe, ctx.stage_dir(stage)
-    if ctx.resume and is_built(out, recipe.fingerprint(stage)):
+    built, fingerprint = built_fingerprint(out), recipe.fingerprint(stage)
+    if ctx.resume and built == fingerprint:
         ctx.log(f"{stage.name}: done already ({out})")
         return out
+    if built is not None:        # say so: another seed or recipe under the same --out / --name replaces it
+        ctx.log(f"{stage.name}: replacing {out}, a build of " + (
+            "this recipe (--fresh)" if built == fingerprint else
+            f"another recipe (fingerprint {built}, this one {fingerprint}; give --name to keep both)"))
     device = resolve_device(recipe.device)
     model = load_model(parent_dir).train()
     model.language_model.checkpoint_layers = recipe.activation_checkpointing
