@@ -74,7 +74,7 @@ def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str
 
 def load_cells(out: Path) -> list[dict]:
     """Every finished cell under `out`: seed, threads, machine, wall seconds, {model: (exact match, tokens per
-    forward)} in the table's order."""
+    forward)} in the table's order, and {model: exact match per task} where results.json has it."""
     cells = []
     for path in sorted(out.glob("t*/s*/results.json")):
         res = json.loads(path.read_text())
@@ -84,7 +84,8 @@ def load_cells(out: Path) -> list[dict]:
             "threads": prov.get("torch_threads", int(path.parent.parent.name[1:])),
             "machine": prov.get("machine", "?"), "source_steps": prov.get("source_steps"),
             "seconds": res.get("train_seconds"),
-            "models": {r["model"]: (r["exact_match"], r["tokens_per_forward"]) for r in res["rows"]}})
+            "models": {r["model"]: (r["exact_match"], r["tokens_per_forward"]) for r in res["rows"]},
+            "per_task": {r["model"]: r["per_group"] for r in res["rows"] if "per_group" in r}})
     return sorted(cells, key=lambda c: (c["threads"], c["seed"]))
 
 

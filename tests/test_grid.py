@@ -14,7 +14,8 @@ def write_cell(out: Path, seed: int, threads: int, rows: dict, provenance: bool 
     d = out / f"t{threads}" / f"s{seed}"
     d.mkdir(parents=True)
     res = {"train_seconds": seconds, "eval_samples": 200,
-           "rows": [{"model": m, "exact_match": em, "tokens_per_forward": tpf} for m, (em, tpf) in rows.items()]}
+           "rows": [{"model": m, "exact_match": em, "tokens_per_forward": tpf, "per_group": {"where": "1/2"}}
+                    for m, (em, tpf) in rows.items()]}
     if provenance:
         res["provenance"] = {"machine": "Test CPU", "torch_threads": threads, "seed": seed, "source_steps": 3000}
     (d / "results.json").write_text(json.dumps(res))
@@ -37,6 +38,7 @@ def test_grid_table_means_worst_and_targets(tmp_path):
     res = json.loads(proc.stdout)
     assert [(c["seed"], c["threads"], c["machine"]) for c in res["cells"]] == [(0, 1, "Test CPU"), (1, 1, "Test CPU"),
                                                                                (2, 2, "?")]
+    assert res["cells"][0]["per_task"]["b16"] == {"where": "1/2"}
     s = res["summary"]
     assert abs(s["mean"]["source (AR)"] - (0.995 + 0.945 + 0.96) / 3) < 1e-12
     assert s["worst"] == {"source (AR)": 0.945, "b4": 0.90, "b16": 0.91}

@@ -17,7 +17,8 @@ from bard_deploy.data.tokenizer import build_image_processor, build_tokenizer
 from bard_deploy.devices import cpu_name
 from bard_deploy.diffusion.mask import NOISY, training_layout, training_mask
 from bard_deploy.embedded import embedded_config
-from bard_deploy.errors import CheckpointError, ConfigError
+from bard_deploy.errors import CheckpointError, ConfigError, RuntimeInputError
+from bard_deploy.evaluate import evaluate, synthetic_conversations, synthetic_tasks
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.train.loop import Schedule, Trainer, step_indices
 from bard_deploy.train.objective import LossSetup, ar_hidden_before, bard_loss, text_token_ids, with_block_size
@@ -262,6 +263,12 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert load_model(tmp_path / "tiny" / "b8").config.bard.parent == "b4"
     assert (tmp_path / "tiny" / "b8" / "metrics-swd.jsonl").is_file()
     assert [row["model"] for row in results["rows"]] == ["source (AR)", "b4", "b8"]
+    # exact match split by question type: the counts add up to the rows and to the overall exact match
+    tasks = synthetic_tasks("test", 4)
+    for row in results["rows"]:
+        split = {t: tuple(map(int, v.split("/"))) for t, v in row["per_group"].items()}
+        assert {t: n for t, (_, n) in split.items()} == {t: tasks.count(t) for t in set(tasks)}
+        assert sum(h for h, _ in split.values()) == round(row["exact_match"] * 4)
     # results.json says which cell of a grid it is: machine, training threads and processes, seed, source build
     prov = json.loads((tmp_path / "tiny" / "results.json").read_text())["provenance"]
     assert prov == results["provenance"]
@@ -279,6 +286,12 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert [m.split(",")[0] for m in msgs if "replacing" in m] == [
         f"{st}: replacing {tmp_path / 'tiny' / st}" for st in ("b4", "b8")]
     assert all("another recipe" in m and "--name" in m for m in msgs if "replacing" in m)
+
+
+def test_evaluate_refuses_group_labels_that_do_not_match_the_conversations(source):
+    from bard_deploy.runtimes.api import Pipeline
+    with pytest.raises(RuntimeInputError, match="3 group labels for 2 conversations"):
+        evaluate(Pipeline.load(source), synthetic_conversations("test", 2), ar=True, groups=["a", "b", "c"])
 
 
 def test_recipe_wires_shift_distillation_into_the_anchor_only(tmp_path, source):

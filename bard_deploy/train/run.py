@@ -20,7 +20,7 @@ from bard_deploy.data.chat import Example, Report, read_jsonl
 from bard_deploy.data.collate import collate_ar, collate_diffusion
 from bard_deploy.devices import cpu_name
 from bard_deploy.errors import ConfigError
-from bard_deploy.evaluate import evaluate, synthetic_conversations
+from bard_deploy.evaluate import evaluate, synthetic_conversations, synthetic_tasks
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.train.loop import DistInfo
@@ -185,17 +185,19 @@ def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
     """Test exact match and tokens per forward of the source (AR) and every stage on the synthetic task's test
     split; prints the table and returns its rows."""
     convs = synthetic_conversations("test", recipe.eval_samples)
+    tasks = synthetic_tasks("test", recipe.eval_samples)        # exact match per question type, in results.json
     rows = []
     device = recipe.device                               # where training ran: a GPU run evaluates on the GPU
-    ev = evaluate(Pipeline.load(source_dir, device=device), convs, ar=True, batch_size=1, max_new_tokens=64)
+    ev = evaluate(Pipeline.load(source_dir, device=device), convs, ar=True, batch_size=1, max_new_tokens=64,
+                  groups=tasks)
     rows.append({"model": "source (AR)", "block_size": 1, "threshold": None, **ev.as_dict()})
     for stage in recipe.stages:
         pipe = Pipeline.load(recipe.run_dir / stage.name, device=device)
-        ev = evaluate(pipe, convs, batch_size=1, threshold=recipe.eval_threshold, max_new_tokens=64)
+        ev = evaluate(pipe, convs, batch_size=1, threshold=recipe.eval_threshold, max_new_tokens=64, groups=tasks)
         rows.append({"model": stage.name, "block_size": stage.block_size, "threshold": recipe.eval_threshold,
                      **ev.as_dict()})
         if recipe.dual_mode:                 # the same checkpoint in its causal mode, beside the diffusion one
-            ev = evaluate(pipe, convs, ar=True, batch_size=1, max_new_tokens=64)
+            ev = evaluate(pipe, convs, ar=True, batch_size=1, max_new_tokens=64, groups=tasks)
             rows.append({"model": f"{stage.name} (causal)", "block_size": 1, "threshold": None, **ev.as_dict()})
     Console(width=120).print(results_table_view(rows, len(convs)))
     if is_default_recipe(recipe) and len(convs) == 200:
