@@ -246,6 +246,24 @@ def test_teacher_view_recuts_blocks_of_4():
     assert t.block[0, :3].tolist() == [0, 0, 0]
 
 
+def test_lr_schedule_warmup_cosine_and_stable_then_decay():
+    import math
+    cos = Schedule(steps=110, lr=1.0, batch_size=1, warmup=10, min_lr_ratio=0.1)
+    assert [cos.lr_factor(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    for s in (10, 35, 60, 109):                      # cosine from the peak to min_lr_ratio over the 100 steps
+        assert cos.lr_factor(s) == 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 100))
+    wsd = replace(cos, decay_share=0.25)             # the peak for 75 steps, then the cosine over the last 25
+    assert [wsd.lr_factor(s) for s in (4, 10, 50, 85)] == [0.5, 1.0, 1.0, 1.0]
+    assert wsd.lr_factor(97.5) == cos.lr_factor(60) and wsd.lr_factor(110) == cos.lr_factor(110) == 0.1
+    assert all(wsd.lr_factor(s) >= cos.lr_factor(s) for s in range(110))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="decay_share"):
+            replace(cos, decay_share=bad).check()
+    # the source recipe's field: 1.0 (the cosine) keeps earlier builds' fingerprints
+    assert SourceRecipe(decay_share=1.0).fingerprint() == SourceRecipe().fingerprint() != \
+        SourceRecipe(decay_share=0.25).fingerprint()
+
+
 def test_tiny_recipe_end_to_end(tmp_path, source):
     r = Recipe(name="tiny", out=str(tmp_path), source=str(source), train_samples=24,
                stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, distill_steps=2)),

@@ -51,6 +51,9 @@ class Schedule:
     # and decays at min(decay, (1 + t) / (10 + t)) after step t (the usual warm-up); when kept, the average is
     # what the run produces
     ema_decay: float = 0.0
+    # the share of the steps after warm-up over which the cosine decays, at the end: 1.0 = all of them (cosine);
+    # below 1 the lr stays at its peak until then (warm-up, stable, decay)
+    decay_share: float = 1.0
 
     def check(self) -> Schedule:
         """Validate the fields (a ConfigError names a bad one); returns self so a call can be chained."""
@@ -61,6 +64,8 @@ class Schedule:
             raise ConfigError(f"lr must be > 0, got {self.lr}", self.lr)
         if self.warmup < 0 or self.micro_batch < 0:
             raise ConfigError("warmup and micro_batch must be >= 0", (self.warmup, self.micro_batch))
+        if not 0 < self.decay_share <= 1:
+            raise ConfigError(f"decay_share must be in (0, 1], got {self.decay_share}", self.decay_share)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}", self.ema_decay)
         return self
@@ -70,10 +75,13 @@ class Schedule:
         return average_weight(self.ema_decay, step)
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, cosine to min_lr_ratio."""
+        """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then the peak until the
+        last `decay_share` of the steps, over which it follows a cosine to min_lr_ratio."""
         if step < self.warmup:
             return (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if self.decay_share < 1:
+            progress = max(0.0, progress - (1 - self.decay_share)) / self.decay_share
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -51,6 +51,7 @@ class SourceRecipe:
     qk_norm_init: float = 1.0
     weight_decay: float = 0.1  # AdamW's, on matrices (not norms, biases, embeddings): reading is learnt sooner
     ema_decay: float = 0.0     # build from an exponential moving average of the weights (train.loop.Schedule)
+    decay_share: float = 1.0   # the last share of the steps the lr decays over (1.0: cosine over all; Schedule)
     seed: int = 0
     task_weights: dict[str, float] | None = None   # the training mix of question types (None: uniform)
     object_weights: tuple[float, ...] | None = None  # ... and of 1 / 2 / 3 / 4 objects per picture (None: uniform)
@@ -68,7 +69,7 @@ class SourceRecipe:
         # fields added later leave the fingerprints of earlier builds as they were at their old values
         key = {k: v for k, v in asdict(self).items() if (k, v) not in (
             ("task_weights", None), ("vision_hidden", 64), ("qk_norm_init", 1.0), ("object_weights", None),
-            ("kv_heads", 2), ("color_share", 0.0), ("ema_decay", 0.0))}
+            ("kv_heads", 2), ("color_share", 0.0), ("ema_decay", 0.0), ("decay_share", 1.0))}
         return hashlib.sha256(json.dumps([key, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -126,7 +127,7 @@ def build_source(directory: str | Path, recipe: SourceRecipe = SourceRecipe(), r
         f"{recipe.batch_size}")
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, warmup=recipe.warmup,
                      min_lr_ratio=0.05, vision_lr_ratio=recipe.vision_lr_ratio, weight_decay=recipe.weight_decay,
-                     ema_decay=recipe.ema_decay)
+                     ema_decay=recipe.ema_decay, decay_share=recipe.decay_share)
     work = directory.parent / ".work" / directory.name
     trainer = Trainer(model, sched, examples, lambda ex: collate_ar(ex, cfg, tokenizer.pad_token_id), ar_loss, work,
                       seed=recipe.seed, save_every=100, label="source (AR)", dist_info=dist_info, progress=progress,
