@@ -5,6 +5,7 @@ default": on every seed 0-4 and at threads 1 and 2 the source reaches >= 95 % an
     python benchmarks/grid.py --out runs-grid --run --jobs 2     # train the missing cells, then the table
     python benchmarks/grid.py --out runs-grid                    # the table of the cells that are there
     python benchmarks/grid.py --out runs-grid --json             # ... as JSON
+    python benchmarks/grid.py --out runs-grid --rescore 1000     # score every cell again on 1 000 test prompts
 
 A cell is `bard-deploy train --seed S --threads T --out OUT/tT --name sS --no-progress` (the source is rebuilt per
 thread count, under OUT/tT/source[-seedS]); its log goes to OUT/tT/sS.log. `--jobs N` runs N cells at a time: their
@@ -16,6 +17,11 @@ The table has one row per cell (exact match of the source and every stage, B16's
 the source, the machine, and results.json's wall time, contended when cells shared the cores), then the mean and
 the worst per stage and how many cells meet each target. A cell made before results.json carried its provenance
 is keyed by its directory names and shows "?" for the machine.
+
+200 test prompts (the results table's) carry about +-1.5 points of sampling error at 95 %, as much as many recipe
+effects and the whole margin of the targets. `--rescore N` decodes each cell's source and stages again on the
+first N test prompts (as the results table does: the source autoregressively, the stages at its threshold) and
+writes `results-N.json` beside results.json; `--samples N` makes the table of those.
 """
 
 from __future__ import annotations
@@ -42,8 +48,38 @@ def cell_command(out: Path, seed: int, threads: int, train_args: str = "") -> li
             "--out", str(out / f"t{threads}"), "--name", f"s{seed}", "--no-progress", *shlex.split(train_args)]
 
 
-def result_path(out: Path, seed: int, threads: int) -> Path:
-    return out / f"t{threads}" / f"s{seed}" / "results.json"
+def result_path(out: Path, seed: int, threads: int, samples: int | None = None) -> Path:
+    """A cell's results.json, or its `--rescore`d results-N.json."""
+    return out / f"t{threads}" / f"s{seed}" / ("results.json" if samples is None else f"results-{samples}.json")
+
+
+def rescore(run_dir: Path, samples: int) -> dict:
+    """Score a finished run (`bard-deploy train`'s OUT/NAME) again on the first `samples` test prompts, as its
+    results table did (source autoregressively, every stage of results.json at its threshold); writes and returns
+    results-N.json (rows, eval_samples, and the provenance copied from results.json)."""
+    from bard_deploy.config import load_config, resolve_source
+    from bard_deploy.train.recipe import Recipe, Stage
+    from bard_deploy.train.run import results_table
+
+    res = json.loads((run_dir / "results.json").read_text())
+    rows = [r for r in res["rows"] if r["model"] != SOURCE and not r["model"].endswith("(causal)")]
+    if not rows:
+        raise ValueError(f"{run_dir / 'results.json'} has no stage rows")
+    first = run_dir / rows[0]["model"]
+    recorded = load_config(first).bard.source_model
+    source, looked = resolve_source(first, recorded)
+    if source is None:
+        raise ValueError(f"the source of {first} ({recorded}) is not at {', '.join(map(str, looked))}")
+    thresholds = {r["threshold"] for r in rows}
+    if len(thresholds) != 1:
+        raise ValueError(f"{run_dir}: stages at several thresholds {sorted(thresholds)}")
+    recipe = Recipe(out=str(run_dir.parent), name=run_dir.name, eval_samples=samples,
+                    eval_threshold=thresholds.pop(), source=str(source),
+                    stages=tuple(Stage(r["model"], r["block_size"], 1) for r in rows),
+                    dual_mode=any(r["model"].endswith("(causal)") for r in res["rows"]))
+    out = {**results_table(recipe, source, log=print), "provenance": res.get("provenance", {})}
+    (run_dir / f"results-{samples}.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str) -> list[str]:
@@ -72,18 +108,19 @@ def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str
     return failed
 
 
-def load_cells(out: Path) -> list[dict]:
+def load_cells(out: Path, samples: int | None = None) -> list[dict]:
     """Every finished cell under `out`: seed, threads, machine, wall seconds, {model: (exact match, tokens per
     forward)} in the table's order, and {model: exact match per task} where results.json has it."""
     cells = []
-    for path in sorted(out.glob("t*/s*/results.json")):
+    name = "results.json" if samples is None else f"results-{samples}.json"
+    for path in sorted(out.glob(f"t*/s*/{name}")):
         res = json.loads(path.read_text())
         prov = res.get("provenance", {})
         cells.append({
             "seed": prov.get("seed", int(path.parent.name[1:])),
             "threads": prov.get("torch_threads", int(path.parent.parent.name[1:])),
             "machine": prov.get("machine", "?"), "source_steps": prov.get("source_steps"),
-            "seconds": res.get("train_seconds"),
+            "seconds": res.get("train_seconds"), "samples": res.get("eval_samples"),
             "models": {r["model"]: (r["exact_match"], r["tokens_per_forward"]) for r in res["rows"]},
             "per_task": {r["model"]: r["per_group"] for r in res["rows"] if "per_group" in r}})
     return sorted(cells, key=lambda c: (c["threads"], c["seed"]))
@@ -137,7 +174,10 @@ def markdown(cells: list[dict], summary: dict) -> str:
         lines.append("| " + " | ".join([f"**{what}**", "", *(pct(vals[k]) for k in models[:-1]),
                                         f"{pct(vals[last])} ({tpf:.2f})", f"{gap:+.1f}", "", ""]) + " |")
     n, met = summary["cells"], summary["met"]
-    lines.append(f"\nOf {n} cells: source >= {100 * SOURCE_MIN:.0f} % on {met['source']}, {last} within "
+    prompts = sorted({c["samples"] for c in cells if c["samples"]})
+    each = "/".join(map(str, prompts)) or "?"
+    lines.append(f"\nOf {n} cells ({each} test prompts each): source >= {100 * SOURCE_MIN:.0f} % on {met['source']}, "
+                 f"{last} within "
                  f"{100 * GAP_MAX:.0f} point of its source on {met['gap']}, at >= {TPF_MIN:g} tokens per forward on "
                  f"{met['tpf']}; **all three on {summary['all_three']}**.")
     return "\n".join(lines)
@@ -152,6 +192,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="cells trained at a time")
     ap.add_argument("--train-args", default="", help="further `bard-deploy train` options for every cell")
     ap.add_argument("--json", action="store_true", help="print the cells and the summary as JSON")
+    ap.add_argument("--rescore", type=int, default=0, help="score every cell again on N test prompts")
+    ap.add_argument("--samples", type=int, default=None, help="the table of the cells' results-N.json")
     a = ap.parse_args()
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s]
@@ -168,7 +210,16 @@ def main() -> None:
         failed = run_cells(a.out, todo, a.jobs, a.train_args)
         if failed:
             raise SystemExit("grid: cells failed:\n  " + "\n  ".join(failed))
-    cells = [c for c in load_cells(a.out) if c["seed"] in seeds and c["threads"] in thread_counts]
+    if a.rescore:
+        for s, t in [(s, t) for t in thread_counts for s in seeds]:
+            if result_path(a.out, s, t).is_file() and not result_path(a.out, s, t, a.rescore).is_file():
+                print(f"grid: scoring seed {s}, threads {t} on {a.rescore} test prompts", flush=True)
+                try:
+                    rescore(result_path(a.out, s, t).parent, a.rescore)
+                except ValueError as e:
+                    raise SystemExit(f"grid: {e}") from None
+        a.samples = a.rescore
+    cells = [c for c in load_cells(a.out, a.samples) if c["seed"] in seeds and c["threads"] in thread_counts]
     if not cells:
         raise SystemExit(f"grid: no finished cell under {a.out} (train them with --run)")
     try:

@@ -48,7 +48,7 @@ def test_grid_table_means_worst_and_targets(tmp_path):
     assert table.returncode == 0, table.stderr
     assert "| 1 | 1 | 94.5 % | 90.0 % | 91.0 % (4.50) | -3.5 | Test CPU | 10 min 0 s |" in table.stdout
     assert "| 2 | 2 | 96.0 % | 95.0 % | 95.0 % (3.90) | -1.0 | ? | - |" in table.stdout
-    assert "**all three on 1**" in table.stdout
+    assert "**all three on 1**" in table.stdout and "(200 test prompts each)" in table.stdout
     # a subset of the grid
     only = json.loads(grid("--out", tmp_path, "--json", "--threads", "2").stdout)
     assert [c["seed"] for c in only["cells"]] == [2]

@@ -2,6 +2,7 @@
 recipe produces loadable b4/b8 checkpoints; distillation with teacher == student gives KL ~ 0; recipes load."""
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -294,6 +295,18 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
         cpu_name(), threads, 1, 0)
     assert prov["default_recipe"] is False and prov["stage_fingerprint"] == r.fingerprint(r.stages[-1])
     assert (prov["source_steps"], prov["source_fingerprint"]) == (TINY.steps, TINY.fingerprint())
+    # benchmarks/grid.py --rescore: the same run scored again on more prompts, the same models and settings
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import grid
+    finally:
+        sys.path.pop(0)
+    again = grid.rescore(tmp_path / "tiny", 6)
+    assert again == json.loads((tmp_path / "tiny" / "results-6.json").read_text())
+    assert [(r["model"], r["block_size"], r["threshold"], r["n"]) for r in again["rows"]] == [
+        (r["model"], r["block_size"], r["threshold"], 6) for r in results["rows"]]
+    assert again["provenance"] == prov and again["eval_samples"] == 6
+    assert all(sum(int(v.split("/")[1]) for v in r["per_group"].values()) == 6 for r in again["rows"])
     # resuming a finished recipe reuses the stages
     msgs = []
     train(r, progress=False, log=msgs.append)
