@@ -319,6 +319,14 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert all("another recipe" in m and "--name" in m for m in msgs if "replacing" in m)
 
 
+def test_provenance_calls_a_run_default_only_with_the_default_stages_and_source_recipe(tmp_path):
+    from bard_deploy.train.run import provenance
+    assert provenance(Recipe(seed=3), SourceRecipe(seed=3), tmp_path, 2, 1)["default_recipe"] is True
+    other = provenance(Recipe(seed=3), SourceRecipe(seed=3, steps=4500), tmp_path, 2, 1)
+    assert other["default_recipe"] is False and (other["torch_threads"], other["seed"]) == (2, 3)
+    assert (other["source_steps"], other["source_fingerprint"]) == (None, None)     # no build.json there
+
+
 def test_evaluate_refuses_group_labels_that_do_not_match_the_conversations(source):
     from bard_deploy.runtimes.api import Pipeline
     with pytest.raises(RuntimeInputError, match="3 group labels for 2 conversations"):

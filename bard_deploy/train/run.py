@@ -65,7 +65,7 @@ def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_rec
         parent = train_stage(ctx, stage, parent)
         _barrier(d)                     # the next stage (and the results) read the checkpoint the main one saved
     results = {"train_seconds": round(time.perf_counter() - t0, 1),
-               "provenance": provenance(recipe, source_dir, threads, d.world)}
+               "provenance": provenance(recipe, source_recipe, source_dir, threads, d.world)}
     if d.main:
         results.update(results_table(recipe, source_dir, log) if recipe.data is None else
                        held_out_table(recipe, source_dir, held_out, log))
@@ -73,14 +73,16 @@ def _train(recipe: Recipe, d: DistInfo, resume: bool, progress: bool, source_rec
     return results
 
 
-def provenance(recipe: Recipe, source_dir: Path, threads: int, world: int) -> dict:
+def provenance(recipe: Recipe, source_recipe: SourceRecipe, source_dir: Path, threads: int, world: int) -> dict:
     """Where and how a run's results were made: the machine (another CPU rounds differently), torch's training
-    threads and processes, the seed, whether it is the default recipe, and the source build's steps and
-    fingerprint (None for a given source): what a grid of runs needs to say which cell each result is."""
+    threads and processes, the seed, whether it is the default recipe (stages and embedded source recipe), and
+    the source build's steps and fingerprint (None for a given source): what a grid of runs needs to say which
+    cell each result is."""
     build = source_dir / "build.json"
     source = json.loads(build.read_text()) if build.is_file() else {}
     return {"machine": cpu_name(), "torch_threads": threads, "processes": world, "seed": recipe.seed,
-            "default_recipe": is_default_recipe(recipe), "torch": torch.__version__,
+            "default_recipe": is_default_recipe(recipe) and replace(source_recipe, seed=0) == SourceRecipe(),
+            "torch": torch.__version__,
             "source_steps": source.get("recipe", {}).get("steps"), "source_fingerprint": source.get("fingerprint"),
             "stage_fingerprint": recipe.fingerprint(recipe.stages[-1])}
 
