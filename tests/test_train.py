@@ -319,6 +319,23 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert all("another recipe" in m and "--name" in m for m in msgs if "replacing" in m)
 
 
+def test_grid_run_trains_the_missing_cells_then_tabulates_them(tmp_path, source):
+    """benchmarks/grid.py --run: one `bard-deploy train` per missing cell (here a 2-step B4 from the tiny source),
+    two at a time, then the table; a cell already there is not trained again."""
+    import subprocess
+    grid = Path(__file__).resolve().parent.parent / "benchmarks" / "grid.py"
+    args = [sys.executable, str(grid), "--out", str(tmp_path), "--seeds", "0,1", "--threads", "1", "--run",
+            "--jobs", "2", "--train-args", f"--source {source} --stages b4:4:2 --train-samples 8 --eval-samples 2"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("started") == 2 and "**all three on" in proc.stdout
+    for seed in (0, 1):
+        prov = json.loads((tmp_path / "t1" / f"s{seed}" / "results.json").read_text())["provenance"]
+        assert (prov["seed"], prov["torch_threads"], prov["default_recipe"]) == (seed, 1, False)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "started" not in again.stdout
+
+
 def test_provenance_calls_a_run_default_only_with_the_default_stages_and_source_recipe(tmp_path):
     from bard_deploy.train.run import provenance
     assert provenance(Recipe(seed=3), SourceRecipe(seed=3), tmp_path, 2, 1)["default_recipe"] is True
