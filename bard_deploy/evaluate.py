@@ -78,10 +78,12 @@ def evaluate(pipe, conversations: Sequence[list[dict]], ar: bool = False, batch_
 
 def synthetic_conversations(split: str, n: int) -> list[list[dict]]:
     """The first n conversations (question and reference answer) of a split of the synthetic task."""
-    return [s.messages() for s in samples(split, n)]
+    return synthetic_split(split, n)[0]
 
 
-def synthetic_tasks(split: str, n: int) -> list[str]:
-    """The question type (read / where / describe / count) of each of the first n samples of a split: the
-    `groups` of `evaluate` that split the synthetic task's exact match by task."""
-    return [s.task for s in samples(split, n)]
+def synthetic_split(split: str, n: int) -> tuple[list[list[dict]], list[str]]:
+    """The first n conversations of a split of the synthetic task and the question type (read / where / describe
+    / count) of each, from one scan of the split: the types are the `groups` of `evaluate` that split exact match
+    by task."""
+    chosen = list(samples(split, n))
+    return [s.messages() for s in chosen], [s.task for s in chosen]

@@ -19,7 +19,7 @@ from bard_deploy.devices import cpu_name
 from bard_deploy.diffusion.mask import NOISY, training_layout, training_mask
 from bard_deploy.embedded import embedded_config
 from bard_deploy.errors import CheckpointError, ConfigError, RuntimeInputError
-from bard_deploy.evaluate import evaluate, synthetic_conversations, synthetic_tasks
+from bard_deploy.evaluate import evaluate, synthetic_conversations, synthetic_split
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.train.loop import Schedule, Trainer, step_indices
 from bard_deploy.train.objective import LossSetup, ar_hidden_before, bard_loss, text_token_ids, with_block_size
@@ -283,7 +283,7 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert (tmp_path / "tiny" / "b8" / "metrics-swd.jsonl").is_file()
     assert [row["model"] for row in results["rows"]] == ["source (AR)", "b4", "b8"]
     # exact match split by question type: the counts add up to the rows and to the overall exact match
-    tasks = synthetic_tasks("test", 4)
+    tasks = synthetic_split("test", 4)[1]
     for row in results["rows"]:
         split = {t: tuple(map(int, v.split("/"))) for t, v in row["per_group"].items()}
         assert {t: n for t, (_, n) in split.items()} == {t: tasks.count(t) for t in set(tasks)}

@@ -20,7 +20,7 @@ from bard_deploy.data.chat import Example, Report, read_jsonl
 from bard_deploy.data.collate import collate_ar, collate_diffusion
 from bard_deploy.devices import cpu_name
 from bard_deploy.errors import ConfigError
-from bard_deploy.evaluate import evaluate, synthetic_conversations, synthetic_tasks
+from bard_deploy.evaluate import evaluate, synthetic_split
 from bard_deploy.prompting import PromptEncoder
 from bard_deploy.runtimes.api import Pipeline
 from bard_deploy.train.loop import DistInfo
@@ -186,8 +186,7 @@ def held_out_table(recipe: Recipe, source_dir: Path, held_out: list[tuple[Exampl
 def results_table(recipe: Recipe, source_dir: Path, log) -> dict:
     """Test exact match and tokens per forward of the source (AR) and every stage on the synthetic task's test
     split; prints the table and returns its rows."""
-    convs = synthetic_conversations("test", recipe.eval_samples)
-    tasks = synthetic_tasks("test", recipe.eval_samples)        # exact match per question type, in results.json
+    convs, tasks = synthetic_split("test", recipe.eval_samples)      # tasks: exact match per type, in results.json
     rows = []
     device = recipe.device                               # where training ran: a GPU run evaluates on the GPU
     ev = evaluate(Pipeline.load(source_dir, device=device), convs, ar=True, batch_size=1, max_new_tokens=64,
