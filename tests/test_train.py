@@ -381,13 +381,17 @@ def test_stage_fingerprints_cover_what_determines_the_weights():
 
 def test_the_expected_range_is_printed_for_the_default_recipe_only():
     """`train` prints the measured range of the default recipe beside its table; a recipe that changes the weights
-    (the reference's mix loss, mask noise above the anchor, another seed is still the default) gets none."""
+    (the reference's mix loss, mask noise above the anchor, another source recipe; another seed is still the
+    default) gets none."""
     from bard_deploy.train.recipe import DEFAULT_STAGES
     from bard_deploy.train.run import EXPECTED, expected_line, is_default_recipe
+    from bard_deploy.train.source import SourceRecipe
 
     assert is_default_recipe(Recipe()) and is_default_recipe(Recipe(seed=4, name="x", out="y"))
+    assert is_default_recipe(Recipe(seed=3), SourceRecipe(seed=3))
     assert not is_default_recipe(Recipe(mix_keep_weight=0.0))
     assert not is_default_recipe(Recipe(stages=tuple(replace(s, noise="mask") for s in DEFAULT_STAGES)))
+    assert not is_default_recipe(Recipe(), SourceRecipe(steps=SourceRecipe().steps + 1500))
     line = expected_line()
     for model in ("source (AR)", "b4", "b8", "b16"):
         lo, hi = EXPECTED[model]
