@@ -63,12 +63,8 @@ def test_grid_refuses_mixed_recipes_and_empty_grids(tmp_path):
     assert "comma-separated integers" in grid("--out", tmp_path, "--seeds", "a").stderr
 
 
-def test_grid_cell_command_is_one_train_run_per_cell(tmp_path):
-    sys.path.insert(0, str(GRID.parent))
-    try:
-        import grid as g
-    finally:
-        sys.path.remove(str(GRID.parent))
+def test_grid_cell_command_is_one_train_run_per_cell(tmp_path, grid_module):
+    g = grid_module
     cmd = g.cell_command(tmp_path, 3, 2, "--preset quality")
     assert cmd[1:] == ["-m", "bard_deploy.cli", "train", "--seed", "3", "--threads", "2", "--out",
                        str(tmp_path / "t2"), "--name", "s3", "--no-progress", "--preset", "quality"]

@@ -265,7 +265,7 @@ def test_lr_schedule_warmup_cosine_and_stable_then_decay():
         SourceRecipe(decay_share=0.25).fingerprint()
 
 
-def test_tiny_recipe_end_to_end(tmp_path, source):
+def test_tiny_recipe_end_to_end(tmp_path, source, grid_module):
     r = Recipe(name="tiny", out=str(tmp_path), source=str(source), train_samples=24,
                stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, distill_steps=2)),
                eval_samples=4)
@@ -296,12 +296,7 @@ def test_tiny_recipe_end_to_end(tmp_path, source):
     assert prov["default_recipe"] is False and prov["stage_fingerprint"] == r.fingerprint(r.stages[-1])
     assert (prov["source_steps"], prov["source_fingerprint"]) == (TINY.steps, TINY.fingerprint())
     # benchmarks/grid.py --rescore: the same run scored again on more prompts, the same models and settings
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import grid
-    finally:
-        sys.path.pop(0)
-    again = grid.rescore(tmp_path / "tiny", 6)
+    again = grid_module.rescore(tmp_path / "tiny", 6)
     assert again == json.loads((tmp_path / "tiny" / "results-6.json").read_text())
     assert [(r["model"], r["block_size"], r["threshold"], r["n"]) for r in again["rows"]] == [
         (r["model"], r["block_size"], r["threshold"], 6) for r in results["rows"]]
