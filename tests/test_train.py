@@ -411,6 +411,23 @@ def test_a_stage_weight_decay_reaches_its_optimizer_in_both_passes(tmp_path, sou
         assert sorted({g["weight_decay"] for g in trainer.opt.param_groups}) == [0.0, 0.1]
 
 
+def test_the_shipped_probe_recipes_are_the_default_with_longer_stages():
+    """benchmarks/recipes/*.toml (README "Part 5") change the default recipe's stage lengths and nothing else:
+    the same stages, warm-ups, noise, learning rates and data, so a comparison with the default is one change."""
+    from bard_deploy.train.recipe import DEFAULT_STAGES, DEFAULT_TRAIN_SAMPLES
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
+    lengths = {"b4-x2.toml": [(3000, 0), (200, 100), (400, 250)],
+               "stages-x2.toml": [(3000, 0), (400, 200), (800, 500)]}
+    assert sorted(p.name for p in root.glob("*.toml")) == sorted(lengths)
+    for name, want in lengths.items():
+        r = load_recipe(root / name)
+        assert [(s.steps, s.distill_steps) for s in r.stages] == want
+        assert [replace(s, steps=0, distill_steps=0) for s in r.stages] == \
+            [replace(s, steps=0, distill_steps=0) for s in DEFAULT_STAGES]
+        assert r.train_samples == DEFAULT_TRAIN_SAMPLES and replace(r, stages=DEFAULT_STAGES) == Recipe()
+
+
 def test_recipe_toml_and_stage_specs(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('name = "x"\nt_min = 0.1\n[[stages]]\nname = "b4"\nblock_size = 4\nsteps = 10\n'
