@@ -11,7 +11,15 @@ A cell is `bard-deploy train --seed S --threads T --out OUT/tT --name sS --no-pr
 thread count, under OUT/tT/source[-seedS]); its log goes to OUT/tT/sS.log. `--jobs N` runs N cells at a time: their
 wall times are then contended (the table says so) while their results are not (a cell's numbers depend on its
 seed, thread count and CPU, not on the load). `--train-args` passes further options to every cell, e.g.
-`--train-args "--preset quality"`.
+`--train-args "--preset quality"`. `--variant NAME` names the cells sS-NAME instead (log OUT/tT/sS-NAME.log), beside
+the default's sS and from the same sources, so that a recipe and the default compare seed by seed:
+
+    python benchmarks/grid.py --out runs-grid --variant x2 --run --jobs 2 \
+        --train-args "--recipe benchmarks/recipes/stages-x2.toml"
+    python benchmarks/grid.py --out runs-grid --variant x2 --samples 1000   # its table; without --variant: sS's
+
+A table takes the cells of one name only: sS without --variant, sS-NAME with it (other runs under OUT/tT are not
+cells of it).
 
 The table has one row per cell (exact match of the source and every stage, B16's tokens per forward, B16 minus
 the source, the machine, and results.json's wall time, contended when cells shared the cores), then the mean and
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -40,17 +49,26 @@ SOURCE_MIN = 0.95      # the source's exact match
 GAP_MAX = 0.01         # B16 at most this far below its source (above it is fine)
 TPF_MIN = 4.0          # B16's tokens per forward
 SOURCE = "source (AR)"
+CELL = re.compile(r"s(\d+)(?:-(.+))?")    # a cell's directory: sSEED or sSEED-VARIANT
+VARIANT = re.compile(r"[A-Za-z0-9_.]+(?:-[A-Za-z0-9_.]+)*")
 
 
-def cell_command(out: Path, seed: int, threads: int, train_args: str = "") -> list[str]:
+def cell_name(seed: int, variant: str = "") -> str:
+    """A cell's run name: sS, or sS-VARIANT."""
+    return f"s{seed}-{variant}" if variant else f"s{seed}"
+
+
+def cell_command(out: Path, seed: int, threads: int, train_args: str = "", variant: str = "") -> list[str]:
     """The `bard-deploy train` command line of one cell."""
     return [sys.executable, "-m", "bard_deploy.cli", "train", "--seed", str(seed), "--threads", str(threads),
-            "--out", str(out / f"t{threads}"), "--name", f"s{seed}", "--no-progress", *shlex.split(train_args)]
+            "--out", str(out / f"t{threads}"), "--name", cell_name(seed, variant), "--no-progress",
+            *shlex.split(train_args)]
 
 
-def result_path(out: Path, seed: int, threads: int, samples: int | None = None) -> Path:
+def result_path(out: Path, seed: int, threads: int, samples: int | None = None, variant: str = "") -> Path:
     """A cell's results.json, or its `--rescore`d results-N.json."""
-    return out / f"t{threads}" / f"s{seed}" / ("results.json" if samples is None else f"results-{samples}.json")
+    return (out / f"t{threads}" / cell_name(seed, variant)
+            / ("results.json" if samples is None else f"results-{samples}.json"))
 
 
 def rescore(run_dir: Path, samples: int) -> dict:
@@ -82,7 +100,7 @@ def rescore(run_dir: Path, samples: int) -> dict:
     return out
 
 
-def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str) -> list[str]:
+def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str, variant: str = "") -> list[str]:
     """Train the cells `todo` ((seed, threads) each), `jobs` at a time; returns one line per failed cell."""
     running: list[tuple[tuple[int, int], subprocess.Popen, object]] = []
     failed = []
@@ -91,10 +109,10 @@ def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str
         while queue and len(running) < jobs:
             seed, threads = queue.pop(0)
             (out / f"t{threads}").mkdir(parents=True, exist_ok=True)
-            log = open(out / f"t{threads}" / f"s{seed}.log", "w")
+            log = open(out / f"t{threads}" / f"{cell_name(seed, variant)}.log", "w")
             print(f"grid: cell seed {seed}, threads {threads} started ({log.name})", flush=True)
-            running.append(((seed, threads), subprocess.Popen(cell_command(out, seed, threads, train_args),
-                                                              stdout=log, stderr=subprocess.STDOUT), log))
+            cmd = cell_command(out, seed, threads, train_args, variant)
+            running.append(((seed, threads), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         time.sleep(5)
         for item in list(running):
             (seed, threads), proc, log = item
@@ -108,16 +126,22 @@ def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str
     return failed
 
 
-def load_cells(out: Path, samples: int | None = None) -> list[dict]:
-    """Every finished cell under `out`: seed, threads, machine, wall seconds, {model: (exact match, tokens per
-    forward)} in the table's order, and {model: exact match per task} where results.json has it."""
+def load_cells(out: Path, samples: int | None = None, variant: str = "") -> list[dict]:
+    """Every finished cell of `variant` (sS, or sS-VARIANT) under `out`: seed, threads, machine, wall seconds,
+    {model: (exact match, tokens per forward)} in the table's order, and {model: exact match per task} where
+    results.json has it. Runs of other names under OUT/tT are left out."""
     cells = []
     name = "results.json" if samples is None else f"results-{samples}.json"
     for path in sorted(out.glob(f"t*/s*/{name}")):
+        match = CELL.fullmatch(path.parent.name)
+        if match is None or (match.group(2) or "") != variant:
+            continue
         res = json.loads(path.read_text())
         prov = res.get("provenance", {})
+        if "train_seconds" not in res and (path.parent / "results.json").is_file():    # a results-N.json
+            res["train_seconds"] = json.loads((path.parent / "results.json").read_text()).get("train_seconds")
         cells.append({
-            "seed": prov.get("seed", int(path.parent.name[1:])),
+            "seed": prov.get("seed", int(match.group(1))),
             "threads": prov.get("torch_threads", int(path.parent.parent.name[1:])),
             "machine": prov.get("machine", "?"), "source_steps": prov.get("source_steps"),
             "seconds": res.get("train_seconds"), "samples": res.get("eval_samples"),
@@ -191,6 +215,8 @@ def main() -> None:
     ap.add_argument("--run", action="store_true", help="train the cells that have no results.json yet")
     ap.add_argument("--jobs", type=int, default=1, help="cells trained at a time")
     ap.add_argument("--train-args", default="", help="further `bard-deploy train` options for every cell")
+    ap.add_argument("--variant", default="", help="cells named sS-VARIANT beside the default's sS, from the same "
+                    "sources (with --train-args: a recipe to compare seed by seed)")
     ap.add_argument("--json", action="store_true", help="print the cells and the summary as JSON")
     ap.add_argument("--rescore", type=int, default=0, help="score every cell again on N test prompts")
     ap.add_argument("--samples", type=int, default=None, help="the table of the cells' results-N.json")
@@ -200,28 +226,33 @@ def main() -> None:
         thread_counts = [int(t) for t in a.threads.split(",") if t]
     except ValueError:
         raise SystemExit(f"--seeds {a.seeds!r} / --threads {a.threads!r}: comma-separated integers") from None
+    if a.variant and not VARIANT.fullmatch(a.variant):
+        raise SystemExit(f"--variant {a.variant!r}: letters, digits, '_', '.' and inner '-' only")
     if a.jobs < 1 or not seeds or not thread_counts or min(thread_counts) < 1:
         raise SystemExit("--jobs, --seeds and --threads need at least one value, threads and jobs >= 1")
     if a.run:
-        todo = [(s, t) for t in thread_counts for s in seeds if not result_path(a.out, s, t).is_file()]
+        todo = [(s, t) for t in thread_counts for s in seeds
+                if not result_path(a.out, s, t, variant=a.variant).is_file()]
         if a.jobs * max(thread_counts) > (os.cpu_count() or 1):
             print(f"grid: {a.jobs} jobs x up to {max(thread_counts)} threads on {os.cpu_count()} cores: the wall "
                   "times are contended (the results are not)", flush=True)
-        failed = run_cells(a.out, todo, a.jobs, a.train_args)
+        failed = run_cells(a.out, todo, a.jobs, a.train_args, a.variant)
         if failed:
             raise SystemExit("grid: cells failed:\n  " + "\n  ".join(failed))
     if a.rescore:
         for s, t in [(s, t) for t in thread_counts for s in seeds]:
-            if result_path(a.out, s, t).is_file() and not result_path(a.out, s, t, a.rescore).is_file():
-                print(f"grid: scoring seed {s}, threads {t} on {a.rescore} test prompts", flush=True)
+            done, scored = result_path(a.out, s, t, variant=a.variant), result_path(a.out, s, t, a.rescore, a.variant)
+            if done.is_file() and not scored.is_file():
+                print(f"grid: scoring {cell_name(s, a.variant)}, threads {t} on {a.rescore} test prompts", flush=True)
                 try:
-                    rescore(result_path(a.out, s, t).parent, a.rescore)
+                    rescore(done.parent, a.rescore)
                 except ValueError as e:
                     raise SystemExit(f"grid: {e}") from None
         a.samples = a.rescore
-    cells = [c for c in load_cells(a.out, a.samples) if c["seed"] in seeds and c["threads"] in thread_counts]
+    cells = [c for c in load_cells(a.out, a.samples, a.variant) if c["seed"] in seeds and c["threads"] in thread_counts]
     if not cells:
-        raise SystemExit(f"grid: no finished cell under {a.out} (train them with --run)")
+        pattern = "sS" + (f"-{a.variant}" if a.variant else "")
+        raise SystemExit(f"grid: no finished cell ({pattern}) under {a.out} (train them with --run)")
     try:
         summary = summarize(cells)
     except ValueError as e:

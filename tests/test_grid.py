@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "benchmarks" / "grid.py"
 
 
-def write_cell(out: Path, seed: int, threads: int, rows: dict, provenance: bool = True, seconds=600.0):
-    d = out / f"t{threads}" / f"s{seed}"
+def write_cell(out: Path, seed: int, threads: int, rows: dict, provenance: bool = True, seconds=600.0, name=""):
+    d = out / f"t{threads}" / (name or f"s{seed}")
     d.mkdir(parents=True)
     res = {"train_seconds": seconds, "eval_samples": 200,
            "rows": [{"model": m, "exact_match": em, "tokens_per_forward": tpf, "per_group": {"where": "1/2"}}
@@ -69,3 +69,32 @@ def test_grid_cell_command_is_one_train_run_per_cell(tmp_path, grid_module):
     assert cmd[1:] == ["-m", "bard_deploy.cli", "train", "--seed", "3", "--threads", "2", "--out",
                        str(tmp_path / "t2"), "--name", "s3", "--no-progress", "--preset", "quality"]
     assert g.result_path(tmp_path, 3, 2) == tmp_path / "t2" / "s3" / "results.json"
+
+
+def test_grid_variant_cells_sit_beside_the_default_and_tables_keep_them_apart(tmp_path, grid_module):
+    g = grid_module
+    cmd = g.cell_command(tmp_path, 3, 1, "--recipe x2.toml", variant="x2")
+    assert cmd[cmd.index("--name") + 1] == "s3-x2" and cmd[cmd.index("--out") + 1] == str(tmp_path / "t1")
+    assert g.result_path(tmp_path, 3, 1, 1000, "x2") == tmp_path / "t1" / "s3-x2" / "results-1000.json"
+    # the default's cell, a variant's, and other runs under t1 (a probe, a source): each table takes its own
+    write_cell(tmp_path, 0, 1, {"source (AR)": (0.99, 1.0), "b16": (0.97, 4.5)})
+    write_cell(tmp_path, 0, 1, {"source (AR)": (0.99, 1.0), "b16": (0.995, 5.0)}, name="s0-x2", provenance=False)
+    write_cell(tmp_path, 0, 1, {"source (AR)": (0.99, 1.0), "b16": (0.50, 9.0)}, name="s0-x2-probe")
+    write_cell(tmp_path, 0, 1, {"source (AR)": (0.10, 1.0), "b16": (0.10, 9.0)}, name="source-seed0")
+    default = json.loads(grid("--out", tmp_path, "--json").stdout)
+    assert [c["models"]["b16"][0] for c in default["cells"]] == [0.97]
+    x2 = json.loads(grid("--out", tmp_path, "--json", "--variant", "x2").stdout)
+    assert [(c["seed"], c["models"]["b16"][0]) for c in x2["cells"]] == [(0, 0.995)]
+    assert x2["summary"]["all_three"] == 1 and default["summary"]["all_three"] == 0
+    probe = json.loads(grid("--out", tmp_path, "--json", "--variant", "x2-probe").stdout)
+    assert [c["models"]["b16"][0] for c in probe["cells"]] == [0.50]
+    # a --rescore'd results-N.json takes the training's wall time from results.json beside it
+    (tmp_path / "t1" / "s0" / "results-1000.json").write_text(json.dumps({"eval_samples": 1000, "rows": [
+        {"model": "source (AR)", "exact_match": 0.985, "tokens_per_forward": 1.0},
+        {"model": "b16", "exact_match": 0.98, "tokens_per_forward": 4.6}]}))
+    rescored = json.loads(grid("--out", tmp_path, "--json", "--samples", "1000").stdout)["cells"]
+    assert [(c["seconds"], c["samples"], c["models"]["b16"]) for c in rescored] == [(600.0, 1000, [0.98, 4.6])]
+    missing = grid("--out", tmp_path, "--variant", "y")
+    assert missing.returncode != 0 and "no finished cell (sS-y)" in missing.stderr
+    bad = grid("--out", tmp_path, "--variant", "x/../y")
+    assert bad.returncode != 0 and "--variant 'x/../y'" in bad.stderr and "Traceback" not in bad.stderr
