@@ -9,10 +9,12 @@ default": on every seed 0-4 and at threads 1 and 2 the source reaches >= 95 % an
 
 A cell is `bard-deploy train --seed S --threads T --out OUT/tT --name sS --no-progress` (the source is rebuilt per
 thread count, under OUT/tT/source[-seedS]); its log goes to OUT/tT/sS.log. `--jobs N` runs N cells at a time: their
-wall times are then contended (the table says so) while their results are not (a cell's numbers depend on its
-seed, thread count and CPU, not on the load). `--train-args` passes further options to every cell, e.g.
-`--train-args "--preset quality"`. `--variant NAME` names the cells sS-NAME instead (log OUT/tT/sS-NAME.log), beside
-the default's sS and from the same sources, so that a recipe and the default compare seed by seed:
+wall times are then contended (the table says so) while their results are not (a cell's numbers depend on its seed,
+thread count and CPU, not on the load); when they oversubscribe the cores, the cells run with
+OMP_WAIT_POLICY=PASSIVE (spinning idle threads made two 2-thread cells on 2 cores ~15x slower). `--train-args`
+passes further options to every cell, e.g. `--train-args "--preset quality"`. `--variant NAME` names the cells
+sS-NAME instead (log OUT/tT/sS-NAME.log), beside the default's sS and from the same sources, so that a recipe and
+the default compare seed by seed:
 
     python benchmarks/grid.py --out runs-grid --variant x2 --run --jobs 2 \
         --train-args "--recipe benchmarks/recipes/stages-x2.toml"
@@ -65,6 +67,17 @@ def cell_command(out: Path, seed: int, threads: int, train_args: str = "", varia
             *shlex.split(train_args)]
 
 
+def cell_env(jobs: int, threads: int, cpus: int, env: dict[str, str]) -> dict[str, str]:
+    """The environment of a cell: `env`, plus OMP_WAIT_POLICY=PASSIVE (unless `env` sets it) when `jobs` cells of
+    `threads` threads each would oversubscribe the `cpus` cores. OpenMP's default lets idle threads spin: two
+    2-thread trainings on 2 cores then ran a source step in ~5 s instead of ~0.3 s (Intel Xeon VM, 2026-12-07).
+    The policy changes only how threads wait, not how work is split: the same cell gave the same losses
+    bit for bit either way."""
+    if jobs * threads > cpus and "OMP_WAIT_POLICY" not in env:
+        return {**env, "OMP_WAIT_POLICY": "PASSIVE"}
+    return dict(env)
+
+
 def result_path(out: Path, seed: int, threads: int, samples: int | None = None, variant: str = "") -> Path:
     """A cell's results.json, or its `--rescore`d results-N.json."""
     return (out / f"t{threads}" / cell_name(seed, variant)
@@ -112,7 +125,9 @@ def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str
             log = open(out / f"t{threads}" / f"{cell_name(seed, variant)}.log", "w")
             print(f"grid: cell seed {seed}, threads {threads} started ({log.name})", flush=True)
             cmd = cell_command(out, seed, threads, train_args, variant)
-            running.append(((seed, threads), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            env = cell_env(jobs, threads, os.cpu_count() or 1, dict(os.environ))
+            running.append(((seed, threads), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                            log))
         time.sleep(5)
         for item in list(running):
             (seed, threads), proc, log = item
@@ -235,7 +250,8 @@ def main() -> None:
                 if not result_path(a.out, s, t, variant=a.variant).is_file()]
         if a.jobs * max(thread_counts) > (os.cpu_count() or 1):
             print(f"grid: {a.jobs} jobs x up to {max(thread_counts)} threads on {os.cpu_count()} cores: the wall "
-                  "times are contended (the results are not)", flush=True)
+                  "times are contended (the results are not); idle OpenMP threads wait passively "
+                  "(OMP_WAIT_POLICY=PASSIVE unless set)", flush=True)
         failed = run_cells(a.out, todo, a.jobs, a.train_args, a.variant)
         if failed:
             raise SystemExit("grid: cells failed:\n  " + "\n  ".join(failed))

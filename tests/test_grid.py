@@ -71,6 +71,14 @@ def test_grid_cell_command_is_one_train_run_per_cell(tmp_path, grid_module):
     assert g.result_path(tmp_path, 3, 2) == tmp_path / "t2" / "s3" / "results.json"
 
 
+def test_grid_cells_that_oversubscribe_the_cores_wait_passively(grid_module):
+    g = grid_module
+    assert g.cell_env(2, 2, 2, {"A": "1"}) == {"A": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert g.cell_env(2, 1, 2, {"A": "1"}) == {"A": "1"}                  # one thread per core: left as it is
+    assert g.cell_env(1, 2, 2, {}) == {}
+    assert g.cell_env(2, 2, 2, {"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}   # the user's
+
+
 def test_grid_variant_cells_sit_beside_the_default_and_tables_keep_them_apart(tmp_path, grid_module):
     g = grid_module
     cmd = g.cell_command(tmp_path, 3, 1, "--recipe x2.toml", variant="x2")
