@@ -109,10 +109,10 @@ def train(
     ctx: typer.Context,
     recipe: Path | None = typer.Option(None, "--recipe", help="A TOML recipe (top-level keys + [[stages]]); "
                                        "options given on the command line override it."),
-    preset: str = typer.Option("default", help="Stage and data sizes: default (30-65 min with its source, "
-                               "measured at 1 thread on 2 busy cores), quality (about twice the default's steps, "
-                               "steadier across seeds) or "
-                               "smoke."),
+    preset: str = typer.Option("default", help="Stage and data sizes: default (~44 min with its source alone at "
+                               "2 threads on 2 cores, B16 within 1 point of its source on most seeds), fast (half "
+                               "the stage steps, ~25 min, 1-4 points lower on B16), quality (the default with mask "
+                               "noise, twice the data and a B32 stage) or smoke."),
     stages: str | None = typer.Option(None, help="name:block:steps[:distill_steps],... overriding the preset.",
                                       show_default="the preset's"),
     name: str = typer.Option(R.name, help="Run name: checkpoints go to OUT/NAME/<stage>."),

@@ -411,21 +411,28 @@ def test_a_stage_weight_decay_reaches_its_optimizer_in_both_passes(tmp_path, sou
         assert sorted({g["weight_decay"] for g in trainer.opt.param_groups}) == [0.0, 0.1]
 
 
-def test_the_shipped_probe_recipes_are_the_default_with_longer_stages():
-    """benchmarks/recipes/*.toml (README "Part 5") change the default recipe's stage lengths and nothing else:
-    the same stages, warm-ups, noise, learning rates and data, so a comparison with the default is one change."""
-    from bard_deploy.train.recipe import DEFAULT_STAGES, DEFAULT_TRAIN_SAMPLES
+def test_the_shipped_probe_recipes_and_the_fast_preset_differ_from_the_default_in_stage_lengths_only():
+    """benchmarks/recipes/*.toml (README "Parts 5-7") and `--preset fast` (the default until 2026-12-07) change the
+    default recipe's stage lengths and nothing else: the same stages, warm-ups, noise, learning rates and data, so
+    a comparison with the default is one change. stages-x2.toml (every stage of fast twice as long) is the default
+    now; the default's expected range is printed for the default only."""
+    from bard_deploy.train.recipe import DEFAULT_STAGES, DEFAULT_TRAIN_SAMPLES, PRESETS
+    from bard_deploy.train.run import is_default_recipe
 
     root = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
     lengths = {"b4-x2.toml": [(3000, 0), (200, 100), (400, 250)],
                "stages-x2.toml": [(3000, 0), (400, 200), (800, 500)]}
+    shape = lambda stages: [replace(s, steps=0, distill_steps=0) for s in stages]     # noqa: E731
     assert sorted(p.name for p in root.glob("*.toml")) == sorted(lengths)
     for name, want in lengths.items():
         r = load_recipe(root / name)
-        assert [(s.steps, s.distill_steps) for s in r.stages] == want
-        assert [replace(s, steps=0, distill_steps=0) for s in r.stages] == \
-            [replace(s, steps=0, distill_steps=0) for s in DEFAULT_STAGES]
+        assert [(s.steps, s.distill_steps) for s in r.stages] == want and shape(r.stages) == shape(DEFAULT_STAGES)
         assert r.train_samples == DEFAULT_TRAIN_SAMPLES and replace(r, stages=DEFAULT_STAGES) == Recipe()
+    assert load_recipe(root / "stages-x2.toml").stages == DEFAULT_STAGES and is_default_recipe(Recipe())
+    fast, samples = PRESETS["fast"]
+    assert [(s.steps, s.distill_steps) for s in fast] == [(1500, 0), (200, 100), (400, 250)]
+    assert shape(fast) == shape(DEFAULT_STAGES) and samples == DEFAULT_TRAIN_SAMPLES
+    assert not is_default_recipe(Recipe(stages=fast))
 
 
 def test_recipe_toml_and_stage_specs(tmp_path):
