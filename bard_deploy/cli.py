@@ -110,8 +110,8 @@ def train(
     recipe: Path | None = typer.Option(None, "--recipe", help="A TOML recipe (top-level keys + [[stages]]); "
                                        "options given on the command line override it."),
     preset: str = typer.Option("default", help="Stage and data sizes: default (~44 min with its source alone at "
-                               "2 threads on 2 cores, B16 within 1 point of its source on most seeds), fast (half "
-                               "the stage steps, ~25 min, 1-4 points lower on B16), quality (the default with mask "
+                               "2 threads on 2 cores, B16 within 1 point of its source on 8 of 9 cells), fast (half "
+                               "the stage steps, ~25 min, B16 1-3 points lower), quality (the default with mask "
                                "noise, twice the data and a B32 stage) or smoke."),
     stages: str | None = typer.Option(None, help="name:block:steps[:distill_steps],... overriding the preset.",
                                       show_default="the preset's"),
