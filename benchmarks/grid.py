@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 SOURCE_MIN = 0.95      # the source's exact match
@@ -67,13 +68,19 @@ def cell_command(out: Path, seed: int, threads: int, train_args: str = "", varia
             *shlex.split(train_args)]
 
 
-def cell_env(jobs: int, threads: int, cpus: int, env: dict[str, str]) -> dict[str, str]:
+def oversubscribed(jobs: int, threads: int, cpus: int | None = None) -> bool:
+    """Whether `jobs` cells of `threads` torch threads each want more than the `cpus` cores (default: this
+    machine's)."""
+    return jobs * threads > (cpus or os.cpu_count() or 1)
+
+
+def cell_env(jobs: int, threads: int, cpus: int, env: Mapping[str, str]) -> dict[str, str]:
     """The environment of a cell: `env`, plus OMP_WAIT_POLICY=PASSIVE (unless `env` sets it) when `jobs` cells of
     `threads` threads each would oversubscribe the `cpus` cores. OpenMP's default lets idle threads spin: two
     2-thread trainings on 2 cores then ran a source step in ~5 s instead of ~0.3 s (Intel Xeon VM, 2026-12-07).
     The policy changes only how threads wait, not how work is split: the same cell gave the same losses
     bit for bit either way."""
-    if jobs * threads > cpus and "OMP_WAIT_POLICY" not in env:
+    if oversubscribed(jobs, threads, cpus) and "OMP_WAIT_POLICY" not in env:
         return {**env, "OMP_WAIT_POLICY": "PASSIVE"}
     return dict(env)
 
@@ -125,7 +132,7 @@ def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str
             log = open(out / f"t{threads}" / f"{cell_name(seed, variant)}.log", "w")
             print(f"grid: cell seed {seed}, threads {threads} started ({log.name})", flush=True)
             cmd = cell_command(out, seed, threads, train_args, variant)
-            env = cell_env(jobs, threads, os.cpu_count() or 1, dict(os.environ))
+            env = cell_env(jobs, threads, os.cpu_count() or 1, os.environ)
             running.append(((seed, threads), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                             log))
         time.sleep(5)
@@ -248,7 +255,7 @@ def main() -> None:
     if a.run:
         todo = [(s, t) for t in thread_counts for s in seeds
                 if not result_path(a.out, s, t, variant=a.variant).is_file()]
-        if a.jobs * max(thread_counts) > (os.cpu_count() or 1):
+        if oversubscribed(a.jobs, max(thread_counts)):
             print(f"grid: {a.jobs} jobs x up to {max(thread_counts)} threads on {os.cpu_count()} cores: the wall "
                   "times are contended (the results are not); idle OpenMP threads wait passively "
                   "(OMP_WAIT_POLICY=PASSIVE unless set)", flush=True)
