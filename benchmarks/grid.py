@@ -31,7 +31,12 @@ is keyed by its directory names and shows "?" for the machine.
 200 test prompts (the results table's) carry about +-1.5 points of sampling error at 95 %, as much as many recipe
 effects and the whole margin of the targets. `--rescore N` decodes each cell's source and stages again on the
 first N test prompts (as the results table does: the source autoregressively, the stages at its threshold) and
-writes `results-N.json` beside results.json; `--samples N` makes the table of those.
+writes `results-N.json` beside results.json; `--samples N` makes the table of those. `--threshold T` with them
+decodes each cell's last stage (B16) again on the same N prompts at decode threshold T (the results table's is
+0.9) into `results-N-tauT.json` (the source's row copied: it decodes without a threshold) and makes the table of
+those, so the tokens-per-forward target can be read at another operating point:
+
+    python benchmarks/grid.py --out runs-grid --rescore 1000 --threshold 0.8
 """
 
 from __future__ import annotations
@@ -85,10 +90,17 @@ def cell_env(jobs: int, threads: int, cpus: int, env: Mapping[str, str]) -> dict
     return dict(env)
 
 
-def result_path(out: Path, seed: int, threads: int, samples: int | None = None, variant: str = "") -> Path:
-    """A cell's results.json, or its `--rescore`d results-N.json."""
-    return (out / f"t{threads}" / cell_name(seed, variant)
-            / ("results.json" if samples is None else f"results-{samples}.json"))
+def results_name(samples: int | None = None, threshold: float | None = None) -> str:
+    """results.json, `--rescore`d results-N.json, or results-N-tauT.json (the last stage at threshold T)."""
+    if samples is None:
+        return "results.json"
+    return f"results-{samples}.json" if threshold is None else f"results-{samples}-tau{threshold:g}.json"
+
+
+def result_path(out: Path, seed: int, threads: int, samples: int | None = None, variant: str = "",
+                threshold: float | None = None) -> Path:
+    """A cell's results.json, results-N.json or results-N-tauT.json."""
+    return out / f"t{threads}" / cell_name(seed, variant) / results_name(samples, threshold)
 
 
 def rescore(run_dir: Path, samples: int) -> dict:
@@ -120,6 +132,32 @@ def rescore(run_dir: Path, samples: int) -> dict:
     return out
 
 
+def retune(run_dir: Path, samples: int, threshold: float) -> dict:
+    """Decode the last stage of a rescored run (its results-N.json) again on the same N test prompts at
+    `threshold`, as the results table decodes (`train.run.stage_row`); writes and returns results-N-tauT.json: the
+    source's row of results-N.json (it decodes without a threshold), that stage's row, and the provenance."""
+    from bard_deploy.evaluate import synthetic_split
+    from bard_deploy.runtimes.api import Pipeline
+    from bard_deploy.train.recipe import Stage
+    from bard_deploy.train.run import stage_row
+
+    scored = run_dir / results_name(samples)
+    if not scored.is_file():
+        raise ValueError(f"{scored} is missing (score the cell first: --rescore {samples})")
+    res = json.loads(scored.read_text())
+    sources = [r for r in res["rows"] if r["model"] == SOURCE]
+    stages = [r for r in res["rows"] if r["model"] != SOURCE and not r["model"].endswith("(causal)")]
+    if not sources or not stages:
+        raise ValueError(f"{scored} lacks the source's row or a stage's")
+    last = stages[-1]
+    convs, tasks = synthetic_split("test", samples)
+    row = stage_row(Pipeline.load(run_dir / last["model"], device="auto"), Stage(last["model"], last["block_size"], 1),
+                    threshold, convs, tasks)
+    out = {"eval_samples": samples, "rows": [sources[0], row], "provenance": res.get("provenance", {})}
+    (run_dir / results_name(samples, threshold)).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str, variant: str = "") -> list[str]:
     """Train the cells `todo` ((seed, threads) each), `jobs` at a time; returns one line per failed cell."""
     running: list[tuple[tuple[int, int], subprocess.Popen, object]] = []
@@ -148,12 +186,12 @@ def run_cells(out: Path, todo: list[tuple[int, int]], jobs: int, train_args: str
     return failed
 
 
-def load_cells(out: Path, samples: int | None = None, variant: str = "") -> list[dict]:
+def load_cells(out: Path, samples: int | None = None, variant: str = "", threshold: float | None = None) -> list[dict]:
     """Every finished cell of `variant` (sS, or sS-VARIANT) under `out`: seed, threads, machine, wall seconds,
     {model: (exact match, tokens per forward)} in the table's order, and {model: exact match per task} where
     results.json has it. Runs of other names under OUT/tT are left out."""
     cells = []
-    name = "results.json" if samples is None else f"results-{samples}.json"
+    name = results_name(samples, threshold)
     for path in sorted(out.glob(f"t*/s*/{name}")):
         match = CELL.fullmatch(path.parent.name)
         if match is None or (match.group(2) or "") != variant:
@@ -242,6 +280,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the cells and the summary as JSON")
     ap.add_argument("--rescore", type=int, default=0, help="score every cell again on N test prompts")
     ap.add_argument("--samples", type=int, default=None, help="the table of the cells' results-N.json")
+    ap.add_argument("--threshold", type=float, default=None, help="with --rescore N / --samples N: the cells' last "
+                    "stage decoded at this threshold on those N prompts (results-N-tauT.json), and its table")
     a = ap.parse_args()
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s]
@@ -250,6 +290,10 @@ def main() -> None:
         raise SystemExit(f"--seeds {a.seeds!r} / --threads {a.threads!r}: comma-separated integers") from None
     if a.variant and not VARIANT.fullmatch(a.variant):
         raise SystemExit(f"--variant {a.variant!r}: letters, digits, '_', '.' and inner '-' only")
+    if a.threshold is not None and not (a.rescore or a.samples):
+        raise SystemExit("--threshold needs --rescore N or --samples N (the prompts to decode at it)")
+    if a.threshold is not None and not 0 < a.threshold <= 1:
+        raise SystemExit(f"--threshold {a.threshold}: a decode threshold in (0, 1]")
     if a.jobs < 1 or not seeds or not thread_counts or min(thread_counts) < 1:
         raise SystemExit("--jobs, --seeds and --threads need at least one value, threads and jobs >= 1")
     if a.run:
@@ -271,10 +315,21 @@ def main() -> None:
                     rescore(done.parent, a.rescore)
                 except ValueError as e:
                     raise SystemExit(f"grid: {e}") from None
+            tuned = result_path(a.out, s, t, a.rescore, a.variant, a.threshold)
+            if a.threshold is not None and scored.is_file() and not tuned.is_file():
+                print(f"grid: decoding {cell_name(s, a.variant)}, threads {t} at threshold {a.threshold:g}", flush=True)
+                try:
+                    retune(done.parent, a.rescore, a.threshold)
+                except ValueError as e:
+                    raise SystemExit(f"grid: {e}") from None
         a.samples = a.rescore
-    cells = [c for c in load_cells(a.out, a.samples, a.variant) if c["seed"] in seeds and c["threads"] in thread_counts]
+    cells = [c for c in load_cells(a.out, a.samples, a.variant, a.threshold)
+             if c["seed"] in seeds and c["threads"] in thread_counts]
     if not cells:
         pattern = "sS" + (f"-{a.variant}" if a.variant else "")
+        if a.threshold is not None:
+            raise SystemExit(f"grid: no cell ({pattern}) under {a.out} has {results_name(a.samples, a.threshold)} "
+                             f"(decode them with --rescore {a.samples} --threshold {a.threshold:g})")
         raise SystemExit(f"grid: no finished cell ({pattern}) under {a.out} (train them with --run)")
     try:
         summary = summarize(cells)

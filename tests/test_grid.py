@@ -106,3 +106,25 @@ def test_grid_variant_cells_sit_beside_the_default_and_tables_keep_them_apart(tm
     assert missing.returncode != 0 and "no finished cell (sS-y)" in missing.stderr
     bad = grid("--out", tmp_path, "--variant", "x/../y")
     assert bad.returncode != 0 and "--variant 'x/../y'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_grid_threshold_tables_read_the_cells_decoded_at_that_threshold(tmp_path, grid_module):
+    """`--samples N --threshold T` tables results-N-tauT.json (the source's row and the last stage at T), apart from
+    results-N.json; without N, or at a threshold outside (0, 1], it refuses in one line."""
+    g = grid_module
+    assert g.result_path(tmp_path, 2, 1, 1000, "x2", 0.8) == tmp_path / "t1" / "s2-x2" / "results-1000-tau0.8.json"
+    assert g.results_name(1000, 0.75) == "results-1000-tau0.75.json" and g.results_name(1000) == "results-1000.json"
+    write_cell(tmp_path, 0, 1, {"source (AR)": (0.96, 1.0), "b16": (0.97, 3.6)})
+    for name, b16 in (("results-1000.json", (0.97, 3.6)), ("results-1000-tau0.8.json", (0.945, 4.2))):
+        (tmp_path / "t1" / "s0" / name).write_text(json.dumps({"eval_samples": 1000, "rows": [
+            {"model": "source (AR)", "exact_match": 0.96, "tokens_per_forward": 1.0},
+            {"model": "b16", "threshold": 0.8, "exact_match": b16[0], "tokens_per_forward": b16[1]}]}))
+    at09 = json.loads(grid("--out", tmp_path, "--json", "--samples", "1000").stdout)["summary"]
+    at08 = json.loads(grid("--out", tmp_path, "--json", "--samples", "1000", "--threshold", "0.8").stdout)["summary"]
+    assert at09["met"] == {"source": 1, "gap": 1, "tpf": 0} and at08["met"] == {"source": 1, "gap": 0, "tpf": 1}
+    assert abs(at08["worst_gap"] - (0.945 - 0.96)) < 1e-12 and at08["worst_tpf"] == 4.2
+    none = grid("--out", tmp_path, "--samples", "1000", "--threshold", "0.7")
+    assert none.returncode != 0 and "--rescore 1000 --threshold 0.7" in none.stderr
+    for args in (("--threshold", "0.8"), ("--samples", "1000", "--threshold", "1.5")):
+        proc = grid("--out", tmp_path, *args)
+        assert proc.returncode != 0 and "--threshold" in proc.stderr and "Traceback" not in proc.stderr

@@ -302,6 +302,17 @@ def test_tiny_recipe_end_to_end(tmp_path, source, grid_module):
         (r["model"], r["block_size"], r["threshold"], 6) for r in results["rows"]]
     assert again["provenance"] == prov and again["eval_samples"] == 6
     assert all(sum(int(v.split("/")[1]) for v in r["per_group"].values()) == 6 for r in again["rows"])
+    # ... --threshold T: the last stage decoded again on those prompts at T, beside the source's row as scored; at
+    # the table's own threshold it reproduces the rescored row (timings aside)
+    untimed = lambda row: {k: v for k, v in row.items() if not k.endswith("_s")}      # noqa: E731
+    same = grid_module.retune(tmp_path / "tiny", 6, 0.9)
+    assert [untimed(r) for r in same["rows"]] == [untimed(again["rows"][0]), untimed(again["rows"][-1])]
+    low = grid_module.retune(tmp_path / "tiny", 6, 0.3)
+    assert low == json.loads((tmp_path / "tiny" / "results-6-tau0.3.json").read_text())
+    assert [(r["model"], r["threshold"], r["n"]) for r in low["rows"]] == [("source (AR)", None, 6), ("b8", 0.3, 6)]
+    assert low["provenance"] == prov and low["rows"][1]["tokens_per_forward"] >= again["rows"][-1]["tokens_per_forward"]
+    with pytest.raises(ValueError, match="--rescore 5"):
+        grid_module.retune(tmp_path / "tiny", 5, 0.5)
     # resuming a finished recipe reuses the stages
     msgs = []
     train(r, progress=False, log=msgs.append)
