@@ -68,10 +68,10 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
 
 
 # Every stage is twice as long as it was until 2026-12-07 (now `--preset fast`): paired on the same sources, seeds
-# 0-4 at torch threads 1 (Intel Xeon VM, 1 000 test prompts), B16 gained +1.0 to +3.0 points on every seed and
-# ended within 1 point of its source on 4 of 5 (fast: 1 of 5); with seeds 1-4 at threads 2, on 8 of 9 cells. B8 /
-# B16 keep the "where" answers the short stages lose (README "Parts 5-7"). The price is time: ~44 min with the
-# source alone at threads 2 on the 2-core dev box, against ~25 min for fast (the 15-minute budget is missed by both).
+# 0-4 at torch threads 1 and 2 (Intel Xeon VM, 1 000 test prompts), B16 gained 0.9 to 5.0 points on every one of the
+# ten cells and ended within 1 point of its source on 9 of 10 (fast: 3 of 10). B8 / B16 keep the "where" answers
+# the short stages lose (README "Parts 5-8"). The price is time: 32 min 18 s with the source, alone at threads 2 on
+# the 2-core dev VM, against ~21 min for fast (estimated; the 15-minute budget is missed by both).
 # B8 is a stepping stone and gets the fewest steps, B16 (the stage that ships) the most after the anchor (at half
 # these lengths, over seeds 0-2, B8 200 + 100 / B16 400 + 250 gave B16 94.7 % against 93.5 % for 250 + 150 each).
 # The stages above the anchor use mix noise with the keep loss (Recipe.mix_keep_weight 1.0): against mask noise
@@ -83,7 +83,8 @@ DEFAULT_STAGES = (
     Stage("b8", 8, 400, distill_steps=200, noise="mix"),
     Stage("b16", 16, 800, distill_steps=500, noise="mix"),
 )
-# the default until 2026-12-07: half the stage steps; ~25 min with the source, B16 1.8 points under it on average
+# the default until 2026-12-07: half the stage steps; ~25 min with the source (AMD VM), B16 1.5-1.8 points under it
+# on average (README Parts 6-8)
 FAST_STAGES = (
     Stage("b4", 4, 1500, warmup=100),
     Stage("b8", 8, 200, distill_steps=100, noise="mix"),
