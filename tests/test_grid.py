@@ -115,10 +115,10 @@ def test_grid_threshold_tables_read_the_cells_decoded_at_that_threshold(tmp_path
     assert g.result_path(tmp_path, 2, 1, 1000, "x2", 0.8) == tmp_path / "t1" / "s2-x2" / "results-1000-tau0.8.json"
     assert g.results_name(1000, 0.75) == "results-1000-tau0.75.json" and g.results_name(1000) == "results-1000.json"
     write_cell(tmp_path, 0, 1, {"source (AR)": (0.96, 1.0), "b16": (0.97, 3.6)})
-    for name, b16 in (("results-1000.json", (0.97, 3.6)), ("results-1000-tau0.8.json", (0.945, 4.2))):
+    for name, tau, b16 in (("results-1000.json", 0.9, (0.97, 3.6)), ("results-1000-tau0.8.json", 0.8, (0.945, 4.2))):
         (tmp_path / "t1" / "s0" / name).write_text(json.dumps({"eval_samples": 1000, "rows": [
             {"model": "source (AR)", "exact_match": 0.96, "tokens_per_forward": 1.0},
-            {"model": "b16", "threshold": 0.8, "exact_match": b16[0], "tokens_per_forward": b16[1]}]}))
+            {"model": "b16", "threshold": tau, "exact_match": b16[0], "tokens_per_forward": b16[1]}]}))
     at09 = json.loads(grid("--out", tmp_path, "--json", "--samples", "1000").stdout)["summary"]
     at08 = json.loads(grid("--out", tmp_path, "--json", "--samples", "1000", "--threshold", "0.8").stdout)["summary"]
     assert at09["met"] == {"source": 1, "gap": 1, "tpf": 0} and at08["met"] == {"source": 1, "gap": 0, "tpf": 1}

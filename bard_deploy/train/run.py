@@ -216,7 +216,7 @@ def stage_row(pipe: Pipeline, stage: Stage, threshold: float, convs: list[list[d
 # a newcomer's table can be read against a range instead of one lucky number: model -> (worst, best) exact match
 # at threshold 0.9 on the 200 test prompts, and the runs behind it.
 # worst-best on the results table's 200 prompts. The stages: the ten cells of the default's grid (seeds 0-4 at
-# threads 1 and 2, an Intel Xeon VM, 2026-12-07/08; README "Part 7"). The source (a recipe unchanged since
+# threads 1 and 2, an Intel Xeon VM, 2026-12-07/08; README "Parts 7-8"). The source (a recipe unchanged since
 # 2026-12-02): those ten and the ten of the AMD EPYC grid (seed 3 at threads 2 gave 87.0 % there).
 EXPECTED = {"runs": "seeds 0-4 at torch threads 1 and 2, an Intel Xeon VM, 2026-12-07/08, and for the source also "
                     "the same ten cells on an AMD EPYC VM; means 95.0 / 96.0 / 95.1 / 96.1 % on the Intel VM",
