@@ -111,7 +111,7 @@ def train(
                                        "options given on the command line override it."),
     preset: str = typer.Option("default", help="Stage and data sizes: default (32 min with its source alone at "
                                "2 threads on a 2-core VM, B16 within 1 point of its source on 9 of 10 cells), fast "
-                               "(half the stage steps, ~21 min, B16 0.9-5.0 points lower on each of them), quality "
+                               "(half the stage steps, ~18 min, B16 0.9-5.0 points lower on each of them), quality "
                                "(the default with mask noise, twice the data and a B32 stage) or smoke."),
     stages: str | None = typer.Option(None, help="name:block:steps[:distill_steps],... overriding the preset.",
                                       show_default="the preset's"),

@@ -71,7 +71,7 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
 # 0-4 at torch threads 1 and 2 (Intel Xeon VM, 1 000 test prompts), B16 gained 0.9 to 5.0 points on every one of the
 # ten cells and ended within 1 point of its source on 9 of 10 (fast: 3 of 10). B8 / B16 keep the "where" answers
 # the short stages lose (README "Parts 5-8"). The price is time: 32 min 18 s with the source, alone at threads 2 on
-# the 2-core dev VM, against ~21 min for fast (estimated; the 15-minute budget is missed by both).
+# the 2-core dev VM, against ~17.5 min for fast (the 15-minute budget is missed by both).
 # B8 is a stepping stone and gets the fewest steps, B16 (the stage that ships) the most after the anchor (at half
 # these lengths, over seeds 0-2, B8 200 + 100 / B16 400 + 250 gave B16 94.7 % against 93.5 % for 250 + 150 each).
 # The stages above the anchor use mix noise with the keep loss (Recipe.mix_keep_weight 1.0): against mask noise
