@@ -103,6 +103,12 @@ def result_path(out: Path, seed: int, threads: int, samples: int | None = None, 
     return out / f"t{threads}" / cell_name(seed, variant) / results_name(samples, threshold)
 
 
+def stage_rows(rows: list[dict]) -> list[dict]:
+    """The rows of a results file that are its stages decoded as BARD: not the source's, not a dual-mode
+    checkpoint's causal rows."""
+    return [r for r in rows if r["model"] != SOURCE and not r["model"].endswith("(causal)")]
+
+
 def rescore(run_dir: Path, samples: int) -> dict:
     """Score a finished run (`bard-deploy train`'s OUT/NAME) again on the first `samples` test prompts, as its
     results table did (source autoregressively, every stage of results.json at its threshold); writes and returns
@@ -112,7 +118,7 @@ def rescore(run_dir: Path, samples: int) -> dict:
     from bard_deploy.train.run import results_table
 
     res = json.loads((run_dir / "results.json").read_text())
-    rows = [r for r in res["rows"] if r["model"] != SOURCE and not r["model"].endswith("(causal)")]
+    rows = stage_rows(res["rows"])
     if not rows:
         raise ValueError(f"{run_dir / 'results.json'} has no stage rows")
     first = run_dir / rows[0]["model"]
@@ -146,7 +152,7 @@ def retune(run_dir: Path, samples: int, threshold: float) -> dict:
         raise ValueError(f"{scored} is missing (score the cell first: --rescore {samples})")
     res = json.loads(scored.read_text())
     sources = [r for r in res["rows"] if r["model"] == SOURCE]
-    stages = [r for r in res["rows"] if r["model"] != SOURCE and not r["model"].endswith("(causal)")]
+    stages = stage_rows(res["rows"])
     if not sources or not stages:
         raise ValueError(f"{scored} lacks the source's row or a stage's")
     last = stages[-1]
