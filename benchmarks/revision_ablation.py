@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, help="LABEL=CHECKPOINT_DIR (repeatable)")
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--thresholds", default="0.9,0.5", help="commit thresholds of the decoding rows")
+    ap.add_argument("--edits", default="off,0.5,0.7,0.9",
+                    help="revision settings of the decoding rows: 'off' and/or edit thresholds")
     ap.add_argument("--plant", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -86,6 +88,7 @@ def main() -> None:
     from bard_deploy.evaluate import evaluate
     from bard_deploy.runtimes.api import Pipeline
 
+    edits = [None if e.strip() == "off" else float(e) for e in a.edits.split(",")]
     torch.set_num_threads(a.threads)
     convs = [s.messages() for s in samples("test", a.samples)]
     for spec in a.model:
@@ -93,7 +96,7 @@ def main() -> None:
         pipe = Pipeline.load(Path(path), backend="torch", threads=a.threads)
         rows = []
         for tau in (float(x) for x in a.thresholds.split(",")):
-            for edit in EDITS:
+            for edit in edits:
                 try:
                     ev = evaluate(pipe, convs, batch_size=1, threshold=tau, edit_threshold=edit, max_new_tokens=64)
                 except RuntimeInputError as e:   # revision the checkpoint was not trained for is refused

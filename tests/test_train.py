@@ -325,6 +325,41 @@ def test_tiny_recipe_end_to_end(tmp_path, source, grid_module):
     assert all("another recipe" in m and "--name" in m for m in msgs if "replacing" in m)
 
 
+def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_nest(tmp_path, source, ablation_module,
+                                                                                    monkeypatch, capsys):
+    """benchmarks/revision_ablation.py on a tiny mask-noise B4 and a mix-noise B8 (keep weight 1): one JSON line per
+    checkpoint with a decoding row per threshold x --edits setting; revision is a refused row on the mask-noise
+    checkpoint and decodes on the mix one (edits per block reported); on the planted canvas every planted and right
+    token is counted once, and a lower edit threshold fixes and breaks at least as many tokens as a higher one (its
+    confident set contains the other's)."""
+    r = Recipe(name="abl", out=str(tmp_path), source=str(source), train_samples=24, eval_samples=2,
+               stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, noise="mix")))
+    train(r, progress=False, log=lambda *a: None)
+    capsys.readouterr()                                   # train's results table
+    run = tmp_path / "abl"
+    monkeypatch.setattr(sys, "argv", ["revision_ablation.py", "--model", f"mask={run / 'b4'}", "--model",
+                                      f"mix={run / 'b8'}", "--samples", "3", "--thresholds", "0.9,0.3",
+                                      "--edits", "off,0.2,0.6"])
+    ablation_module.main()
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [(ln["model"], ln["noise"]) for ln in lines] == [("mask", "mask"), ("mix", "mix")]
+    for ln in lines:
+        assert [(row["threshold"], row["edit_threshold"]) for row in ln["decode"]] == [
+            (t, e) for t in (0.9, 0.3) for e in (None, 0.2, 0.6)]
+        for row in ln["decode"]:
+            refused = ln["noise"] == "mask" and row["edit_threshold"] is not None
+            assert ("refused" in row) == refused
+            if not refused:
+                assert 0.0 <= row["exact_match"] <= 1.0 and row["tokens_per_forward"] > 0.0
+                assert row["edits_per_block"] >= 0.0 and (row["edit_threshold"] is not None or row[
+                    "edits_per_block"] == 0.0)
+        canvas = ln["planted_canvas"]
+        assert canvas["planted"] > 0 and canvas["right"] > 0
+        low, mid, high = (canvas[f"edit {t}"] for t in (0.5, 0.7, 0.9))
+        for key in ("fix_rate", "break_rate"):
+            assert 1.0 >= low[key] >= mid[key] >= high[key] >= 0.0
+
+
 def test_grid_run_trains_the_missing_cells_then_tabulates_them(tmp_path, source):
     """benchmarks/grid.py --run: one `bard-deploy train` per missing cell (here a 2-step B4 from the tiny source),
     two at a time, then the table; a cell already there is not trained again."""
@@ -422,11 +457,12 @@ def test_a_stage_weight_decay_reaches_its_optimizer_in_both_passes(tmp_path, sou
         assert sorted({g["weight_decay"] for g in trainer.opt.param_groups}) == [0.0, 0.1]
 
 
-def test_the_shipped_probe_recipes_and_the_fast_preset_differ_from_the_default_in_stage_lengths_only():
-    """benchmarks/recipes/*.toml (README "Parts 5-7") and `--preset fast` (the default until 2026-12-07) change the
-    default recipe's stage lengths and nothing else: the same stages, warm-ups, noise, learning rates and data, so
-    a comparison with the default is one change. stages-x2.toml (every stage of fast twice as long) is the default
-    now; the default's expected range is printed for the default only."""
+def test_the_shipped_probe_recipes_and_the_fast_preset_differ_from_the_default_in_one_thing_each():
+    """benchmarks/recipes/*.toml (README "Parts 5-9") and `--preset fast` (the default until 2026-12-07) change one
+    thing of the default recipe: the stage lengths (b4-x2, fast) or the B8 / B16 noise (stages-x2-mask, the noise
+    ablation's other arm), with the same stages, warm-ups, learning rates and data, so a comparison with the default
+    is one change. stages-x2.toml (every stage of fast twice as long) is the default now; the default's expected
+    range is printed for the default only."""
     from bard_deploy.train.recipe import DEFAULT_STAGES, DEFAULT_TRAIN_SAMPLES, PRESETS
     from bard_deploy.train.run import is_default_recipe
 
@@ -434,7 +470,12 @@ def test_the_shipped_probe_recipes_and_the_fast_preset_differ_from_the_default_i
     lengths = {"b4-x2.toml": [(3000, 0), (200, 100), (400, 250)],
                "stages-x2.toml": [(3000, 0), (400, 200), (800, 500)]}
     shape = lambda stages: [replace(s, steps=0, distill_steps=0) for s in stages]     # noqa: E731
-    assert sorted(p.name for p in root.glob("*.toml")) == sorted(lengths)
+    mask = load_recipe(root / "stages-x2-mask.toml")
+    assert [s.noise for s in mask.stages] == ["mask", "mask", "mask"] and [s.noise for s in DEFAULT_STAGES][1:] == [
+        "mix", "mix"]
+    assert mask.stages == tuple(replace(s, noise="mask") for s in DEFAULT_STAGES) and not is_default_recipe(mask)
+    assert replace(mask, stages=DEFAULT_STAGES) == Recipe()
+    assert sorted(p.name for p in root.glob("*.toml")) == sorted([*lengths, "stages-x2-mask.toml"])
     for name, want in lengths.items():
         r = load_recipe(root / name)
         assert [(s.steps, s.distill_steps) for s in r.stages] == want and shape(r.stages) == shape(DEFAULT_STAGES)
