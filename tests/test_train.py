@@ -458,7 +458,7 @@ def test_a_stage_weight_decay_reaches_its_optimizer_in_both_passes(tmp_path, sou
 
 
 def test_the_shipped_probe_recipes_and_the_fast_preset_differ_from_the_default_in_one_thing_each():
-    """benchmarks/recipes/*.toml (README "Parts 5-9") and `--preset fast` (the default until 2026-12-07) change one
+    """benchmarks/recipes/*.toml (README "Parts 5-10") and `--preset fast` (the default until 2026-12-07) change one
     thing of the default recipe: the stage lengths (b4-x2, fast) or the B8 / B16 noise (stages-x2-mask, the noise
     ablation's other arm), with the same stages, warm-ups, learning rates and data, so a comparison with the default
     is one change. stages-x2.toml (every stage of fast twice as long) is the default now; the default's expected
