@@ -70,6 +70,19 @@ def planted_canvas(pipe, n: int, plant: float, edit_thresholds, seed: int = 0) -
                              "break_rate": round(c["broken"] / max(right_n, 1), 4)} for t, c in counts.items()}}
 
 
+def edit_setting(ap: argparse.ArgumentParser, text: str) -> float | None:
+    """One --edits entry: None for 'off', else an edit threshold in (0, 1]; anything else is a usage error."""
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 < value <= 1.0:
+        ap.error(f"--edits: {text!r} is neither 'off' nor a threshold in (0, 1]")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", required=True, help="LABEL=CHECKPOINT_DIR (repeatable)")
@@ -88,7 +101,7 @@ def main() -> None:
     from bard_deploy.evaluate import evaluate
     from bard_deploy.runtimes.api import Pipeline
 
-    edits = [None if e.strip() == "off" else float(e) for e in a.edits.split(",")]
+    edits = [edit_setting(ap, e.strip()) for e in a.edits.split(",")]
     torch.set_num_threads(a.threads)
     convs = [s.messages() for s in samples("test", a.samples)]
     for spec in a.model:

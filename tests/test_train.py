@@ -329,9 +329,9 @@ def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_n
                                                                                     monkeypatch, capsys):
     """benchmarks/revision_ablation.py on a tiny mask-noise B4 and a mix-noise B8 (keep weight 1): one JSON line per
     checkpoint with a decoding row per threshold x --edits setting; revision is a refused row on the mask-noise
-    checkpoint and decodes on the mix one (edits per block reported); on the planted canvas every planted and right
-    token is counted once, and a lower edit threshold fixes and breaks at least as many tokens as a higher one (its
-    confident set contains the other's)."""
+    checkpoint and decodes on the mix one (edits per block reported, 0 with revision off); on the planted canvas a
+    lower edit threshold fixes and breaks at least as many tokens as a higher one (its confident set contains the
+    other's). A malformed --edits is a one-line usage error."""
     r = Recipe(name="abl", out=str(tmp_path), source=str(source), train_samples=24, eval_samples=2,
                stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, noise="mix")))
     train(r, progress=False, log=lambda *a: None)
@@ -358,6 +358,10 @@ def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_n
         low, mid, high = (canvas[f"edit {t}"] for t in (0.5, 0.7, 0.9))
         for key in ("fix_rate", "break_rate"):
             assert 1.0 >= low[key] >= mid[key] >= high[key] >= 0.0
+    monkeypatch.setattr(sys, "argv", ["revision_ablation.py", "--model", f"mix={run / 'b8'}", "--edits", "of,0.5"])
+    with pytest.raises(SystemExit):
+        ablation_module.main()
+    assert "--edits: 'of' is neither 'off' nor a threshold in (0, 1]" in capsys.readouterr().err
 
 
 def test_grid_run_trains_the_missing_cells_then_tabulates_them(tmp_path, source):
