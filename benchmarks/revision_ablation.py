@@ -70,6 +70,11 @@ def planted_canvas(pipe, n: int, plant: float, edit_thresholds, seed: int = 0) -
                              "break_rate": round(c["broken"] / max(right_n, 1), 4)} for t, c in counts.items()}}
 
 
+def answers_right(evaluate, pipe, convs, **options) -> list[bool]:
+    """Whether each conversation's answer is exactly right, each decoded alone (batch 1) with these options."""
+    return [evaluate(pipe, [c], batch_size=1, max_new_tokens=64, **options).exact_match == 1.0 for c in convs]
+
+
 def edit_setting(ap: argparse.ArgumentParser, text: str) -> float | None:
     """One --edits entry: None for 'off', else an edit threshold in (0, 1]; anything else is a usage error."""
     if text == "off":
@@ -91,6 +96,9 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.9,0.7,0.5", help="commit thresholds of the decoding rows")
     ap.add_argument("--edits", default="off,0.5,0.7,0.9",
                     help="revision settings of the decoding rows: 'off' and/or edit thresholds")
+    ap.add_argument("--per-prompt", action="store_true",
+                    help="also decode each prompt alone, revision off and on, and count the answers revision "
+                         "turned right (fixed) and wrong (broken) at each threshold")
     ap.add_argument("--plant", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -110,6 +118,7 @@ def main() -> None:
         pipe = Pipeline.load(Path(path), backend="torch", threads=a.threads)
         rows = []
         for tau in (float(x) for x in a.thresholds.split(",")):
+            base = None                                  # per-prompt outcomes with revision off, at this tau
             for edit in edits:
                 try:
                     ev = evaluate(pipe, convs, batch_size=1, threshold=tau, edit_threshold=edit, max_new_tokens=64)
@@ -119,6 +128,11 @@ def main() -> None:
                 rows.append({"threshold": tau, "edit_threshold": edit, "exact_match": ev.exact_match,
                              "tokens_per_forward": round(ev.tokens_per_forward, 3),
                              "edits_per_block": ev.as_dict()["edits_per_block"]})
+                if a.per_prompt and edit is not None:
+                    base = base or answers_right(evaluate, pipe, convs, threshold=tau)
+                    now = answers_right(evaluate, pipe, convs, threshold=tau, edit_threshold=edit)
+                    rows[-1]["fixed_vs_off"] = sum(b < n for b, n in zip(base, now, strict=True))
+                    rows[-1]["broken_vs_off"] = sum(b > n for b, n in zip(base, now, strict=True))
         print(json.dumps({"model": label, "path": path, "noise": pipe.config.bard.noise, "decode": rows,
                           "planted_canvas": planted_canvas(pipe, a.samples, a.plant, EDITS[1:])}), flush=True)
 

@@ -331,7 +331,8 @@ def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_n
     checkpoint with a decoding row per threshold x --edits setting; revision is a refused row on the mask-noise
     checkpoint and decodes on the mix one (edits per block reported, 0 with revision off); on the planted canvas a
     lower edit threshold fixes and breaks at least as many tokens as a higher one (its confident set contains the
-    other's). A malformed --edits is a one-line usage error."""
+    other's); --per-prompt's fixed and broken answers add up to the change in exact match. A malformed --edits is a
+    one-line usage error."""
     r = Recipe(name="abl", out=str(tmp_path), source=str(source), train_samples=24, eval_samples=2,
                stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, noise="mix")))
     train(r, progress=False, log=lambda *a: None)
@@ -339,7 +340,7 @@ def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_n
     run = tmp_path / "abl"
     monkeypatch.setattr(sys, "argv", ["revision_ablation.py", "--model", f"mask={run / 'b4'}", "--model",
                                       f"mix={run / 'b8'}", "--samples", "3", "--thresholds", "0.9,0.3",
-                                      "--edits", "off,0.2,0.6"])
+                                      "--edits", "off,0.2,0.6", "--per-prompt"])
     ablation_module.main()
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [(ln["model"], ln["noise"]) for ln in lines] == [("mask", "mask"), ("mix", "mix")]
@@ -353,6 +354,13 @@ def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_n
                 assert 0.0 <= row["exact_match"] <= 1.0 and row["tokens_per_forward"] > 0.0
                 assert row["edits_per_block"] >= 0.0 and (row["edit_threshold"] is not None or row[
                     "edits_per_block"] == 0.0)
+            if not refused and row["edit_threshold"] is not None:   # --per-prompt: on - off = fixed - broken
+                off = next(o for o in ln["decode"]
+                           if o["threshold"] == row["threshold"] and o["edit_threshold"] is None)
+                change = round((row["exact_match"] - off["exact_match"]) * 3)
+                assert change == row["fixed_vs_off"] - row["broken_vs_off"]
+            else:
+                assert "fixed_vs_off" not in row
         canvas = ln["planted_canvas"]
         assert canvas["planted"] > 0 and canvas["right"] > 0
         low, mid, high = (canvas[f"edit {t}"] for t in (0.5, 0.7, 0.9))
