@@ -1,7 +1,7 @@
 """Noise prior x token revision, on BARD checkpoints of the embedded default (issue: mixed noise and revision
 must earn their place).
 
-Two measurements per checkpoint, on the synthetic test prompts:
+Two measurements per checkpoint (three with --per-prompt), on the synthetic test prompts:
 
 1. Decoding (torch, batch 1, greedy): exact match, tokens per forward and edits per block at each commit
    threshold x revision setting (`edit_threshold` off / 0.5 / 0.7 / 0.9; refused on a mask-noise checkpoint and
@@ -12,6 +12,8 @@ Two measurements per checkpoint, on the synthetic test prompts:
    threshold, of the planted (wrong) tokens the share the model would fix (its prediction is the reference
    token, at that confidence), and of the right tokens the share it would break (another prediction at that
    confidence). A model revision helps fixes many and breaks none.
+3. With --per-prompt, each prompt decoded alone with revision off and on: how many answers revision turned right
+   (fixed_vs_off) and wrong (broken_vs_off) at each threshold, which the exact-match difference alone hides.
 
     python benchmarks/revision_ablation.py --model mask=runs/s0/b16 --model mix=runs/s0-mix/b16 --threads 1
 
