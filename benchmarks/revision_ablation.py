@@ -12,8 +12,9 @@ Two measurements per checkpoint (three with --per-prompt), on the synthetic test
    threshold, of the planted (wrong) tokens the share the model would fix (its prediction is the reference
    token, at that confidence), and of the right tokens the share it would break (another prediction at that
    confidence). A model revision helps fixes many and breaks none.
-3. With --per-prompt, each prompt decoded alone with revision off and on: how many answers revision turned right
-   (fixed_vs_off) and wrong (broken_vs_off) at each threshold, which the exact-match difference alone hides.
+3. With --per-prompt, each prompt's outcome with revision off and on (from the same decoding, batch 1): how many
+   answers revision turned right (fixed_vs_off) and wrong (broken_vs_off) at each threshold, which the exact-match
+   difference alone hides.
 
     python benchmarks/revision_ablation.py --model mask=runs/s0/b16 --model mix=runs/s0-mix/b16 --threads 1
 
@@ -72,11 +73,6 @@ def planted_canvas(pipe, n: int, plant: float, edit_thresholds, seed: int = 0) -
                              "break_rate": round(c["broken"] / max(right_n, 1), 4)} for t, c in counts.items()}}
 
 
-def answers_right(evaluate, pipe, convs, **options) -> list[bool]:
-    """Whether each conversation's answer is exactly right, each decoded alone (batch 1) with these options."""
-    return [evaluate(pipe, [c], batch_size=1, max_new_tokens=64, **options).exact_match == 1.0 for c in convs]
-
-
 def edit_setting(ap: argparse.ArgumentParser, text: str) -> float | None:
     """One --edits entry: None for 'off', else an edit threshold in (0, 1]; anything else is a usage error."""
     if text == "off":
@@ -99,8 +95,8 @@ def main() -> None:
     ap.add_argument("--edits", default="off,0.5,0.7,0.9",
                     help="revision settings of the decoding rows: 'off' and/or edit thresholds")
     ap.add_argument("--per-prompt", action="store_true",
-                    help="also decode each prompt alone, revision off and on, and count the answers revision "
-                         "turned right (fixed) and wrong (broken) at each threshold")
+                    help="count, prompt by prompt, the answers revision turned right (fixed) and wrong "
+                         "(broken) against revision off at each threshold (adds 'off' to --edits if absent)")
     ap.add_argument("--plant", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -113,28 +109,35 @@ def main() -> None:
     from bard_deploy.runtimes.api import Pipeline
 
     edits = [edit_setting(ap, e.strip()) for e in a.edits.split(",")]
+    if a.per_prompt and None not in edits:
+        edits.insert(0, None)                            # revision's fixes and breaks are counted against off
     torch.set_num_threads(a.threads)
     convs = [s.messages() for s in samples("test", a.samples)]
+    # --per-prompt: one group label per prompt, so evaluate's per-group tally is each prompt's outcome
+    labels = [str(i) for i in range(len(convs))] if a.per_prompt else None
     for spec in a.model:
         label, _, path = spec.partition("=")
         pipe = Pipeline.load(Path(path), backend="torch", threads=a.threads)
         rows = []
         for tau in (float(x) for x in a.thresholds.split(",")):
-            base = None                                  # per-prompt outcomes with revision off, at this tau
+            right = {}                                   # --per-prompt: edit setting -> each prompt's outcome
             for edit in edits:
                 try:
-                    ev = evaluate(pipe, convs, batch_size=1, threshold=tau, edit_threshold=edit, max_new_tokens=64)
+                    ev = evaluate(pipe, convs, batch_size=1, threshold=tau, edit_threshold=edit, max_new_tokens=64,
+                                  groups=labels)
                 except RuntimeInputError as e:   # revision the checkpoint was not trained for is refused
                     rows.append({"threshold": tau, "edit_threshold": edit, "refused": str(e)})
                     continue
                 rows.append({"threshold": tau, "edit_threshold": edit, "exact_match": ev.exact_match,
                              "tokens_per_forward": round(ev.tokens_per_forward, 3),
                              "edits_per_block": ev.as_dict()["edits_per_block"]})
-                if a.per_prompt and edit is not None:
-                    base = base or answers_right(evaluate, pipe, convs, threshold=tau)
-                    now = answers_right(evaluate, pipe, convs, threshold=tau, edit_threshold=edit)
-                    rows[-1]["fixed_vs_off"] = sum(b < n for b, n in zip(base, now, strict=True))
-                    rows[-1]["broken_vs_off"] = sum(b > n for b, n in zip(base, now, strict=True))
+                if labels is not None:
+                    right[edit] = [ev.per_group[g][0] == 1 for g in labels]
+            for row in rows:                             # this tau's decoded revision rows, against off
+                if labels is not None and row["threshold"] == tau and row["edit_threshold"] in right.keys() - {None}:
+                    pairs = list(zip(right[None], right[row["edit_threshold"]], strict=True))
+                    row["fixed_vs_off"] = sum(b < n for b, n in pairs)
+                    row["broken_vs_off"] = sum(b > n for b, n in pairs)
         print(json.dumps({"model": label, "path": path, "noise": pipe.config.bard.noise, "decode": rows,
                           "planted_canvas": planted_canvas(pipe, a.samples, a.plant, EDITS[1:])}), flush=True)
 

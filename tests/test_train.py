@@ -331,8 +331,8 @@ def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_n
     checkpoint with a decoding row per threshold x --edits setting; revision is a refused row on the mask-noise
     checkpoint and decodes on the mix one (edits per block reported, 0 with revision off); on the planted canvas a
     lower edit threshold fixes and breaks at least as many tokens as a higher one (its confident set contains the
-    other's); --per-prompt's fixed and broken answers add up to the change in exact match. A malformed --edits is a
-    one-line usage error."""
+    other's); --per-prompt's fixed and broken answers add up to the change in exact match, and it decodes revision off
+    when --edits leaves it out. A malformed --edits is a one-line usage error."""
     r = Recipe(name="abl", out=str(tmp_path), source=str(source), train_samples=24, eval_samples=2,
                stages=(Stage("b4", 4, 3, batch_size=4), Stage("b8", 8, 2, batch_size=4, noise="mix")))
     train(r, progress=False, log=lambda *a: None)
@@ -366,6 +366,12 @@ def test_revision_ablation_refuses_revision_on_mask_noise_and_its_canvas_rates_n
         low, mid, high = (canvas[f"edit {t}"] for t in (0.5, 0.7, 0.9))
         for key in ("fix_rate", "break_rate"):
             assert 1.0 >= low[key] >= mid[key] >= high[key] >= 0.0
+    # --per-prompt counts against revision off, so it decodes off when --edits leaves it out
+    monkeypatch.setattr(sys, "argv", ["revision_ablation.py", "--model", f"mix={run / 'b8'}", "--samples", "3",
+                                      "--thresholds", "0.9", "--edits", "0.6", "--per-prompt"])
+    ablation_module.main()
+    (only,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [(row["edit_threshold"], "fixed_vs_off" in row) for row in only["decode"]] == [(None, False), (0.6, True)]
     monkeypatch.setattr(sys, "argv", ["revision_ablation.py", "--model", f"mix={run / 'b8'}", "--edits", "of,0.5"])
     with pytest.raises(SystemExit):
         ablation_module.main()
